@@ -1,0 +1,1 @@
+"""The cache manager: catalog, policies, eviction and the match predictor."""

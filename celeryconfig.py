@@ -1,0 +1,179 @@
+"""The one configuration surface: environment variables with documented defaults.
+
+Celery reads the lower-case names at the bottom of this module (``app.config_from_object``);
+every other part of the project takes the ``Settings`` object from ``load_settings()``.
+Nothing else in the project reads the environment. ``t2i config`` prints the table of
+variables with their defaults and current values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+def _setting(env: str, default: object, doc: str) -> object:
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Servers
+    redis_url: str = _setting("T2I_REDIS_URL", "redis://127.0.0.1:6390/0",
+                              "Redis for job records and the cache catalog")
+    broker_url: str = _setting("T2I_BROKER_URL", "",
+                               "Celery broker; empty means T2I_REDIS_URL")
+    result_backend: str = _setting("T2I_RESULT_BACKEND", "",
+                                   "Celery result backend; empty means T2I_REDIS_URL")
+    s3_endpoint: str = _setting("T2I_S3_ENDPOINT", "127.0.0.1:8333",
+                                "S3 API host:port (MinIO in production, SeaweedFS locally)")
+    s3_access_key: str = _setting("T2I_S3_ACCESS_KEY", "t2i-local",
+                                  "S3 access key (the local default is for the loopback stack only)")
+    s3_secret_key: str = _setting("T2I_S3_SECRET_KEY", "t2i-local-secret",
+                                  "S3 secret key (the local default is for the loopback stack only)")
+    s3_secure: bool = _setting("T2I_S3_SECURE", False, "use HTTPS for S3")
+    s3_region: str = _setting("T2I_S3_REGION", "us-east-1", "S3 region (signatures need one)")
+    s3_bucket: str = _setting("T2I_S3_BUCKET", "t2i", "bucket for images and cached latents")
+    chroma_path: str = _setting("T2I_CHROMA_PATH", "",
+                                "embedded Chroma directory; empty means STATE_DIR/chroma")
+    chroma_url: str = _setting("T2I_CHROMA_URL", "",
+                               "Chroma server URL (http://host:port); overrides T2I_CHROMA_PATH")
+    state_dir: str = _setting("T2I_STATE_DIR", "~/.local/state/t2i",
+                              "local stack: data, logs, PIDs, the built test model")
+    api_host: str = _setting("T2I_API_HOST", "127.0.0.1", "HTTP API bind address")
+    api_port: int = _setting("T2I_API_PORT", 8000, "HTTP API port")
+    flower_port: int = _setting("T2I_FLOWER_PORT", 5555, "Flower port")
+    s3_master_port: int = _setting("T2I_S3_MASTER_PORT", 9333,
+                                   "local stack: SeaweedFS master port (S3 port is in T2I_S3_ENDPOINT)")
+
+    # Model
+    model: str = _setting("T2I_MODEL", "tiny",
+                          "'tiny' (a random-weight SD-architecture TEST model built here), "
+                          "a local diffusers directory, or a hub id")
+    scheduler: str = _setting("T2I_SCHEDULER", "ddim", "ddim or euler")
+    device: str = _setting("T2I_DEVICE", "auto", "auto, cpu, cuda, cuda:N")
+    hf_hub_offline: bool = _setting("HF_HUB_OFFLINE", False,
+                                    "never reach the hub when loading a model")
+
+    # Request defaults and limits
+    default_steps: int = _setting("T2I_DEFAULT_STEPS", 50, "denoising steps when a job names none")
+    max_steps: int = _setting("T2I_MAX_STEPS", 150, "most steps a job may ask for")
+    default_size: int = _setting("T2I_DEFAULT_SIZE", 512, "width and height when a job names none")
+    max_size: int = _setting("T2I_MAX_SIZE", 1024, "largest width or height")
+    default_guidance: float = _setting("T2I_DEFAULT_GUIDANCE", 7.5, "classifier-free guidance scale")
+    max_prompt_chars: int = _setting("T2I_MAX_PROMPT_CHARS", 2000, "longest prompt accepted")
+
+    # Long GPU tasks
+    soft_time_limit_s: int = _setting("T2I_SOFT_TIME_LIMIT_S", 600,
+                                      "a generation is asked to stop after this long")
+    time_limit_s: int = _setting("T2I_TIME_LIMIT_S", 660, "a generation is killed after this long")
+    visibility_timeout_s: int = _setting("T2I_VISIBILITY_TIMEOUT_S", 7200,
+                                         "unacked messages are redelivered after this long; "
+                                         "must exceed the longest queue wait plus run time")
+    job_ttl_s: int = _setting("T2I_JOB_TTL_S", 7 * 24 * 3600, "job records expire after this long")
+    image_url_ttl_s: int = _setting("T2I_IMAGE_URL_TTL_S", 3600, "presigned image URLs expire after")
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def results(self) -> str:
+        return self.result_backend or self.redis_url
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
+    @property
+    def chroma_dir(self) -> Path:
+        return Path(self.chroma_path).expanduser() if self.chroma_path else self.state_path / "chroma"
+
+    @property
+    def redis_port(self) -> int:
+        return urlsplit(self.redis_url).port or 6379
+
+    @property
+    def s3_port(self) -> int:
+        return int(self.s3_endpoint.rsplit(":", 1)[1])
+
+
+def _parse(raw: str, kind: type, env: str) -> object:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError(f"{env}={raw!r} is not a boolean (use 1/0, true/false)")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env}={raw!r} is not a valid {kind.__name__}") from None
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from environment variables (``os.environ`` unless given)."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in fields(Settings):
+        env = f.metadata["env"]
+        if env in environ:
+            values[f.name] = _parse(environ[env], _TYPES[f.type], env)
+    return Settings(**values)
+
+
+def to_environ(config: Settings) -> dict[str, str]:
+    """The environment variables that make ``load_settings()`` return ``config`` (for the
+    processes the local stack and the tests start)."""
+    environ = {}
+    for f in fields(Settings):
+        value = getattr(config, f.name)
+        environ[f.metadata["env"]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return environ
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting: the documentation table."""
+    return [(f.metadata["env"], repr(f.default), f.metadata["doc"]) for f in fields(Settings)]
+
+
+settings = load_settings()
+
+# ---- Celery's own settings (read by workers.app via config_from_object) ----
+broker_url = settings.broker
+result_backend = settings.results
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+# Long GPU tasks: ack only after the task finished, so a worker killed mid-job leaves the
+# message to be redelivered; one message at a time per worker process.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_soft_time_limit = settings.soft_time_limit_s
+task_time_limit = settings.time_limit_s
+# Redis redelivers unacked messages after this; it must exceed queue wait + run time,
+# or a long-waiting job would run twice.
+broker_transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+result_expires = settings.job_ttl_s
+task_track_started = True
+task_send_sent_event = True
+worker_send_task_events = True
+broker_connection_retry_on_startup = True
+task_default_queue = "triage"
+task_routes = {
+    "triage.*": {"queue": "triage"},
+    "gen.full": {"queue": "gen.full"},
+    "gen.resume": {"queue": "gen.resume"},
+    "cache.*": {"queue": "cache"},
+}
+beat_schedule: dict[str, dict] = {}

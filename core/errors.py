@@ -1,0 +1,67 @@
+"""The project's one error hierarchy. Adapters turn library errors into these."""
+
+from __future__ import annotations
+
+
+class T2IError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class InvalidRequest(T2IError, ValueError):
+    """A job request that can never succeed; it is refused before anything is enqueued."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class JobNotFound(T2IError, KeyError):
+    """No job record with this id (never submitted, or expired)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"no job {self.job_id!r}"
+
+
+class InvalidTransition(T2IError):
+    """A job state change the state machine does not allow."""
+
+
+class JobCancelled(T2IError):
+    """Raised inside a generation when its job was cancelled; the job ends as cancelled."""
+
+
+class JobNotFinished(T2IError):
+    """The job has no result yet (or ended without one)."""
+
+
+class Timeout(T2IError, TimeoutError):
+    """Waiting for a job took longer than allowed."""
+
+
+class TransientError(T2IError):
+    """A dependency is unavailable for now; retrying later may succeed."""
+
+
+class BrokerUnavailable(TransientError):
+    """The broker or job store (Redis) cannot be reached."""
+
+
+class ObjectStoreUnavailable(TransientError):
+    """The object store (S3) cannot be reached or refused the request."""
+
+
+class ObjectMissing(T2IError):
+    """An object the job needed is not in the object store."""
+
+
+class ModelLoadError(T2IError):
+    """The configured model could not be loaded."""
+
+
+class StackError(T2IError):
+    """The local stack could not start, or a server in it did not come up."""

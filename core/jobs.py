@@ -1,0 +1,270 @@
+"""Job requests (validated up front) and job records (a small state machine). Pure logic."""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from core.errors import InvalidRequest, InvalidTransition
+
+if TYPE_CHECKING:
+    from celeryconfig import Settings
+
+REQUEST_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height")
+MIN_SIZE = 64
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 50.0
+_ALLOWED_CONTROL = {"\n", "\t", "\r"}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Defaults and bounds for job parameters (from Settings, injected for testability)."""
+
+    default_steps: int = 50
+    max_steps: int = 150
+    default_size: int = 512
+    max_size: int = 1024
+    default_guidance: float = 7.5
+    max_prompt_chars: int = 2000
+
+    @classmethod
+    def from_settings(cls, config: Settings) -> RequestLimits:
+        return cls(default_steps=config.default_steps, max_steps=config.max_steps,
+                   default_size=config.default_size, max_size=config.max_size,
+                   default_guidance=config.default_guidance,
+                   max_prompt_chars=config.max_prompt_chars)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A validated text-to-image request. The seed is always fixed, so a redelivered job
+    reproduces the same image."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    seed: int
+    width: int
+    height: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobRequest:
+        return cls(**json.loads(text))
+
+
+def _check_text(name: str, value: Any, max_chars: int, required: bool) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(name, f"must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise InvalidRequest(name, "must not be empty or only whitespace")
+    if len(value) > max_chars:
+        raise InvalidRequest(name, f"has {len(value)} characters, at most {max_chars} allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(name, f"is not valid UTF-8 at position {exc.start}") from None
+    for index, char in enumerate(value):
+        if unicodedata.category(char) == "Cc" and char not in _ALLOWED_CONTROL:
+            raise InvalidRequest(name, f"contains control character {char!r} at position {index}")
+    return value.strip()
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    # bool is an int subclass; float 50.0 is accepted as 50 only when integral.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(name, f"must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise InvalidRequest(name, f"must be an integer, got {value!r}")
+        value = int(value)
+    if not low <= value <= high:
+        raise InvalidRequest(name, f"{value} is out of range [{low}, {high}]")
+    return value
+
+
+def _check_size(name: str, value: Any, limits: RequestLimits) -> int:
+    size = _check_int(name, value, MIN_SIZE, limits.max_size)
+    if size % 8:
+        raise InvalidRequest(name, f"{size} is not a multiple of 8")
+    return size
+
+
+def _check_guidance(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest("guidance", f"must be a number, got {value!r}")
+    if not math.isfinite(value) or not 0.0 <= value <= MAX_GUIDANCE:
+        raise InvalidRequest("guidance", f"{value} is out of range [0, {MAX_GUIDANCE}]")
+    return float(value)
+
+
+def parse_request(payload: Any, limits: RequestLimits, random_seed: int) -> JobRequest:
+    """Validate a raw request (e.g. decoded JSON) into a JobRequest.
+
+    ``random_seed`` is used when the request names no seed; it is passed in so this stays pure.
+    Raises InvalidRequest naming the first bad field and value.
+    """
+    if not isinstance(payload, Mapping):
+        raise InvalidRequest("body", f"must be an object, got {type(payload).__name__}")
+    unknown = sorted(str(key) for key in payload if key not in REQUEST_FIELDS)
+    if unknown:
+        raise InvalidRequest(unknown[0], f"unknown field (allowed: {', '.join(REQUEST_FIELDS)})")
+    if "prompt" not in payload:
+        raise InvalidRequest("prompt", "is required")
+
+    def given(name: str, default: Any) -> Any:
+        value = payload.get(name)
+        return default if value is None else value
+
+    return JobRequest(
+        prompt=_check_text("prompt", payload["prompt"], limits.max_prompt_chars, required=True),
+        negative_prompt=_check_text("negative_prompt", given("negative_prompt", ""),
+                                    limits.max_prompt_chars, required=False),
+        steps=_check_int("steps", given("steps", limits.default_steps), 1, limits.max_steps),
+        guidance=_check_guidance(given("guidance", limits.default_guidance)),
+        seed=_check_int("seed", given("seed", random_seed), 0, MAX_SEED),
+        width=_check_size("width", given("width", limits.default_size), limits),
+        height=_check_size("height", given("height", limits.default_size), limits),
+    )
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"          # waiting for triage, or (route set) for a GPU worker
+    TRIAGE = "triage"
+    GENERATING = "generating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+# Self-transitions are redeliveries (a worker died and the message came back) or progress.
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.TRIAGE, JobState.GENERATING, JobState.FAILED,
+                                JobState.CANCELLED}),
+    JobState.TRIAGE: frozenset({JobState.TRIAGE, JobState.QUEUED, JobState.FAILED,
+                                JobState.CANCELLED}),
+    JobState.GENERATING: frozenset({JobState.GENERATING, JobState.SUCCEEDED, JobState.FAILED,
+                                    JobState.CANCELLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What a poller sees. Stored as a flat Redis hash (see to_fields / from_fields)."""
+
+    id: str
+    state: JobState
+    request: JobRequest
+    model: str
+    submitted_at: float
+    route: str = ""
+    route_reason: str = ""
+    step: int = 0
+    total_steps: int = 0
+    triage_started_at: float | None = None
+    triage_finished_at: float | None = None
+    generation_started_at: float | None = None
+    generation_finished_at: float | None = None
+    finished_at: float | None = None
+    image_key: str = ""
+    error: str = ""
+    cancel_requested: bool = False
+    deliveries: int = 0
+    worker: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def transition(self, new_state: JobState, **changes: Any) -> JobRecord:
+        """Return the record in ``new_state`` with ``changes`` applied, if the move is allowed."""
+        if new_state not in ALLOWED_TRANSITIONS[self.state]:
+            raise InvalidTransition(f"job {self.id}: {self.state} -> {new_state} is not allowed")
+        return replace(self, state=new_state, **changes)
+
+    def to_fields(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "request":
+                out[f.name] = value.to_json()
+            elif f.name == "extra":
+                out[f.name] = json.dumps(value, sort_keys=True)
+            elif value is None:
+                out[f.name] = ""
+            elif isinstance(value, bool):
+                out[f.name] = "1" if value else "0"
+            else:
+                out[f.name] = str(value)
+        return out
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[str, str]) -> JobRecord:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in raw:
+                continue
+            text = raw[f.name]
+            if f.name == "request":
+                values[f.name] = JobRequest.from_json(text)
+            elif f.name == "extra":
+                values[f.name] = json.loads(text) if text else {}
+            elif f.name == "state":
+                values[f.name] = JobState(text)
+            elif f.type == "bool":
+                values[f.name] = text == "1"
+            elif f.type == "int":
+                values[f.name] = int(text)
+            elif f.type == "float":
+                values[f.name] = float(text)
+            elif f.type == "float | None":
+                values[f.name] = float(text) if text else None
+            else:
+                values[f.name] = text
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """The JSON view given to pollers (no internal bookkeeping)."""
+        view = {
+            "id": self.id,
+            "state": str(self.state),
+            "request": asdict(self.request),
+            "model": self.model,
+            "route": self.route or None,
+            "route_reason": self.route_reason or None,
+            "progress": {"step": self.step, "total": self.total_steps},
+            "timings": {
+                "submitted_at": self.submitted_at,
+                "triage_started_at": self.triage_started_at,
+                "triage_finished_at": self.triage_finished_at,
+                "generation_started_at": self.generation_started_at,
+                "generation_finished_at": self.generation_finished_at,
+                "finished_at": self.finished_at,
+            },
+            "image_key": self.image_key or None,
+            "error": self.error or None,
+            "cancel_requested": self.cancel_requested,
+            "deliveries": self.deliveries,
+        }
+        view.update(self.extra)
+        return view
+
+
+def image_key(job_id: str) -> str:
+    """Deterministic object key: a redelivered job overwrites its image, never duplicates it."""
+    return f"images/{job_id}.png"

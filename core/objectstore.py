@@ -1,0 +1,93 @@
+"""Object store adapter over the ``minio`` SDK (MinIO in production, any S3 API locally)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+from core.errors import ObjectMissing, ObjectStoreUnavailable
+
+if TYPE_CHECKING:
+    from celeryconfig import Settings
+
+_MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
+
+
+@contextlib.contextmanager
+def _s3_errors(key: str = "") -> Iterator[None]:
+    try:
+        yield
+    except S3Error as exc:
+        if exc.code in _MISSING_CODES:
+            raise ObjectMissing(f"object {key!r} not found ({exc.code})") from exc
+        raise ObjectStoreUnavailable(f"S3 refused {key or 'request'}: {exc.code}") from exc
+    except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        raise ObjectStoreUnavailable(f"S3 unreachable: {exc}") from exc
+
+
+class ObjectStore:
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
+                 secure: bool = False, region: str = "us-east-1") -> None:
+        # Few, short retries: a store that is down should fail a call in seconds, not minutes.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3, read=30),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2,
+                                  status_forcelist=[500, 502, 503, 504]),
+        )
+        self._client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
+                             secure=secure, region=region, http_client=http)
+        self.bucket = bucket
+
+    @classmethod
+    def from_settings(cls, config: Settings) -> ObjectStore:
+        return cls(config.s3_endpoint, config.s3_access_key, config.s3_secret_key,
+                   config.s3_bucket, secure=config.s3_secure, region=config.s3_region)
+
+    def ensure_bucket(self) -> None:
+        with _s3_errors(self.bucket):
+            if not self._client.bucket_exists(self.bucket):
+                with contextlib.suppress(S3Error):  # another process may create it first
+                    self._client.make_bucket(self.bucket)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        with _s3_errors(key):
+            self._client.put_object(self.bucket, key, io.BytesIO(data), len(data),
+                                    content_type=content_type)
+
+    def get(self, key: str) -> bytes:
+        with _s3_errors(key):
+            response = self._client.get_object(self.bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def delete(self, key: str) -> None:
+        with _s3_errors(key):
+            self._client.remove_object(self.bucket, key)
+
+    def exists(self, key: str) -> bool:
+        try:
+            with _s3_errors(key):
+                self._client.stat_object(self.bucket, key)
+        except ObjectMissing:
+            return False
+        return True
+
+    def keys(self, prefix: str = "") -> list[str]:
+        with _s3_errors(prefix):
+            return [obj.object_name for obj in
+                    self._client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+
+    def presigned_url(self, key: str, ttl_s: int) -> str:
+        with _s3_errors(key):
+            return self._client.presigned_get_object(self.bucket, key,
+                                                     expires=timedelta(seconds=ttl_s))

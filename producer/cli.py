@@ -1,0 +1,161 @@
+"""``t2i``: submit and follow text-to-image jobs from the shell, and run the demo.
+
+Talks to Redis (and S3 for images) as configured by the T2I_* environment variables;
+`t2i config` lists them with their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+import celeryconfig
+from core.errors import T2IError
+from producer.client import Client
+from producer.trace import DEFAULT_TRACE, read_trace
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("negative_prompt", "steps", "guidance", "seed", "width", "height")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+    job_id = client.submit(args.prompt, **_params(args))
+    if not args.wait:
+        print(job_id)
+        return 0
+    _print_json(client.wait(job_id, timeout=args.timeout))
+    return 0
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    _print_json(client.status(args.job_id))
+    return 0
+
+
+def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    view = client.wait(args.job_id, timeout=args.timeout)
+    _print_json(view)
+    return 0 if view["state"] == "succeeded" else 1
+
+
+def cmd_result(client: Client, args: argparse.Namespace) -> int:
+    out = Path(args.output or f"{args.job_id}.png")
+    out.write_bytes(client.result(args.job_id))
+    print(out)
+    return 0
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    _print_json(client.cancel(args.job_id))
+    return 0
+
+
+def cmd_config(_: Client, __: argparse.Namespace) -> int:
+    current = celeryconfig.to_environ(celeryconfig.load_settings())
+    for env, default, doc in celeryconfig.describe():
+        print(f"{env:26} default {default:28} now {current[env]!r}\n{'':26} {doc}")
+    return 0
+
+
+def _seconds(view: dict[str, Any], start: str, end: str) -> float | None:
+    timings = view["timings"]
+    if timings.get(start) is None or timings.get(end) is None:
+        return None
+    return timings[end] - timings[start]
+
+
+def cmd_demo(client: Client, args: argparse.Namespace) -> int:
+    """Submit the first N prompts of the trace, wait for all, print a table."""
+    requests = list(read_trace(Path(args.trace), limit=args.count))
+    out_dir = Path(args.output or client.settings.state_path / "demo")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(req.prompt, client.submit(req.prompt, seed=req.seed, steps=args.steps,
+                                       width=args.size, height=args.size))
+            for req in tqdm(requests, desc="submitting", unit="job")]
+    views = []
+    for _, job_id in tqdm(jobs, desc="waiting", unit="job"):
+        views.append(client.wait(job_id, timeout=args.timeout))
+    print(f"\nmodel: {views[0]['model'] if views else '-'}")
+    print(f"{'job':10} {'state':10} {'route':9} {'total s':>8} {'gen s':>7}  image / prompt")
+    for (prompt, job_id), view in zip(jobs, views):
+        image = ""
+        if view["state"] == "succeeded":
+            path = out_dir / f"{job_id}.png"
+            path.write_bytes(client.result(job_id))
+            image = str(path)
+        total = _seconds(view, "submitted_at", "finished_at")
+        gen = _seconds(view, "generation_started_at", "generation_finished_at")
+        print(f"{job_id[:8]:10} {view['state']:10} {view['route'] or '-':9} "
+              f"{total or 0:8.2f} {gen or 0:7.2f}  {image or view['error']}\n"
+              f"{'':49}{prompt[:70]!r}")
+    totals = [t for v in views if (t := _seconds(v, "submitted_at", "finished_at")) is not None]
+    if totals:
+        print(f"\n{len(views)} jobs, median end-to-end {statistics.median(totals):.2f}s; "
+              f"images in {out_dir}")
+    return 0 if all(v["state"] == "succeeded" for v in views) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    submit = sub.add_parser("submit", help="submit a prompt; prints the job id")
+    submit.add_argument("prompt")
+    submit.add_argument("--negative-prompt", dest="negative_prompt")
+    submit.add_argument("--steps", type=int, help="denoising steps (default T2I_DEFAULT_STEPS)")
+    submit.add_argument("--guidance", type=float, help="guidance scale")
+    submit.add_argument("--seed", type=int, help="seed (random when omitted)")
+    submit.add_argument("--width", type=int, help="multiple of 8")
+    submit.add_argument("--height", type=int, help="multiple of 8")
+    submit.add_argument("--wait", action="store_true", help="wait and print the final record")
+    submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    submit.set_defaults(run=cmd_submit)
+
+    for name, run, helptext in (("status", cmd_status, "print a job's record"),
+                                ("wait", cmd_wait, "wait until a job finishes"),
+                                ("cancel", cmd_cancel, "cancel a job"),
+                                ("result", cmd_result, "save a job's PNG")):
+        command = sub.add_parser(name, help=helptext)
+        command.add_argument("job_id")
+        command.set_defaults(run=run)
+        if name == "wait":
+            command.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+        if name == "result":
+            command.add_argument("-o", "--output", help="file to write (default JOB_ID.png)")
+
+    demo = sub.add_parser("demo", help="submit the first prompts of the trace and report")
+    demo.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace CSV(.gz) path")
+    demo.add_argument("-n", "--count", type=int, default=8, help="number of prompts")
+    demo.add_argument("--size", type=int, default=256,
+                      help="width and height (the CPU test model is slow at 512)")
+    demo.add_argument("--steps", type=int, default=50, help="denoising steps")
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait per job")
+    demo.add_argument("-o", "--output", help="directory for the PNGs (default STATE_DIR/demo)")
+    demo.set_defaults(run=cmd_demo)
+
+    sub.add_parser("config", help="list the environment variables and their values"
+                   ).set_defaults(run=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(Client(), args)
+    except T2IError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,79 @@
+"""The Python client: submit a prompt, poll its job, fetch the image. Needs Redis (and S3
+for images); never imports torch."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from typing import Any
+
+from celeryconfig import Settings, load_settings
+from core.errors import BrokerUnavailable, JobNotFinished, Timeout
+from core.jobs import JobRecord, JobState, RequestLimits, parse_request
+from core.jobstore import JobStore
+from core.objectstore import ObjectStore
+from workers.app import TRIAGE_TASK, enqueue
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.limits = RequestLimits.from_settings(self.settings)
+        self.jobs = JobStore.from_settings(self.settings)
+        self._objects: ObjectStore | None = None
+
+    @property
+    def objects(self) -> ObjectStore:
+        if self._objects is None:
+            self._objects = ObjectStore.from_settings(self.settings)
+        return self._objects
+
+    def submit(self, prompt: str, **params: Any) -> str:
+        """Validate and enqueue a job; return its id. Bad input raises InvalidRequest and
+        enqueues nothing."""
+        request = parse_request({"prompt": prompt, **params}, self.limits,
+                                random_seed=secrets.randbelow(2**32))
+        job_id = uuid.uuid4().hex
+        self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,
+                                   model=self.settings.model, submitted_at=time.time()))
+        try:
+            enqueue(TRIAGE_TASK, job_id)
+        except BrokerUnavailable as exc:
+            # The record must not promise a job that no queue holds.
+            self.jobs.update(job_id, lambda r: r.transition(
+                JobState.FAILED, error=f"not enqueued: {exc}", finished_at=time.time()))
+            raise
+        return job_id
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        """The job's public record; a succeeded job also gets a presigned image URL."""
+        record = self.jobs.get(job_id)
+        view = record.public()
+        if record.state is JobState.SUCCEEDED:
+            view["image_url"] = self.objects.presigned_url(record.image_key,
+                                                           self.settings.image_url_ttl_s)
+        return view
+
+    def wait(self, job_id: str, timeout: float = 300.0, poll_s: float = 0.1) -> dict[str, Any]:
+        """Poll until the job is finished (succeeded, failed or cancelled)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            record = self.jobs.get(job_id)
+            if record.state.terminal:
+                return self.status(job_id)
+            if time.monotonic() >= deadline:
+                raise Timeout(f"job {job_id} still {record.state} after {timeout:.0f}s")
+            time.sleep(poll_s)
+
+    def result(self, job_id: str) -> bytes:
+        """The PNG bytes of a succeeded job."""
+        record = self.jobs.get(job_id)
+        if record.state is not JobState.SUCCEEDED:
+            raise JobNotFinished(f"job {job_id} is {record.state}, it has no image"
+                                 + (f" ({record.error})" if record.error else ""))
+        return self.objects.get(record.image_key)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job: at once if no worker holds it, else at its next denoising step."""
+        return self.jobs.request_cancel(job_id, now=time.time()).public()

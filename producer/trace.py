@@ -1,0 +1,48 @@
+"""Reading the prompt trace (gzip CSV, see ../shared/data/README.md)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TRACE = Path(__file__).resolve().parent.parent.parent / "shared/data/sd-discord-trace.csv.gz"
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    channel: str
+    seq: int
+    user: str
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    cfg: float | None
+    steps: int | None
+
+
+def _number(text: str, kind: type) -> object:
+    return kind(text) if text.strip() else None
+
+
+def read_trace(path: Path, limit: int | None = None, channel: str | None = None) -> Iterator[TraceRequest]:
+    """Rows of the trace in file order (chronological within a channel); rows with an empty
+    prompt are skipped. ``channel`` keeps one channel only."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    count = 0
+    with opener(path, "rt", encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if channel and row["channel"] != channel:
+                continue
+            if not row["prompt"].strip():
+                continue
+            yield TraceRequest(channel=row["channel"], seq=int(row["seq"]), user=row["user_hash"],
+                               prompt=row["prompt"], seed=int(row["seed"] or 0),
+                               width=int(row["width"] or 512), height=int(row["height"] or 512),
+                               cfg=_number(row["cfg"], float), steps=_number(row["steps"], int))
+            count += 1
+            if limit is not None and count >= limit:
+                return

@@ -1,0 +1,24 @@
+"""The Celery application. Importing it loads no model and no torch (producers import it)."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from core.errors import BrokerUnavailable
+
+app = Celery("t2i", include=["workers.tasks"])
+app.config_from_object("celeryconfig")
+
+TRIAGE_TASK = "triage.route"
+FULL_TASK = "gen.full"
+RESUME_TASK = "gen.resume"
+
+
+def enqueue(task_name: str, job_id: str, **kwargs: object) -> None:
+    """Send ``task_name`` for ``job_id`` to its queue (the queue is named like the task's
+    route in celeryconfig.task_routes). Messages carry ids and keys only."""
+    try:
+        app.send_task(task_name, args=[job_id], kwargs=kwargs)
+    except OperationalError as exc:
+        raise BrokerUnavailable(f"cannot enqueue {task_name} for job {job_id}: {exc}") from exc

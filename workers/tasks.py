@@ -1,0 +1,69 @@
+"""Celery tasks: thin glue that unpacks ids, calls one function and returns a small dict.
+
+Failures: a transient one (a store briefly down) is retried with backoff; anything else
+fails the job with its reason, so the worker moves on and the poller learns why.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from core.errors import JobNotFound, TransientError
+from core.jobs import RequestLimits
+from workers import runtime
+from workers.app import FULL_TASK, TRIAGE_TASK, app, enqueue
+from workers.generation import finish_failed, generate_full
+from workers.triage import full_generation_only, triage_job
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3
+
+
+def _backoff_s(retries: int) -> float:
+    return min(2.0 ** retries, 30.0)
+
+
+@app.task(name=TRIAGE_TASK, bind=True, max_retries=MAX_RETRIES)
+def triage_route(self: Task, job_id: str) -> dict[str, Any]:
+    try:
+        return triage_job(job_id, runtime.job_store(),
+                          RequestLimits.from_settings(runtime.settings()),
+                          full_generation_only, enqueue, runtime.clock)
+    except JobNotFound:
+        log.warning("job %s: no record (expired or never created); dropped", job_id)
+        return {"job_id": job_id, "skipped": "no record"}
+    except TransientError as exc:
+        raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries))
+
+
+def _run_generation(task: Task, job_id: str, work) -> dict[str, Any]:
+    """Shared failure handling of the generation tasks."""
+    jobs = runtime.job_store()
+    try:
+        return work()
+    except JobNotFound:
+        log.warning("job %s: no record (expired or never created); dropped", job_id)
+        return {"job_id": job_id, "skipped": "no record"}
+    except TransientError as exc:
+        if task.request.retries < task.max_retries:
+            log.warning("job %s: %s; retry %d", job_id, exc, task.request.retries + 1)
+            raise task.retry(exc=exc, countdown=_backoff_s(task.request.retries))
+        return finish_failed(job_id, jobs, f"gave up after {task.max_retries} retries: {exc}",
+                             runtime.clock)
+    except SoftTimeLimitExceeded:
+        return finish_failed(job_id, jobs, "time limit exceeded", runtime.clock)
+    except Exception as exc:  # noqa: BLE001 - any other error fails this job, not the worker
+        log.exception("job %s: generation error", job_id)
+        return finish_failed(job_id, jobs, f"{type(exc).__name__}: {exc}", runtime.clock)
+
+
+@app.task(name=FULL_TASK, bind=True, max_retries=MAX_RETRIES)
+def gen_full(self: Task, job_id: str) -> dict[str, Any]:
+    return _run_generation(self, job_id, lambda: generate_full(
+        job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
+        self.request.hostname or "", runtime.clock))
