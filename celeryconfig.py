@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -144,36 +145,42 @@ def describe() -> list[tuple[str, str, str]]:
     return [(f.metadata["env"], repr(f.default), f.metadata["doc"]) for f in fields(Settings)]
 
 
-settings = load_settings()
+def celery_options(config: Settings) -> dict[str, Any]:
+    """Celery's own settings for ``config``; see the notes for why each long-task value."""
+    return {
+        "broker_url": config.broker,
+        "result_backend": config.results,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "timezone": "UTC",
+        # Ack only after the task finished, so a worker killed mid-job leaves its message to
+        # be redelivered; one message at a time per worker process.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": config.soft_time_limit_s,
+        "task_time_limit": config.time_limit_s,
+        # Redis redelivers unacked messages after this; it must exceed queue wait + run time,
+        # or a long-waiting job would run twice.
+        "broker_transport_options": {"visibility_timeout": config.visibility_timeout_s},
+        "result_backend_transport_options": {"visibility_timeout": config.visibility_timeout_s},
+        "result_expires": config.job_ttl_s,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": "triage",
+        "task_routes": {
+            "triage.*": {"queue": "triage"},
+            "gen.full": {"queue": "gen.full"},
+            "gen.resume": {"queue": "gen.resume"},
+            "cache.*": {"queue": "cache"},
+        },
+        "beat_schedule": {},
+    }
 
-# ---- Celery's own settings (read by workers.app via config_from_object) ----
-broker_url = settings.broker
-result_backend = settings.results
-task_serializer = "json"
-result_serializer = "json"
-accept_content = ["json"]
-timezone = "UTC"
-# Long GPU tasks: ack only after the task finished, so a worker killed mid-job leaves the
-# message to be redelivered; one message at a time per worker process.
-task_acks_late = True
-task_reject_on_worker_lost = True
-worker_prefetch_multiplier = 1
-task_soft_time_limit = settings.soft_time_limit_s
-task_time_limit = settings.time_limit_s
-# Redis redelivers unacked messages after this; it must exceed queue wait + run time,
-# or a long-waiting job would run twice.
-broker_transport_options = {"visibility_timeout": settings.visibility_timeout_s}
-result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout_s}
-result_expires = settings.job_ttl_s
-task_track_started = True
-task_send_sent_event = True
-worker_send_task_events = True
-broker_connection_retry_on_startup = True
-task_default_queue = "triage"
-task_routes = {
-    "triage.*": {"queue": "triage"},
-    "gen.full": {"queue": "gen.full"},
-    "gen.resume": {"queue": "gen.resume"},
-    "cache.*": {"queue": "cache"},
-}
-beat_schedule: dict[str, dict] = {}
+
+settings = load_settings()
+# Celery reads these module-level names (app.config_from_object("celeryconfig")).
+globals().update(celery_options(settings))

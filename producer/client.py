@@ -13,7 +13,7 @@ from core.errors import BrokerUnavailable, JobNotFinished, Timeout
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
-from workers.app import TRIAGE_TASK, enqueue
+from workers.app import TRIAGE_TASK, enqueue, make_app
 
 
 class Client:
@@ -21,6 +21,7 @@ class Client:
         self.settings = settings or load_settings()
         self.limits = RequestLimits.from_settings(self.settings)
         self.jobs = JobStore.from_settings(self.settings)
+        self.celery = make_app(self.settings)
         self._objects: ObjectStore | None = None
 
     @property
@@ -38,7 +39,7 @@ class Client:
         self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,
                                    model=self.settings.model, submitted_at=time.time()))
         try:
-            enqueue(TRIAGE_TASK, job_id)
+            enqueue(self.celery, TRIAGE_TASK, job_id)
         except BrokerUnavailable as exc:
             # The record must not promise a job that no queue holds.
             self.jobs.update(job_id, lambda r: r.transition(

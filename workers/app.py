@@ -5,20 +5,29 @@ from __future__ import annotations
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from celeryconfig import Settings, celery_options
 from core.errors import BrokerUnavailable
 
+# Worker processes: configured from the environment through the celeryconfig module.
 app = Celery("t2i", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
+
+
+def make_app(config: Settings) -> Celery:
+    """A Celery app for explicit settings (producers configured in code, tests)."""
+    configured = Celery("t2i")
+    configured.conf.update(celery_options(config))
+    return configured
 
 TRIAGE_TASK = "triage.route"
 FULL_TASK = "gen.full"
 RESUME_TASK = "gen.resume"
 
 
-def enqueue(task_name: str, job_id: str, **kwargs: object) -> None:
+def enqueue(celery: Celery, task_name: str, job_id: str, **kwargs: object) -> None:
     """Send ``task_name`` for ``job_id`` to its queue (the queue is named like the task's
     route in celeryconfig.task_routes). Messages carry ids and keys only."""
     try:
-        app.send_task(task_name, args=[job_id], kwargs=kwargs)
+        celery.send_task(task_name, args=[job_id], kwargs=kwargs)
     except OperationalError as exc:
         raise BrokerUnavailable(f"cannot enqueue {task_name} for job {job_id}: {exc}") from exc

@@ -6,6 +6,7 @@ fails the job with its reason, so the worker moves on and the poller learns why.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -33,7 +34,7 @@ def triage_route(self: Task, job_id: str) -> dict[str, Any]:
     try:
         return triage_job(job_id, runtime.job_store(),
                           RequestLimits.from_settings(runtime.settings()),
-                          full_generation_only, enqueue, runtime.clock)
+                          full_generation_only, functools.partial(enqueue, app), runtime.clock)
     except JobNotFound:
         log.warning("job %s: no record (expired or never created); dropped", job_id)
         return {"job_id": job_id, "skipped": "no record"}

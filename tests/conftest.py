@@ -1,0 +1,73 @@
+"""Fixtures that start real servers and workers on free loopback ports in temporary
+directories, using the same definitions as the local stack (infra.servers), and stop them.
+
+Nothing here reads the developer's T2I_* environment: settings start from the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from celeryconfig import Settings, load_settings
+from infra import servers
+
+
+def _run(service: servers.Service, log_dir: Path) -> subprocess.Popen:
+    log_path = log_dir / f"{service.name}.log"
+    process = servers.start(service, log_path)
+    try:
+        servers.wait_ready(service, process, log_path)
+    except BaseException:
+        servers.stop_pid(process.pid)
+        raise
+    return process
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("t2i")
+
+
+@pytest.fixture(scope="session")
+def redis_url(base_dir: Path) -> Iterator[str]:
+    port = servers.free_port()
+    process = _run(servers.redis(port, base_dir / "redis"), base_dir / "logs")
+    yield f"redis://127.0.0.1:{port}/0"
+    servers.stop_pid(process.pid)
+
+
+@pytest.fixture(scope="session")
+def settings(base_dir: Path, redis_url: str) -> Settings:
+    """Settings for the test session: its own servers, state dir, small defaults."""
+    return dataclasses.replace(
+        load_settings({}), redis_url=redis_url, state_dir=str(base_dir / "state"),
+        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
+        s3_bucket="t2i-test", api_port=servers.free_port(), flower_port=servers.free_port(),
+        default_size=64, default_steps=10, hf_hub_offline=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def s3_server(settings: Settings, base_dir: Path) -> Iterator[Settings]:
+    process = _run(servers.s3(settings, base_dir / "s3"), base_dir / "logs")
+    yield settings
+    servers.stop_pid(process.pid)
+
+
+@pytest.fixture(scope="session")
+def stack(s3_server: Settings, base_dir: Path) -> Iterator[Settings]:
+    """Redis + S3 + a triage worker + a GPU worker (tiny test model, CPU) + the HTTP API."""
+    config = s3_server
+    started = [
+        _run(servers.worker("triage-test", "triage,cache", config), base_dir / "logs"),
+        _run(servers.worker("gpu-test", "gen.full,gen.resume", config), base_dir / "logs"),
+        _run(servers.api(config), base_dir / "logs"),
+    ]
+    yield config
+    for process in reversed(started):
+        servers.stop_pid(process.pid)

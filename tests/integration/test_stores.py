@@ -1,0 +1,121 @@
+"""The Redis job store and the S3 object store against real servers."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+
+import pytest
+
+from core.errors import BrokerUnavailable, JobNotFound, ObjectMissing, ObjectStoreUnavailable
+from core.jobs import JobRecord, JobRequest, JobState
+from core.jobstore import JobStore, connect
+from core.objectstore import ObjectStore
+from infra import servers
+
+REQUEST = JobRequest(prompt="a cat", negative_prompt="", steps=10, guidance=7.5, seed=1,
+                     width=64, height=64)
+
+
+@pytest.fixture()
+def jobs(redis_url: str) -> JobStore:
+    return JobStore(connect(redis_url), ttl_s=60)
+
+
+def new_record(jobs: JobStore, job_id: str, state: JobState = JobState.QUEUED) -> JobRecord:
+    record = JobRecord(id=job_id, state=state, request=REQUEST, model="tiny", submitted_at=1.0)
+    jobs.create(record)
+    return record
+
+
+def test_create_get_and_expiry(jobs: JobStore, redis_url: str):
+    record = new_record(jobs, "store-1")
+    assert jobs.get("store-1") == record
+    assert 0 < connect(redis_url).ttl(JobStore.key("store-1")) <= 60
+
+
+def test_missing_job_raises_job_not_found(jobs: JobStore):
+    with pytest.raises(JobNotFound, match="no job 'nope'"):
+        jobs.get("nope")
+
+
+def test_concurrent_updates_are_not_lost(jobs: JobStore):
+    new_record(jobs, "store-2", JobState.GENERATING)
+
+    def bump() -> None:
+        for _ in range(50):
+            jobs.update("store-2", lambda r: r.transition(r.state, deliveries=r.deliveries + 1))
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert jobs.get("store-2").deliveries == 200
+
+
+def test_cancel_queued_job_is_immediate(jobs: JobStore):
+    new_record(jobs, "store-3")
+    cancelled = jobs.request_cancel("store-3", now=5.0)
+    assert cancelled.state is JobState.CANCELLED and cancelled.finished_at == 5.0
+
+
+def test_cancel_generating_job_is_seen_at_next_step(jobs: JobStore):
+    new_record(jobs, "store-4", JobState.GENERATING)
+    assert jobs.report_progress("store-4", 1, 10) is False
+    assert jobs.request_cancel("store-4", now=5.0).state is JobState.GENERATING
+    assert jobs.report_progress("store-4", 2, 10) is True
+    assert jobs.get("store-4").step == 2
+
+
+def test_cancel_finished_job_changes_nothing(jobs: JobStore):
+    new_record(jobs, "store-5", JobState.SUCCEEDED)
+    assert jobs.request_cancel("store-5", now=5.0) == jobs.get("store-5")
+    assert not jobs.get("store-5").cancel_requested
+
+
+def test_redis_down_raises_broker_unavailable():
+    dead = JobStore(connect(f"redis://127.0.0.1:{servers.free_port()}/0"), ttl_s=60)
+    with pytest.raises(BrokerUnavailable, match="Redis unreachable"):
+        dead.get("anything")
+
+
+@pytest.fixture()
+def objects(s3_server) -> ObjectStore:
+    store = ObjectStore.from_settings(s3_server)
+    store.ensure_bucket()
+    return store
+
+
+def test_put_get_list_delete(objects: ObjectStore):
+    objects.put("t/a.bin", b"\x00\x01payload")
+    assert objects.get("t/a.bin") == b"\x00\x01payload"
+    assert objects.exists("t/a.bin") and "t/a.bin" in objects.keys("t/")
+    objects.put("t/a.bin", b"second")  # same key overwrites
+    assert objects.get("t/a.bin") == b"second" and objects.keys("t/").count("t/a.bin") == 1
+    objects.delete("t/a.bin")
+    assert not objects.exists("t/a.bin")
+
+
+def test_missing_object_raises_object_missing(objects: ObjectStore):
+    with pytest.raises(ObjectMissing, match="no/such"):
+        objects.get("no/such")
+
+
+def test_presigned_url_serves_the_object(objects: ObjectStore):
+    objects.put("t/url.txt", b"hello")
+    with urllib.request.urlopen(objects.presigned_url("t/url.txt", ttl_s=60)) as response:
+        assert response.read() == b"hello"
+
+
+def test_wrong_secret_is_refused(s3_server):
+    import dataclasses
+    wrong = ObjectStore.from_settings(dataclasses.replace(s3_server, s3_secret_key="wrong-secret"))
+    with pytest.raises(ObjectStoreUnavailable, match="SignatureDoesNotMatch"):
+        wrong.get("t/url.txt")
+
+
+def test_store_down_raises_object_store_unavailable():
+    dead = ObjectStore(f"127.0.0.1:{servers.free_port()}", "k", "secret-key", "bucket")
+    with pytest.raises(ObjectStoreUnavailable, match="unreachable"):
+        dead.put("x", b"y")

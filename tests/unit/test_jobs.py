@@ -1,0 +1,130 @@
+"""Request validation and the job-record state machine (pure, no servers)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from core.errors import InvalidRequest, InvalidTransition
+from core.jobs import (ALLOWED_TRANSITIONS, JobRecord, JobRequest, JobState, RequestLimits,
+                       image_key, parse_request)
+
+LIMITS = RequestLimits(default_steps=50, max_steps=150, default_size=512, max_size=1024,
+                       default_guidance=7.5, max_prompt_chars=100)
+
+
+def parse(**payload):
+    return parse_request(payload, LIMITS, random_seed=42)
+
+
+def test_defaults_fill_missing_fields_and_seed_is_fixed():
+    request = parse(prompt="  a red fox  ")
+    assert request == JobRequest(prompt="a red fox", negative_prompt="", steps=50, guidance=7.5,
+                                 seed=42, width=512, height=512)
+
+
+def test_explicit_values_are_kept():
+    request = parse(prompt="x", negative_prompt="blurry", steps=20, guidance=3, seed=7,
+                    width=64, height=1024)
+    assert (request.steps, request.guidance, request.seed, request.width, request.height) == \
+        (20, 3.0, 7, 64, 1024)
+
+
+@pytest.mark.parametrize("payload, field, fragment", [
+    ({}, "prompt", "required"),
+    ({"prompt": ""}, "prompt", "empty"),
+    ({"prompt": " \n\t "}, "prompt", "empty"),
+    ({"prompt": "x" * 101}, "prompt", "101 characters"),
+    ({"prompt": 5}, "prompt", "string"),
+    ({"prompt": "bad\x00byte"}, "prompt", "control character"),
+    ({"prompt": "lone \ud800 surrogate"}, "prompt", "UTF-8"),
+    ({"prompt": "x", "steps": 0}, "steps", "0 is out of range"),
+    ({"prompt": "x", "steps": -5}, "steps", "-5 is out of range"),
+    ({"prompt": "x", "steps": 10**9}, "steps", "out of range"),
+    ({"prompt": "x", "steps": "50"}, "steps", "integer"),
+    ({"prompt": "x", "steps": True}, "steps", "integer"),
+    ({"prompt": "x", "steps": 2.5}, "steps", "integer"),
+    ({"prompt": "x", "width": 500}, "width", "500 is not a multiple of 8"),
+    ({"prompt": "x", "height": 2048}, "height", "2048 is out of range"),
+    ({"prompt": "x", "height": 32}, "height", "32 is out of range"),
+    ({"prompt": "x", "seed": "abc"}, "seed", "integer"),
+    ({"prompt": "x", "seed": -1}, "seed", "out of range"),
+    ({"prompt": "x", "guidance": float("nan")}, "guidance", "out of range"),
+    ({"prompt": "x", "guidance": 99}, "guidance", "out of range"),
+    ({"prompt": "x", "colour": "red"}, "colour", "unknown field"),
+])
+def test_invalid_requests_name_the_field_and_value(payload, field, fragment):
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(payload, LIMITS, random_seed=1)
+    assert caught.value.field == field
+    assert fragment in str(caught.value)
+
+
+def test_non_object_body_is_refused():
+    with pytest.raises(InvalidRequest, match="body"):
+        parse_request(["prompt"], LIMITS, random_seed=1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["prompt", "steps", "width", "seed", "guidance", "x"]),
+                       st.one_of(st.none(), st.integers(-10**6, 10**6), st.text(max_size=120),
+                                 st.floats(allow_nan=True), st.booleans())))
+def test_parse_either_returns_a_valid_request_or_raises_invalid_request(payload):
+    try:
+        request = parse_request(payload, LIMITS, random_seed=3)
+    except InvalidRequest as exc:
+        assert exc.field in (*payload.keys(), "prompt")
+        return
+    assert request.prompt.strip() and 1 <= request.steps <= LIMITS.max_steps
+    assert request.width % 8 == 0 and 64 <= request.width <= LIMITS.max_size
+
+
+def record(state=JobState.QUEUED):
+    return JobRecord(id="j1", state=state, request=parse(prompt="a cat"), model="tiny",
+                     submitted_at=100.0)
+
+
+def test_happy_path_transitions():
+    r = record()
+    r = r.transition(JobState.TRIAGE, triage_started_at=101.0)
+    r = r.transition(JobState.QUEUED, route="gen.full", triage_finished_at=102.0)
+    r = r.transition(JobState.GENERATING, generation_started_at=103.0)
+    r = r.transition(JobState.SUCCEEDED, image_key=image_key("j1"), finished_at=104.0)
+    assert r.state is JobState.SUCCEEDED and r.state.terminal
+    assert r.image_key == "images/j1.png"
+
+
+@pytest.mark.parametrize("terminal", [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED])
+@pytest.mark.parametrize("target", list(JobState))
+def test_terminal_states_are_final(terminal, target):
+    with pytest.raises(InvalidTransition):
+        record(terminal).transition(target)
+
+
+def test_redelivery_and_progress_are_self_transitions():
+    assert JobState.TRIAGE in ALLOWED_TRANSITIONS[JobState.TRIAGE]
+    assert record(JobState.GENERATING).transition(JobState.GENERATING, step=3).step == 3
+
+
+def test_generating_cannot_go_back_to_queue():
+    with pytest.raises(InvalidTransition, match="generating -> queued"):
+        record(JobState.GENERATING).transition(JobState.QUEUED)
+
+
+def test_record_round_trips_through_redis_fields():
+    r = dataclasses.replace(record(JobState.GENERATING), step=4, total_steps=10,
+                            triage_started_at=101.5, cancel_requested=True,
+                            extra={"similarity": 0.93})
+    fields = r.to_fields()
+    assert all(isinstance(v, str) for v in fields.values())
+    assert JobRecord.from_fields(fields) == r
+
+
+def test_public_view_has_progress_timings_and_no_internals():
+    view = record(JobState.GENERATING).public()
+    assert view["state"] == "generating"
+    assert view["progress"] == {"step": 0, "total": 0}
+    assert view["timings"]["submitted_at"] == 100.0
+    assert "worker" not in view
