@@ -59,6 +59,15 @@ class Settings:
     hf_hub_offline: bool = _setting("HF_HUB_OFFLINE", False,
                                     "never reach the hub when loading a model")
 
+    # Approximate caching
+    cache_enabled: bool = _setting("T2I_CACHE", True,
+                                   "approximate caching on (1) or off (0: every job runs in full)")
+    embedder: str = _setting("T2I_EMBEDDER", "minilm",
+                             "prompt embedder for the lookup: minilm (all-MiniLM-L6-v2, 384-d) "
+                             "or clip (the served model's text encoder, pooled)")
+    k_table: str = _setting("T2I_K_TABLE", "reference",
+                            "similarity -> K table: 'reference' (NIRVANA's) or a JSON file path")
+
     # Request defaults and limits
     default_steps: int = _setting("T2I_DEFAULT_STEPS", 50, "denoising steps when a job names none")
     max_steps: int = _setting("T2I_MAX_STEPS", 150, "most steps a job may ask for")

@@ -65,3 +65,11 @@ class ModelLoadError(T2IError):
 
 class StackError(T2IError):
     """The local stack could not start, or a server in it did not come up."""
+
+
+class VectorIndexUnavailable(TransientError):
+    """The vector index (Chroma) cannot be reached or failed the request."""
+
+
+class CorruptLatent(T2IError):
+    """A cached latent that cannot be used: truncated, wrong dtype or shape, another model."""

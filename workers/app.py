@@ -22,6 +22,7 @@ def make_app(config: Settings) -> Celery:
 TRIAGE_TASK = "triage.route"
 FULL_TASK = "gen.full"
 RESUME_TASK = "gen.resume"
+REGISTER_TASK = "cache.register"
 
 
 def enqueue(celery: Celery, task_name: str, job_id: str, **kwargs: object) -> None:

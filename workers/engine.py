@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 
 from core.errors import ModelLoadError
 from core.jobs import JobRequest
-from workers.tiny_model import TINY_MODEL_LABEL, ensure_tiny_model
+from workers.tiny_model import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,7 @@ class Engine:
         """Load ``model``: 'tiny' (the built-in test model), a local directory, or a hub id."""
         torch_device = pick_device(device)
         dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
-        if model == "tiny":
-            source, label = str(ensure_tiny_model(models_dir)), TINY_MODEL_LABEL
-        else:
-            source, label = model, model
+        source, label = resolve_model(model, models_dir)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
                 source, dtype=dtype, safety_checker=None, requires_safety_checker=False,
@@ -94,6 +91,17 @@ class Engine:
         self.scheduler.set_timesteps(request.steps, device=self.device)
         latents = noise.to(self.device, self.pipe.unet.dtype) * self.scheduler.init_noise_sigma
         return self._denoise(request, latents, 0, on_step, capture_steps)
+
+    @torch.inference_mode()
+    def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
+               on_step: StepCallback) -> Generation:
+        """Run only steps start_step+1 .. N, on the original N-step grid, from the latent a
+        generation had after ``start_step`` steps (possibly of another prompt)."""
+        if not 0 < start_step < request.steps:
+            raise ValueError(f"resume step {start_step} outside 1..{request.steps - 1}")
+        self.scheduler.set_timesteps(request.steps, device=self.device)
+        latents = latent.to(self.device, self.pipe.unet.dtype)
+        return self._denoise(request, latents, start_step, on_step, frozenset())
 
     def _denoise(self, request: JobRequest, latents: torch.Tensor, start_step: int,
                  on_step: StepCallback, capture_steps: frozenset[int]) -> Generation:

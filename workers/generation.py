@@ -1,27 +1,49 @@
-"""Generation on GPU workers: run the engine, store the image, finish the job record."""
+"""Generation on GPU workers: run the engine, store the image, finish the job record, and
+(with the cache on) keep the latents of full generations and resume from them."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from core.errors import InvalidTransition, JobCancelled
+import torch
+
+from cachemgr.catalog import Catalog
+from cachemgr.keys import partition_key
+from cachemgr.ktable import KTable
+from core.errors import (CorruptLatent, InvalidTransition, JobCancelled, ObjectMissing,
+                         ObjectStoreUnavailable, T2IError)
 from core.jobs import JobRecord, JobRequest, JobState, image_key
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
+from workers.engine import Engine, Generation
+from workers.latents import load_latent, save_latents
 
 log = logging.getLogger(__name__)
 
+RegisterEntry = Callable[[str, str, str, dict[int, int]], None]
+"""(entry id, partition, prompt, {K: bytes}) -> None: hands a new entry to the catalog."""
 
-class GenerationEngine(Protocol):
-    label: str
 
-    def generate(self, request: JobRequest, on_step: Callable[[int, int], None]) -> Any: ...
+@dataclass(frozen=True)
+class CacheConfig:
+    """What a GPU worker needs to know to write and read the cache."""
+
+    model: str
+    scheduler: str
+    table: KTable
+    catalog: Catalog
+    register: RegisterEntry
+
+    def partition(self, request: JobRequest) -> str:
+        return partition_key(self.model, self.scheduler, request.steps, request.width,
+                             request.height, request.guidance)
 
 
 def start_generation(job_id: str, jobs: JobStore, model_label: str, worker: str,
-                     now: Callable[[], float]) -> JobRecord | None:
+                     now: Callable[[], float], total_steps: int | None = None) -> JobRecord | None:
     """Move the job to GENERATING; None when it must not run (finished or cancelled)."""
     record = jobs.get(job_id)
     if record.state.terminal:
@@ -34,8 +56,8 @@ def start_generation(job_id: str, jobs: JobStore, model_label: str, worker: str,
     try:
         return jobs.update(job_id, lambda r: r.transition(
             JobState.GENERATING, generation_started_at=now(), step=0,
-            total_steps=r.request.steps, deliveries=r.deliveries + 1, worker=worker,
-            model=model_label))
+            total_steps=total_steps or r.request.steps, deliveries=r.deliveries + 1,
+            worker=worker, model=model_label))
     except InvalidTransition:
         return None  # cancelled in between
 
@@ -77,13 +99,67 @@ def store_image(job_id: str, png: bytes, jobs: JobStore, objects: ObjectStore,
     return {"job_id": job_id, "state": "succeeded", "image_key": key}
 
 
-def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore, engine: GenerationEngine,
-                  worker: str, now: Callable[[], float]) -> dict[str, Any]:
+def _cache_entry(job_id: str, request: JobRequest, captured: dict[int, torch.Tensor],
+                 objects: ObjectStore, cache: CacheConfig) -> None:
+    """Store a finished generation's latents and register them; never fails the job."""
+    partition = cache.partition(request)
+    sizes = save_latents(objects, partition, job_id, captured)
+    if not sizes:
+        return
+    try:
+        cache.register(job_id, partition, request.prompt, sizes)
+    except T2IError as exc:
+        log.warning("job %s: entry not registered: %s", job_id, exc)
+
+
+def _run_full(job_id: str, request: JobRequest, jobs: JobStore, objects: ObjectStore,
+              engine: Engine, now: Callable[[], float], cache: CacheConfig | None,
+              **fields: Any) -> dict[str, Any]:
+    capture = cache.table.k_set(request.steps) if cache else frozenset()
+    try:
+        result: Generation = engine.generate(request, step_reporter(job_id, jobs), capture)
+    except JobCancelled:
+        return finish_cancelled(job_id, jobs, now)
+    outcome = store_image(job_id, result.image_png, jobs, objects, now,
+                          unet_calls=result.unet_calls, **fields)
+    if cache and result.captured:
+        _cache_entry(job_id, request, result.captured, objects, cache)
+    return outcome
+
+
+def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Engine,
+                  worker: str, now: Callable[[], float],
+                  cache: CacheConfig | None = None) -> dict[str, Any]:
     record = start_generation(job_id, jobs, engine.label, worker, now)
     if record is None:
         return {"job_id": job_id, "skipped": True}
+    return _run_full(job_id, record.request, jobs, objects, engine, now, cache)
+
+
+def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Engine,
+                    worker: str, now: Callable[[], float], cache: CacheConfig) -> dict[str, Any]:
+    """Resume from the cached (entry, K) triage chose; an unusable latent falls back to a
+    full generation inside the same job."""
+    record = jobs.get(job_id)
+    entry, k, partition = (record.extra["matched_entry"], int(record.extra["k"]),
+                           record.extra["partition"])
+    record = start_generation(job_id, jobs, engine.label, worker, now,
+                              total_steps=record.request.steps - k)
+    if record is None:
+        return {"job_id": job_id, "skipped": True}
+    request = record.request
     try:
-        result = engine.generate(record.request, step_reporter(job_id, jobs))
+        latent = load_latent(objects, partition, entry, k, engine.latent_shape(request))
+    except (ObjectMissing, CorruptLatent, ObjectStoreUnavailable) as exc:
+        reason = f"latent {entry}/K={k} unusable: {exc}"
+        log.warning("job %s: %s; falling back to full generation", job_id, reason)
+        jobs.update(job_id, lambda r: r.transition(r.state, total_steps=request.steps))
+        return _run_full(job_id, request, jobs, objects, engine, now, cache, fallback=reason)
+    try:
+        result = engine.resume(request, latent, k, step_reporter(job_id, jobs))
     except JobCancelled:
         return finish_cancelled(job_id, jobs, now)
-    return store_image(job_id, result.image_png, jobs, objects, now, unet_calls=result.unet_calls)
+    hits = cache.catalog.record_hit(entry, k)
+    log.info("job %s: resumed from %s K=%d (hit %s)", job_id, entry, k, hits)
+    return store_image(job_id, result.image_png, jobs, objects, now,
+                       unet_calls=result.unet_calls, resumed_from_k=k)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import functools
 import time
 
+from cachemgr.catalog import Catalog
+from cachemgr.ktable import KTable
 from celeryconfig import Settings, load_settings
-from core.jobstore import JobStore
+from core.jobstore import JobStore, connect
 from core.objectstore import ObjectStore
+
+clock = time.time
 
 
 @functools.cache
@@ -22,10 +26,20 @@ def job_store() -> JobStore:
 
 
 @functools.cache
+def catalog() -> Catalog:
+    return Catalog(connect(settings().redis_url))
+
+
+@functools.cache
 def object_store() -> ObjectStore:
     store = ObjectStore.from_settings(settings())
     store.ensure_bucket()
     return store
+
+
+@functools.cache
+def k_table() -> KTable:
+    return KTable.load(settings().k_table)
 
 
 @functools.cache
@@ -37,4 +51,45 @@ def engine():
                        config.state_path / "models", config.hf_hub_offline)
 
 
-clock = time.time
+@functools.cache
+def embedder():
+    from workers.embedder import load_embedder
+
+    config = settings()
+    return load_embedder(config.embedder, config.model, config.state_path / "models")
+
+
+@functools.cache
+def vectors():
+    from cachemgr.vectors import VectorIndex
+
+    return VectorIndex.from_settings(settings(), embedder().name)
+
+
+@functools.cache
+def router():
+    """Triage's route decision: the cache router, or full generation when the cache is off."""
+    from cachemgr.predictor import AlwaysLookUp
+    from workers.triage import CacheRouter, full_generation_only
+
+    config = settings()
+    if not config.cache_enabled:
+        return full_generation_only
+    return CacheRouter(embedder(), vectors(), catalog(), k_table(), AlwaysLookUp(),
+                       config.model, config.scheduler)
+
+
+@functools.cache
+def cache_config():
+    """What GPU workers need to write and read the cache; None when the cache is off."""
+    from workers.app import REGISTER_TASK, app, enqueue
+    from workers.generation import CacheConfig
+
+    config = settings()
+    if not config.cache_enabled:
+        return None
+
+    def register(entry: str, partition: str, prompt: str, sizes: dict[int, int]) -> None:
+        enqueue(app, REGISTER_TASK, entry, partition=partition, prompt=prompt, sizes=sizes)
+
+    return CacheConfig(config.model, config.scheduler, k_table(), catalog(), register)

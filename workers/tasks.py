@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -16,9 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.errors import JobNotFound, TransientError
 from core.jobs import RequestLimits
 from workers import runtime
-from workers.app import FULL_TASK, TRIAGE_TASK, app, enqueue
-from workers.generation import finish_failed, generate_full
-from workers.triage import full_generation_only, triage_job
+from workers.app import FULL_TASK, REGISTER_TASK, RESUME_TASK, TRIAGE_TASK, app, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +30,12 @@ def _backoff_s(retries: int) -> float:
 
 @app.task(name=TRIAGE_TASK, bind=True, max_retries=MAX_RETRIES)
 def triage_route(self: Task, job_id: str) -> dict[str, Any]:
+    from workers.triage import triage_job
+
     try:
         return triage_job(job_id, runtime.job_store(),
                           RequestLimits.from_settings(runtime.settings()),
-                          full_generation_only, functools.partial(enqueue, app), runtime.clock)
+                          runtime.router(), functools.partial(enqueue, app), runtime.clock)
     except JobNotFound:
         log.warning("job %s: no record (expired or never created); dropped", job_id)
         return {"job_id": job_id, "skipped": "no record"}
@@ -42,8 +43,10 @@ def triage_route(self: Task, job_id: str) -> dict[str, Any]:
         raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries))
 
 
-def _run_generation(task: Task, job_id: str, work) -> dict[str, Any]:
+def _run_generation(task: Task, job_id: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Shared failure handling of the generation tasks."""
+    from workers.generation import finish_failed
+
     jobs = runtime.job_store()
     try:
         return work()
@@ -65,6 +68,30 @@ def _run_generation(task: Task, job_id: str, work) -> dict[str, Any]:
 
 @app.task(name=FULL_TASK, bind=True, max_retries=MAX_RETRIES)
 def gen_full(self: Task, job_id: str) -> dict[str, Any]:
+    from workers.generation import generate_full
+
     return _run_generation(self, job_id, lambda: generate_full(
         job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
-        self.request.hostname or "", runtime.clock))
+        self.request.hostname or "", runtime.clock, runtime.cache_config()))
+
+
+@app.task(name=RESUME_TASK, bind=True, max_retries=MAX_RETRIES)
+def gen_resume(self: Task, job_id: str) -> dict[str, Any]:
+    from workers.generation import generate_resume
+
+    return _run_generation(self, job_id, lambda: generate_resume(
+        job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
+        self.request.hostname or "", runtime.clock, runtime.cache_config()))
+
+
+@app.task(name=REGISTER_TASK, bind=True, max_retries=MAX_RETRIES)
+def cache_register(self: Task, entry: str, partition: str, prompt: str,
+                   sizes: dict[str, int]) -> dict[str, Any]:
+    from workers.triage import register_entry
+
+    try:
+        return register_entry(entry, partition, prompt, {int(k): v for k, v in sizes.items()},
+                              runtime.embedder(), runtime.vectors(), runtime.catalog(),
+                              runtime.clock)
+    except TransientError as exc:
+        raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries))

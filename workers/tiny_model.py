@@ -87,3 +87,10 @@ def ensure_tiny_model(models_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def resolve_model(model: str, models_dir: Path) -> tuple[str, str]:
+    """(where to load from, label for job records) for a T2I_MODEL value."""
+    if model == "tiny":
+        return str(ensure_tiny_model(models_dir)), TINY_MODEL_LABEL
+    return model, model

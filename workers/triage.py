@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from core.errors import InvalidRequest, InvalidTransition
+from cachemgr.catalog import Catalog
+from cachemgr.keys import partition_key
+from cachemgr.ktable import KTable
+from cachemgr.predictor import MatchPredictor
+from cachemgr.routing import CacheDecision, Reason, decide
+from cachemgr.vectors import VectorIndex
+from core.errors import InvalidRequest, InvalidTransition, VectorIndexUnavailable
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
 from core.jobstore import JobStore
-from workers.app import FULL_TASK
+from workers.app import FULL_TASK, RESUME_TASK
+from workers.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +35,43 @@ Decide = Callable[[JobRecord], RouteDecision]
 
 def full_generation_only(record: JobRecord) -> RouteDecision:
     """The route when no cache is consulted."""
-    return RouteDecision(FULL_TASK, "cache off")
+    return RouteDecision(FULL_TASK, str(Reason.CACHE_OFF))
+
+
+@dataclass
+class CacheRouter:
+    """Embed the prompt, find the nearest cached prompt of the job's partition, pick K."""
+
+    embedder: Embedder
+    vectors: VectorIndex
+    catalog: Catalog
+    table: KTable
+    predictor: MatchPredictor
+    model: str
+    scheduler: str
+
+    def __call__(self, record: JobRecord) -> RouteDecision:
+        request = record.request
+        partition = partition_key(self.model, self.scheduler, request.steps, request.width,
+                                  request.height, request.guidance)
+        started = time.perf_counter()
+        embedding = self.embedder.embed([request.prompt])[0]
+        embedded = time.perf_counter()
+        try:
+            if self.predictor.should_look_up(embedding):
+                match = self.vectors.nearest(embedding, partition)
+                decision = decide(match, self.catalog.stored_ks, self.table, request.steps)
+            else:
+                decision = CacheDecision(Reason.PREDICTED_MISS)
+        except VectorIndexUnavailable as exc:
+            log.warning("job %s: vector index unavailable (%s); full generation", record.id, exc)
+            decision = CacheDecision(Reason.INDEX_UNAVAILABLE)
+        looked_up = time.perf_counter()
+        details = {**decision.details(), "partition": partition, "k_table": self.table.name,
+                   "embed_ms": round((embedded - started) * 1e3, 3),
+                   "lookup_ms": round((looked_up - embedded) * 1e3, 3)}
+        return RouteDecision(RESUME_TASK if decision.resume else FULL_TASK, str(decision.reason),
+                             details)
 
 
 def triage_job(job_id: str, jobs: JobStore, limits: RequestLimits, decide: Decide,
@@ -61,3 +105,15 @@ def triage_job(job_id: str, jobs: JobStore, limits: RequestLimits, decide: Decid
     enqueue(decision.task, job_id)
     log.info("job %s: routed to %s (%s)", job_id, decision.task, decision.reason)
     return {"job_id": job_id, "route": decision.task, "reason": decision.reason}
+
+
+def register_entry(entry: str, partition: str, prompt: str, sizes: dict[int, int],
+                   embedder: Embedder, vectors: VectorIndex, catalog: Catalog,
+                   now: Callable[[], float]) -> dict[str, Any]:
+    """Make a finished generation findable: items in the catalog first, then the vector, so a
+    lookup that finds the vector also finds its items. Safe to redeliver."""
+    created = now()
+    added = catalog.register(entry, partition, sizes, created)
+    vectors.add(entry, embedder.embed([prompt])[0], partition, prompt, created)
+    log.info("job %s: cached %d latents (K %s)", entry, added, sorted(sizes))
+    return {"entry": entry, "items": sorted(sizes), "new": added}

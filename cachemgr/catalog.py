@@ -1,0 +1,101 @@
+"""The cache catalog in Redis: one record per cached (entry, K) latent.
+
+Keys (all under ``t2i:cache:``):
+  item:{entry}:{k}  hash: entry, k, partition, size, created_at, hits
+  entry:{entry}     set of the K values stored for an entry
+  scores            sorted set "{entry}:{k}" -> K x hits (the LCBFU score, kept current)
+  bytes             running total of stored latent bytes
+Scripts keep each change atomic, so a redelivered registration never double counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from core.jobstore import redis_errors
+
+PREFIX = "t2i:cache:"
+SCORES = PREFIX + "scores"
+BYTES = PREFIX + "bytes"
+
+# KEYS: item, entry set, scores, bytes. ARGV: entry, k, partition, size, created_at.
+_REGISTER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'entry', ARGV[1], 'k', ARGV[2], 'partition', ARGV[3],
+           'size', ARGV[4], 'created_at', ARGV[5], 'hits', 0)
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[1] .. ':' .. ARGV[2])
+redis.call('INCRBY', KEYS[4], ARGV[4])
+return 1
+"""
+
+# KEYS: item, scores. ARGV: member, k. Returns the new hit count, or -1 if the item is gone.
+_HIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local hits = redis.call('HINCRBY', KEYS[1], 'hits', 1)
+redis.call('ZINCRBY', KEYS[2], tonumber(ARGV[2]), ARGV[1])
+return hits
+"""
+
+
+@dataclass(frozen=True)
+class CacheItem:
+    entry: str
+    k: int
+    partition: str
+    size: int
+    created_at: float
+    hits: int
+
+
+def item_key(entry: str, k: int) -> str:
+    return f"{PREFIX}item:{entry}:{k}"
+
+
+def entry_key(entry: str) -> str:
+    return f"{PREFIX}entry:{entry}"
+
+
+class Catalog:
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._register = client.register_script(_REGISTER)
+        self._hit = client.register_script(_HIT)
+
+    def register(self, entry: str, partition: str, sizes: dict[int, int], now: float) -> int:
+        """Record the items of a new entry; returns how many were new."""
+        added = 0
+        with redis_errors():
+            for k, size in sorted(sizes.items()):
+                added += self._register(keys=[item_key(entry, k), entry_key(entry), SCORES, BYTES],
+                                        args=[entry, k, partition, size, now])
+        return added
+
+    def stored_ks(self, entry: str) -> frozenset[int]:
+        with redis_errors():
+            return frozenset(int(k) for k in self._redis.smembers(entry_key(entry)))
+
+    def record_hit(self, entry: str, k: int) -> int | None:
+        """Count one reuse of (entry, k) atomically; None if the item is no longer cataloged."""
+        with redis_errors():
+            hits = self._hit(keys=[item_key(entry, k), SCORES], args=[f"{entry}:{k}", k])
+        return None if hits < 0 else int(hits)
+
+    def item(self, entry: str, k: int) -> CacheItem | None:
+        with redis_errors():
+            raw = self._redis.hgetall(item_key(entry, k))
+        if not raw:
+            return None
+        return CacheItem(entry=raw["entry"], k=int(raw["k"]), partition=raw["partition"],
+                         size=int(raw["size"]), created_at=float(raw["created_at"]),
+                         hits=int(raw["hits"]))
+
+    def total_bytes(self) -> int:
+        with redis_errors():
+            return int(self._redis.get(BYTES) or 0)
+
+    def item_count(self) -> int:
+        with redis_errors():
+            return self._redis.zcard(SCORES)

@@ -1,0 +1,70 @@
+"""Similarity -> K: how many denoising steps a cached latent may replace. Pure.
+
+A table maps a top-1 cosine similarity to K out of ``reference_steps`` (50 in the reference
+work). A job of N steps scales each K to round(K * N / reference_steps), so the K set of a
+10-step job is {1, 2, 3, 4, 5}. Tables are data: ``KTable.from_json`` reads one from a file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class KTable:
+    name: str
+    thresholds: tuple[tuple[float, int], ...]   # (min similarity, K), highest similarity first
+    reference_steps: int = 50
+
+    def __post_init__(self) -> None:
+        sims = [sim for sim, _ in self.thresholds]
+        if sims != sorted(sims, reverse=True) or len(set(sims)) != len(sims):
+            raise ValueError(f"k table {self.name!r}: thresholds must strictly decrease, got {sims}")
+        for sim, k in self.thresholds:
+            if not -1.0 <= sim <= 1.0 or not 0 < k < self.reference_steps:
+                raise ValueError(f"k table {self.name!r}: bad row (similarity {sim}, K {k})")
+
+    def scale(self, k: int, steps: int) -> int:
+        return round(k * steps / self.reference_steps)
+
+    def k_for(self, similarity: float, steps: int) -> int | None:
+        """K (out of ``steps``) for this similarity, or None for a miss."""
+        for threshold, k in self.thresholds:
+            if similarity >= threshold:
+                scaled = self.scale(k, steps)
+                return scaled if 0 < scaled < steps else None
+        return None
+
+    def k_set(self, steps: int) -> frozenset[int]:
+        """The steps after which a full generation of ``steps`` steps keeps its latent."""
+        return frozenset(s for _, k in self.thresholds if 0 < (s := self.scale(k, steps)) < steps)
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "reference_steps": self.reference_steps,
+                           "thresholds": [[sim, k] for sim, k in self.thresholds]}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> KTable:
+        data = json.loads(text)
+        return cls(name=data["name"], reference_steps=data.get("reference_steps", 50),
+                   thresholds=tuple((float(sim), int(k)) for sim, k in data["thresholds"]))
+
+    @classmethod
+    def load(cls, spec: str) -> KTable:
+        """'reference' or a path to a JSON table."""
+        if spec == REFERENCE_TABLE.name:
+            return REFERENCE_TABLE
+        return cls.from_json(Path(spec).expanduser().read_text())
+
+
+# NIRVANA's table, profiled for CLIP text embeddings (another embedder needs its own profile).
+REFERENCE_TABLE = KTable(name="reference", thresholds=(
+    (0.95, 25), (0.90, 20), (0.85, 15), (0.75, 10), (0.65, 5)))
+
+
+def largest_stored_at_most(k: int, stored: frozenset[int] | set[int]) -> int | None:
+    """Hole handling: the largest stored K not above ``k`` (an evicted item leaves a hole)."""
+    usable = [s for s in stored if s <= k]
+    return max(usable) if usable else None

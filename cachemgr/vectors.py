@@ -1,0 +1,81 @@
+"""The vector index of cached prompts in Chroma (embedded directory or a Chroma server).
+
+Embeddings are always passed in: Chroma never embeds text itself (that would try to
+download a model). One collection per embedder, cosine space; each vector carries its
+partition, and a lookup never leaves the partition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import chromadb
+from chromadb.config import Settings as ChromaSettings
+from chromadb.errors import ChromaError
+
+from core.errors import VectorIndexUnavailable
+
+if TYPE_CHECKING:
+    from celeryconfig import Settings
+
+
+@contextlib.contextmanager
+def _chroma_errors() -> Iterator[None]:
+    try:
+        yield
+    except (ChromaError, ValueError, OSError, ConnectionError) as exc:
+        raise VectorIndexUnavailable(f"Chroma failed: {exc}") from exc
+
+
+class VectorIndex:
+    def __init__(self, client: chromadb.ClientAPI, embedder: str) -> None:
+        with _chroma_errors():
+            self._collection = client.get_or_create_collection(
+                f"prompts-{embedder}", metadata={"hnsw:space": "cosine"}, embedding_function=None)
+
+    @classmethod
+    def open(cls, path: Path | None, url: str, embedder: str) -> VectorIndex:
+        """A server when ``url`` is set, else the embedded index at ``path``."""
+        options = ChromaSettings(anonymized_telemetry=False)
+        with _chroma_errors():
+            if url:
+                parts = urlsplit(url)
+                client = chromadb.HttpClient(host=parts.hostname, port=parts.port or 8000,
+                                             ssl=parts.scheme == "https", settings=options)
+            else:
+                client = chromadb.PersistentClient(path=str(path), settings=options)
+        return cls(client, embedder)
+
+    @classmethod
+    def from_settings(cls, config: Settings, embedder: str) -> VectorIndex:
+        return cls.open(config.chroma_dir, config.chroma_url, embedder)
+
+    def add(self, entry: str, embedding: Sequence[float], partition: str, prompt: str,
+            created_at: float) -> None:
+        with _chroma_errors():
+            self._collection.upsert(ids=[entry], embeddings=[list(map(float, embedding))],
+                                    metadatas=[{"partition": partition, "created_at": created_at,
+                                                "prompt": prompt[:500]}])
+
+    def nearest(self, embedding: Sequence[float], partition: str) -> tuple[str, float] | None:
+        """The closest entry in ``partition`` and its cosine similarity, or None if empty."""
+        with _chroma_errors():
+            result = self._collection.query(query_embeddings=[list(map(float, embedding))],
+                                            n_results=1, where={"partition": partition},
+                                            include=["distances"])
+        ids, distances = result["ids"][0], result["distances"][0]
+        if not ids:
+            return None
+        return ids[0], 1.0 - float(distances[0])
+
+    def delete(self, entry: str) -> None:
+        with _chroma_errors():
+            self._collection.delete(ids=[entry])
+
+    def count(self) -> int:
+        with _chroma_errors():
+            return self._collection.count()

@@ -1,0 +1,76 @@
+"""Similarity -> K, hole fallback, partitions and the triage cache decision (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cachemgr.keys import latent_key, partition_key
+from cachemgr.ktable import REFERENCE_TABLE, KTable, largest_stored_at_most
+from cachemgr.routing import Reason, decide
+
+
+@pytest.mark.parametrize("similarity, k", [
+    (1.0, 25), (0.95, 25), (0.9499, 20), (0.90, 20), (0.85, 15), (0.8499, 10), (0.75, 10),
+    (0.65, 5), (0.6499, None), (-1.0, None),
+])
+def test_reference_table_edges_at_50_steps(similarity, k):
+    assert REFERENCE_TABLE.k_for(similarity, 50) == k
+
+
+@pytest.mark.parametrize("steps, similarity, k", [
+    (10, 0.99, 5), (10, 0.66, 1), (100, 0.96, 50), (20, 0.9, 8), (2, 0.99, 1), (1, 0.99, None),
+])
+def test_k_scales_with_steps(steps, similarity, k):
+    assert REFERENCE_TABLE.k_for(similarity, steps) == k
+
+
+def test_k_set_scales_and_stays_inside_the_run():
+    assert REFERENCE_TABLE.k_set(50) == {5, 10, 15, 20, 25}
+    assert REFERENCE_TABLE.k_set(10) == {1, 2, 3, 4, 5}
+    assert REFERENCE_TABLE.k_set(1) == frozenset()
+    assert all(0 < k < 7 for k in REFERENCE_TABLE.k_set(7))
+
+
+def test_table_round_trips_as_data_and_rejects_bad_rows(tmp_path):
+    path = tmp_path / "table.json"
+    path.write_text(REFERENCE_TABLE.to_json())
+    assert KTable.load(str(path)) == REFERENCE_TABLE
+    assert KTable.load("reference") is REFERENCE_TABLE
+    with pytest.raises(ValueError, match="strictly decrease"):
+        KTable("bad", ((0.5, 5), (0.9, 20)))
+    with pytest.raises(ValueError, match="bad row"):
+        KTable("bad", ((0.9, 50),))
+
+
+def test_hole_fallback_takes_largest_stored_k_at_most():
+    assert largest_stored_at_most(20, {5, 10, 25}) == 10
+    assert largest_stored_at_most(20, {20}) == 20
+    assert largest_stored_at_most(5, {10, 15}) is None
+    assert largest_stored_at_most(5, set()) is None
+
+
+def test_partitions_separate_everything_that_changes_a_latent():
+    base = dict(model="m", scheduler="ddim", steps=50, width=512, height=512, guidance=7.5)
+    key = partition_key(**base)
+    assert partition_key(**base) == key
+    for field, other in [("model", "m2"), ("scheduler", "euler"), ("steps", 30),
+                         ("width", 256), ("height", 768), ("guidance", 7.0)]:
+        assert partition_key(**{**base, field: other}) != key, field
+    assert latent_key(key, "e1", 5) == f"cache/{key}/e1/k005.safetensors"
+
+
+def stored(ks):
+    return lambda entry: frozenset(ks)
+
+
+def test_decide_hit_hole_and_misses():
+    table, n = REFERENCE_TABLE, 50
+    assert decide(None, stored({5}), table, n).reason is Reason.MISS
+    below = decide(("e", 0.5), stored({5}), table, n)
+    assert below.reason is Reason.BELOW_THRESHOLD and not below.resume and below.similarity == 0.5
+    hit = decide(("e", 0.97), stored({5, 10, 15, 20, 25}), table, n)
+    assert (hit.reason, hit.k, hit.wanted_k, hit.entry) == (Reason.HIT, 25, 25, "e")
+    hole = decide(("e", 0.97), stored({5, 15}), table, n)
+    assert (hole.reason, hole.k, hole.wanted_k) == (Reason.HOLE, 15, 25) and hole.resume
+    empty = decide(("e", 0.7), stored({10, 25}), table, n)
+    assert (empty.reason, empty.resume, empty.wanted_k) == (Reason.NO_STORED_K, False, 5)
