@@ -1,0 +1,127 @@
+"""Approximate caching end to end: real Redis, S3, embedded Chroma, Celery triage/cache and
+GPU workers with the tiny test model. All jobs here use 10 steps at 64x64, a partition no
+other test module uses; K values are out of 10 (the reference table scaled: {1..5})."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cachemgr.catalog import Catalog
+from cachemgr.keys import latent_key
+from cachemgr.ktable import REFERENCE_TABLE
+from core.jobstore import connect
+from core.objectstore import ObjectStore
+from producer.client import Client
+from workers.embedder import MiniLMEmbedder
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 10
+ORIGINAL = "an oil painting of a lighthouse on a cliff at sunset"
+CLOSE_EDIT = "a painting of a lighthouse on a cliff at dusk"
+UNRELATED = "a bowl of ramen noodles, food photography"
+
+
+@pytest.fixture(scope="module")
+def client(stack) -> Client:
+    return Client(stack)
+
+
+@pytest.fixture(scope="module")
+def catalog(stack) -> Catalog:
+    return Catalog(connect(stack.redis_url))
+
+
+def submit_and_wait(client: Client, prompt: str, **params) -> dict:
+    job_id = client.submit(prompt, steps=params.pop("steps", STEPS), seed=params.pop("seed", 1),
+                           **params)
+    view = client.wait(job_id, timeout=180)
+    assert view["state"] == "succeeded", view
+    return view
+
+
+def wait_for_items(catalog: Catalog, entry: str, expected: set[int]) -> None:
+    deadline = time.monotonic() + 60
+    while catalog.stored_ks(entry) != expected:
+        assert time.monotonic() < deadline, f"entry {entry} has {catalog.stored_ks(entry)}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def original(client: Client, catalog: Catalog) -> dict:
+    """Prompt A runs in full and registers its 5 latents."""
+    view = submit_and_wait(client, ORIGINAL)
+    wait_for_items(catalog, view["id"], set(REFERENCE_TABLE.k_set(STEPS)))
+    return view
+
+
+def pixels(client: Client, job_id: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(client.result(job_id))), dtype=np.float32)
+
+
+def test_first_prompt_runs_full_and_registers_five_items(original, catalog, stack):
+    assert original["route"] == "gen.full" and original["route_reason"] == "miss"
+    assert original["unet_calls"] == STEPS
+    objects = ObjectStore.from_settings(stack)
+    for k in (1, 2, 3, 4, 5):
+        item = catalog.item(original["id"], k)
+        assert item is not None and item.hits == 0 and item.size > 0
+        assert objects.exists(latent_key(original["partition"], original["id"], k))
+
+
+def test_identical_prompt_resumes_from_the_largest_k_and_reproduces_the_image(
+        original, client, catalog):
+    view = submit_and_wait(client, ORIGINAL)
+    assert view["route"] == "gen.resume" and view["route_reason"] == "hit"
+    assert view["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert view["matched_entry"] == original["id"] and view["k"] == 5
+    assert view["unet_calls"] == STEPS - 5 and view["progress"]["total"] == STEPS - 5
+    assert catalog.item(original["id"], 5).hits >= 1
+    difference = np.abs(pixels(client, view["id"]) - pixels(client, original["id"]))
+    assert difference.mean() < 1.0  # same seed: only fp16 storage of the latent differs
+
+
+def test_close_edit_resumes_with_the_k_its_similarity_earns(original, client):
+    embedder = MiniLMEmbedder()
+    vectors = embedder.embed([ORIGINAL, CLOSE_EDIT])
+    similarity = float(vectors[0] @ vectors[1])
+    expected_k = REFERENCE_TABLE.k_for(similarity, STEPS)
+    assert expected_k is not None and expected_k < 5  # the edit is close, not identical
+    view = submit_and_wait(client, CLOSE_EDIT)
+    assert view["route"] == "gen.resume" and view["matched_entry"] == original["id"]
+    assert view["similarity"] == pytest.approx(similarity, abs=1e-3)
+    assert view["k"] == expected_k and view["unet_calls"] == STEPS - expected_k
+
+
+def test_unrelated_prompt_runs_full(original, client):
+    view = submit_and_wait(client, UNRELATED)
+    assert view["route"] == "gen.full" and view["route_reason"] == "below threshold"
+    assert view["similarity"] < 0.65 and view["unet_calls"] == STEPS
+
+
+def test_other_size_is_another_partition_and_never_offered(original, client):
+    view = submit_and_wait(client, ORIGINAL, width=72)
+    assert view["route"] == "gen.full" and view["route_reason"] == "miss"
+    assert view["partition"] != original["partition"]
+
+
+def test_latent_deleted_between_triage_and_generation_falls_back_to_full(
+        original, client, stack):
+    busy = client.submit("keeps the GPU worker busy", steps=150, width=128, height=128)
+    job_id = client.submit(ORIGINAL, steps=STEPS, seed=2)
+    deadline = time.monotonic() + 60
+    while (view := client.status(job_id))["route"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert view["route"] == "gen.resume" and view["state"] == "queued"
+    ObjectStore.from_settings(stack).delete(
+        latent_key(view["partition"], view["matched_entry"], view["k"]))
+    client.cancel(busy)
+    view = client.wait(job_id, timeout=180)
+    assert view["state"] == "succeeded"
+    assert "unusable" in view["fallback"] and view["unet_calls"] == STEPS
