@@ -56,6 +56,9 @@ class Settings:
                           "a local diffusers directory, or a hub id")
     scheduler: str = _setting("T2I_SCHEDULER", "ddim", "ddim or euler")
     device: str = _setting("T2I_DEVICE", "auto", "auto, cpu, cuda, cuda:N")
+    torch_threads: int = _setting("T2I_TORCH_THREADS", 0,
+                                  "CPU threads per worker process for torch; 0 = torch's default "
+                                  "(set 1 when several workers share few cores)")
     hf_hub_offline: bool = _setting("HF_HUB_OFFLINE", False,
                                     "never reach the hub when loading a model")
 

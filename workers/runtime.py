@@ -42,11 +42,19 @@ def k_table() -> KTable:
     return KTable.load(settings().k_table)
 
 
+def _limit_torch_threads() -> None:
+    if settings().torch_threads:
+        import torch
+
+        torch.set_num_threads(settings().torch_threads)
+
+
 @functools.cache
 def engine():
     from workers.engine import Engine  # torch is imported by GPU workers only
 
     config = settings()
+    _limit_torch_threads()
     return Engine.load(config.model, config.scheduler, config.device,
                        config.state_path / "models", config.hf_hub_offline)
 
@@ -56,6 +64,7 @@ def embedder():
     from workers.embedder import load_embedder
 
     config = settings()
+    _limit_torch_threads()
     return load_embedder(config.embedder, config.model, config.state_path / "models")
 
 

@@ -1,0 +1,196 @@
+"""Live replay: a trace slice through two real local stacks at once, cache on and cache off.
+
+    python -m bench.replay_live --channel W1-dream-10 --limit 2000 --steps 10
+
+Both stacks (Redis, S3, API, Celery triage/cache and GPU workers, beat, Flower; fresh state
+in a temporary directory) run side by side on this machine and get the same requests in the
+same order, one job in flight per stack (closed loop), so machine noise hits both alike.
+Image sizes are the trace's divided by --size-divisor (partitions stay distinct; the CPU
+test model stays fast); guidance comes from the trace (default 7.5), seeds too.
+Writes a JSON and a Markdown summary to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from celeryconfig import Settings, load_settings
+from infra import servers, stack
+from producer.client import Client
+from producer.trace import DEFAULT_TRACE, TraceRequest, read_trace
+
+
+def arm_settings(base: Settings, state_dir: Path, cache_on: bool) -> Settings:
+    return dataclasses.replace(
+        base, cache_enabled=cache_on, state_dir=str(state_dir),
+        redis_url=f"redis://127.0.0.1:{servers.free_port()}/0",
+        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
+        api_port=servers.free_port(), flower_port=servers.free_port(), chroma_path="",
+        chroma_url="", torch_threads=1)
+
+
+def job_params(request: TraceRequest, steps: int, divisor: int) -> dict[str, Any]:
+    def side(pixels: int) -> int:
+        return max(64, round(pixels / divisor / 8) * 8)
+    # A request's own step count (50 when the trace has none) scales by steps/50, so the
+    # trace's step partitions stay distinct.
+    scaled_steps = max(2, round((request.steps or 50) * steps / 50))
+    return {"steps": scaled_steps, "seed": request.seed, "width": side(request.width),
+            "height": side(request.height), "guidance": request.cfg if request.cfg else 7.5}
+
+
+def drive(client: Client, requests: list[TraceRequest], steps: int, divisor: int,
+          views: list[dict], progress: tqdm) -> None:
+    for request in requests:
+        job_id = client.submit(request.prompt[:client.settings.max_prompt_chars],
+                               **job_params(request, steps, divisor))
+        views.append(client.wait(job_id, timeout=900))
+        progress.update()
+
+
+def summarise(views: list[dict]) -> dict[str, Any]:
+    def span(view: dict, start: str, end: str) -> float:
+        return view["timings"][end] - view["timings"][start]
+
+    done = [v for v in views if v["state"] == "succeeded"]
+    resumed = [v for v in done if v["route"] == "gen.resume" and not v.get("fallback")]
+    latencies = [span(v, "submitted_at", "finished_at") for v in done]
+    generation = [span(v, "generation_started_at", "generation_finished_at") for v in done]
+    requested = sum(v["request"]["steps"] for v in done)
+    saved = sum(v["k"] for v in resumed)
+    reasons: dict[str, int] = {}
+    for v in done:
+        reasons[v["route_reason"]] = reasons.get(v["route_reason"], 0) + 1
+
+    def mean_of(key: str) -> float | None:
+        values = [v[key] for v in done if v.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    return {
+        "jobs": len(views), "succeeded": len(done),
+        "hit_rate": len(resumed) / len(done) if done else 0.0,
+        "mean_k_on_hit_of_50": (statistics.fmean(v["k"] * 50 / v["request"]["steps"]
+                                                for v in resumed)
+                                if resumed else None),
+        "steps_saved_frac": saved / requested if requested else 0.0,
+        "fallbacks": sum(1 for v in done if v.get("fallback")),
+        "route_reasons": reasons,
+        "latency_mean_s": statistics.fmean(latencies),
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p95_s": statistics.quantiles(latencies, n=20)[-1],
+        "generation_mean_s": statistics.fmean(generation),
+        "embed_ms_mean": mean_of("embed_ms"), "lookup_ms_mean": mean_of("lookup_ms"),
+        "throughput_jobs_per_s": len(done) / (max(v["timings"]["finished_at"] for v in done)
+                                              - min(v["timings"]["submitted_at"] for v in done)),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    on, off = result["cache_on"], result["cache_off"]
+    rows = [
+        ("jobs succeeded", f"{on['succeeded']}/{on['jobs']}", f"{off['succeeded']}/{off['jobs']}"),
+        ("hit rate", f"{on['hit_rate']:.1%}", f"{off['hit_rate']:.1%}"),
+        ("mean K on hits (of 50)", f"{on['mean_k_on_hit_of_50'] or 0:.1f}", "-"),
+        ("denoising steps saved", f"{on['steps_saved_frac']:.1%}", f"{off['steps_saved_frac']:.1%}"),
+        ("mean latency (s)", f"{on['latency_mean_s']:.3f}", f"{off['latency_mean_s']:.3f}"),
+        ("p50 / p95 latency (s)", f"{on['latency_p50_s']:.3f} / {on['latency_p95_s']:.3f}",
+         f"{off['latency_p50_s']:.3f} / {off['latency_p95_s']:.3f}"),
+        ("mean generation (s)", f"{on['generation_mean_s']:.3f}", f"{off['generation_mean_s']:.3f}"),
+        ("triage embed / lookup (ms)", f"{on['embed_ms_mean'] or 0:.1f} / {on['lookup_ms_mean'] or 0:.1f}", "-"),
+        ("throughput (jobs/s)", f"{on['throughput_jobs_per_s']:.2f}", f"{off['throughput_jobs_per_s']:.2f}"),
+    ]
+    lines = [f"# Live replay: {result['requests']} requests of {result['channel']}", "",
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
+             f"Model: {result['model']}, {result['steps']} steps per 50-step request, "
+             f"K table {result['k_table']}, "
+             f"embedder {result['embedder']}", "",
+             "| | cache on | cache off |", "|---|---|---|"]
+    lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
+    lines += ["", f"Mean latency ratio on/off: **{result['latency_ratio_on_off']:.3f}**; "
+              f"throughput ratio on/off: **{result['throughput_ratio_on_off']:.3f}**.",
+              f"Route reasons (cache on): {on['route_reasons']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace CSV(.gz)")
+    parser.add_argument("--channel", default="W1-dream-10", help="channel to replay")
+    parser.add_argument("--limit", type=int, default=2000, help="first N requests of the channel")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="steps of a 50-step trace request (others scale alike; K scales "
+                             "with the steps; 10 keeps the CPU run short)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed jobs per stack first (model and embedder load)")
+    parser.add_argument("--size-divisor", type=int, default=8,
+                        help="trace image side / this = job image side (at least 64)")
+    parser.add_argument("--out", default="bench/results/live-replay",
+                        help="output path without extension (.json and .md are written)")
+    args = parser.parse_args(argv)
+
+    requests = list(read_trace(Path(args.trace), limit=args.limit, channel=args.channel))
+    base = load_settings()
+    with tempfile.TemporaryDirectory(prefix="t2i-replay-") as tmp:
+        arms = {name: arm_settings(base, Path(tmp) / name, name == "cache_on")
+                for name in ("cache_on", "cache_off")}
+        views: dict[str, list[dict]] = {name: [] for name in arms}
+        try:
+            for name, config in arms.items():
+                print(f"starting the {name} stack", flush=True)
+                stack.up(config)
+            for name, config in arms.items():
+                warm = Client(config)
+                for index in range(args.warmup):
+                    warm.wait(warm.submit(f"warm-up {index}", steps=args.steps, width=64,
+                                          height=64), timeout=600)
+            bars = {name: tqdm(total=len(requests), desc=name, unit="job", position=i)
+                    for i, name in enumerate(arms)}
+            started = time.time()
+            threads = [threading.Thread(target=drive, args=(Client(config), requests, args.steps,
+                                                            args.size_divisor, views[name],
+                                                            bars[name]))
+                       for name, config in arms.items()]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            wall = time.time() - started
+        finally:
+            for config in arms.values():
+                stack.down(config)
+
+    summary = {name: summarise(arm_views) for name, arm_views in views.items()}
+    result = {
+        "command": "python -m bench.replay_live " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.node()}: {platform.machine()}, CPU only, two stacks side by side",
+        "model": views["cache_on"][0]["model"], "channel": args.channel,
+        "requests": len(requests), "steps": args.steps, "k_table": base.k_table,
+        "embedder": base.embedder, "wall_s": wall,
+        **summary,
+        "latency_ratio_on_off": summary["cache_on"]["latency_mean_s"] / summary["cache_off"]["latency_mean_s"],
+        "throughput_ratio_on_off": (summary["cache_on"]["throughput_jobs_per_s"]
+                                    / summary["cache_off"]["throughput_jobs_per_s"]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
