@@ -179,6 +179,14 @@ def s3(config: Settings, data_dir: Path) -> Service:
     return Service("s3", argv, ready, ready_timeout_s=90.0)
 
 
+def chroma(port: int, data_dir: Path) -> Service:
+    """Chroma in server mode (``chroma run``), for triage workers on several machines."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [_executable("chroma", "pip install chromadb"), "run", "--path", str(data_dir),
+            "--host", LOOPBACK, "--port", str(port)]
+    return Service("chroma", argv, lambda _: _http_ok(f"http://{LOOPBACK}:{port}/api/v2/heartbeat"))
+
+
 def _celery(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.app", *args]
 

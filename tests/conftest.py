@@ -60,6 +60,14 @@ def s3_server(settings: Settings, base_dir: Path) -> Iterator[Settings]:
 
 
 @pytest.fixture(scope="session")
+def chroma_url(base_dir: Path) -> Iterator[str]:
+    port = servers.free_port()
+    process = _run(servers.chroma(port, base_dir / "chroma-server"), base_dir / "logs")
+    yield f"http://127.0.0.1:{port}"
+    servers.stop_pid(process.pid)
+
+
+@pytest.fixture(scope="session")
 def stack(s3_server: Settings, base_dir: Path) -> Iterator[Settings]:
     """Redis + S3 + a triage worker + a GPU worker (tiny test model, CPU) + the HTTP API."""
     config = s3_server
