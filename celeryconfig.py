@@ -171,6 +171,8 @@ def celery_options(config: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # Pool processes load the model before taking jobs; give them time to do so.
+        "worker_proc_alive_timeout": 300,
         "task_soft_time_limit": config.soft_time_limit_s,
         "task_time_limit": config.time_limit_s,
         # Redis redelivers unacked messages after this; it must exceed queue wait + run time,

@@ -11,10 +11,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core.errors import JobNotFound, TransientError
+from core.errors import JobNotFound, T2IError, TransientError
 from core.jobs import RequestLimits
 from workers import runtime
 from workers.app import FULL_TASK, REGISTER_TASK, RESUME_TASK, TRIAGE_TASK, app, enqueue
@@ -22,6 +22,20 @@ from workers.app import FULL_TASK, REGISTER_TASK, RESUME_TASK, TRIAGE_TASK, app,
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
+
+
+@signals.worker_process_init.connect
+def load_models_in_pool_process(**_: Any) -> None:
+    """Load what this worker's queues need once per pool process, after the fork (CUDA must
+    not cross a fork), so the first job does not pay for it."""
+    queues = set(app.amqp.queues.consume_from or ())
+    try:
+        if queues & {"gen.full", "gen.resume"}:
+            runtime.engine()
+        if "triage" in queues:
+            runtime.router()
+    except T2IError:
+        log.exception("preloading failed; jobs will report the error")
 
 
 def _backoff_s(retries: int) -> float:

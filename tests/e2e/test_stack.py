@@ -1,0 +1,61 @@
+"""The local stack command and the CLI, as a user runs them: `t2i-stack up`, `t2i submit
+--wait`, `t2i-stack status`, `t2i-stack down`, in a temporary state directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from celeryconfig import to_environ
+from infra import servers
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+
+
+def run(command: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / command), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings, tmp_path):
+    import dataclasses
+
+    config = dataclasses.replace(
+        settings, state_dir=str(tmp_path / "state"),
+        redis_url=f"redis://127.0.0.1:{servers.free_port()}/0",
+        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
+        api_port=servers.free_port(), flower_port=servers.free_port())
+    env = {**os.environ, **to_environ(config)}
+    pids: list[int] = []
+    try:
+        up = run("t2i-stack", "up", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        for name in ("redis", "s3", "api", "triage", "gpu", "beat", "flower"):
+            assert f"{name:8} starting" in up.stdout
+        again = run("t2i-stack", "up", env=env)
+        assert again.returncode == 0 and again.stdout.count("already running") == 7
+
+        submitted = run("t2i", "submit", "a small boat", "--steps", "4", "--width", "64",
+                        "--height", "64", "--wait", "--timeout", "180", env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        assert json.loads(submitted.stdout)["state"] == "succeeded"
+
+        bad = run("t2i", "submit", "x", "--width", "65", env=env)
+        assert bad.returncode == 2 and "width: 65 is not a multiple of 8" in bad.stderr
+
+        assert run("t2i-stack", "status", env=env).returncode == 0
+        pids = [json.loads(path.read_text())["pid"]
+                for path in (tmp_path / "state" / "pids").glob("*.pid")]
+        assert len(pids) == 7
+    finally:
+        down = run("t2i-stack", "down", env=env)
+    assert down.returncode == 0 and down.stdout.count("stopped") == 7
+    assert not any(servers.is_alive(pid) for pid in pids)
+    assert run("t2i-stack", "status", env=env).returncode == 1
