@@ -6,8 +6,8 @@ Nothing here reads the developer's T2I_* environment: settings start from the de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,15 +17,16 @@ from celeryconfig import Settings, load_settings
 from infra import servers
 
 
-def _run(service: servers.Service, log_dir: Path) -> subprocess.Popen:
-    log_path = log_dir / f"{service.name}.log"
-    process = servers.start(service, log_path)
-    try:
-        servers.wait_ready(service, process, log_path)
-    except BaseException:
-        servers.stop_pid(process.pid)
-        raise
-    return process
+@contextlib.contextmanager
+def running(*services: servers.Service, log_dir: Path) -> Iterator[None]:
+    """Start each service and wait until it serves; stop them all (in reverse) on exit."""
+    with contextlib.ExitStack() as started:
+        for service in services:
+            log_path = log_dir / f"{service.name}.log"
+            process = servers.start(service, log_path)
+            started.callback(servers.stop_pid, process.pid)
+            servers.wait_ready(service, process, log_path)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +37,8 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def redis_url(base_dir: Path) -> Iterator[str]:
     port = servers.free_port()
-    process = _run(servers.redis(port, base_dir / "redis"), base_dir / "logs")
-    yield f"redis://127.0.0.1:{port}/0"
-    servers.stop_pid(process.pid)
+    with running(servers.redis(port, base_dir / "redis"), log_dir=base_dir / "logs"):
+        yield f"redis://127.0.0.1:{port}/0"
 
 
 @pytest.fixture(scope="session")
@@ -54,28 +54,22 @@ def settings(base_dir: Path, redis_url: str) -> Settings:
 
 @pytest.fixture(scope="session")
 def s3_server(settings: Settings, base_dir: Path) -> Iterator[Settings]:
-    process = _run(servers.s3(settings, base_dir / "s3"), base_dir / "logs")
-    yield settings
-    servers.stop_pid(process.pid)
+    with running(servers.s3(settings, base_dir / "s3"), log_dir=base_dir / "logs"):
+        yield settings
 
 
 @pytest.fixture(scope="session")
 def chroma_url(base_dir: Path) -> Iterator[str]:
     port = servers.free_port()
-    process = _run(servers.chroma(port, base_dir / "chroma-server"), base_dir / "logs")
-    yield f"http://127.0.0.1:{port}"
-    servers.stop_pid(process.pid)
+    with running(servers.chroma(port, base_dir / "chroma-server"), log_dir=base_dir / "logs"):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
 def stack(s3_server: Settings, base_dir: Path) -> Iterator[Settings]:
     """Redis + S3 + a triage worker + a GPU worker (tiny test model, CPU) + the HTTP API."""
     config = s3_server
-    started = [
-        _run(servers.worker("triage-test", "triage,cache", config), base_dir / "logs"),
-        _run(servers.worker("gpu-test", "gen.full,gen.resume", config), base_dir / "logs"),
-        _run(servers.api(config), base_dir / "logs"),
-    ]
-    yield config
-    for process in reversed(started):
-        servers.stop_pid(process.pid)
+    with running(servers.worker("triage-test", "triage,cache", config),
+                 servers.worker("gpu-test", "gen.full,gen.resume", config),
+                 servers.api(config), log_dir=base_dir / "logs"):
+        yield config
