@@ -71,6 +71,25 @@ class Settings:
     k_table: str = _setting("T2I_K_TABLE", "reference",
                             "similarity -> K table: 'reference' (NIRVANA's) or a JSON file path")
 
+    cache_policy: str = _setting("T2I_CACHE_POLICY", "lcbfu",
+                                 "eviction policy: lcbfu, lru, lfu, fifo or none")
+    cache_max_bytes: int = _setting("T2I_CACHE_MAX_BYTES", 2 * 1024**3,
+                                    "latent bytes the cache may hold (0 = no limit)")
+    cache_max_items: int = _setting("T2I_CACHE_MAX_ITEMS", 0,
+                                    "(entry, K) items the cache may hold (0 = no limit)")
+    cache_low_water: float = _setting("T2I_CACHE_LOW_WATER", 0.9,
+                                      "eviction stops at this fraction of the budget")
+    cache_keep_recent_s: float = _setting("T2I_CACHE_KEEP_RECENT_S", 0.0,
+                                          "spare the last item of a prompt used this recently "
+                                          "(0 = off)")
+    cache_decay_half_life_s: float = _setting("T2I_CACHE_DECAY_HALF_LIFE_S", 0.0,
+                                              "LCBFU score decays with idle time at this "
+                                              "half-life (0 = plain K x hits)")
+    evict_interval_s: float = _setting("T2I_EVICT_INTERVAL_S", 5.0, "beat: eviction check period")
+    sweep_interval_s: float = _setting("T2I_SWEEP_INTERVAL_S", 300.0, "beat: orphan sweep period")
+    sweep_grace_s: float = _setting("T2I_SWEEP_GRACE_S", 600.0,
+                                    "the sweep leaves objects and records younger than this")
+
     # Request defaults and limits
     default_steps: int = _setting("T2I_DEFAULT_STEPS", 50, "denoising steps when a job names none")
     max_steps: int = _setting("T2I_MAX_STEPS", 150, "most steps a job may ask for")
@@ -191,7 +210,14 @@ def celery_options(config: Settings) -> dict[str, Any]:
             "gen.resume": {"queue": "gen.resume"},
             "cache.*": {"queue": "cache"},
         },
-        "beat_schedule": {},
+        # Periodic cache maintenance; a message not started within its period expires, so
+        # a stopped cache worker does not come back to a pile of stale runs.
+        "beat_schedule": {
+            "cache-evict": {"task": "cache.evict", "schedule": config.evict_interval_s,
+                            "options": {"expires": config.evict_interval_s}},
+            "cache-sweep": {"task": "cache.sweep", "schedule": config.sweep_interval_s,
+                            "options": {"expires": config.sweep_interval_s}},
+        },
     }
 
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from celeryconfig import Settings, load_settings
 from infra import servers, stack
+from core.errors import InvalidRequest
 from producer.client import Client
 from producer.trace import DEFAULT_TRACE, TraceRequest, read_trace
 
@@ -54,9 +55,13 @@ def job_params(request: TraceRequest, steps: int, divisor: int) -> dict[str, Any
 def drive(client: Client, requests: list[TraceRequest], steps: int, divisor: int,
           views: list[dict], progress: tqdm) -> None:
     for request in requests:
-        job_id = client.submit(request.prompt[:client.settings.max_prompt_chars],
-                               **job_params(request, steps, divisor))
-        views.append(client.wait(job_id, timeout=900))
+        try:
+            job_id = client.submit(request.prompt[:client.settings.max_prompt_chars],
+                                   **job_params(request, steps, divisor))
+        except InvalidRequest as exc:  # the trace has a few (e.g. guidance 100): refused
+            views.append({"state": "refused", "error": str(exc)})
+        else:
+            views.append(client.wait(job_id, timeout=900))
         progress.update()
 
 
@@ -80,6 +85,7 @@ def summarise(views: list[dict]) -> dict[str, Any]:
 
     return {
         "jobs": len(views), "succeeded": len(done),
+        "refused": sum(1 for v in views if v["state"] == "refused"),
         "hit_rate": len(resumed) / len(done) if done else 0.0,
         "mean_k_on_hit_of_50": (statistics.fmean(v["k"] * 50 / v["request"]["steps"]
                                                 for v in resumed)
@@ -101,6 +107,7 @@ def markdown(result: dict[str, Any]) -> str:
     on, off = result["cache_on"], result["cache_off"]
     rows = [
         ("jobs succeeded", f"{on['succeeded']}/{on['jobs']}", f"{off['succeeded']}/{off['jobs']}"),
+        ("refused at submit (invalid)", f"{on['refused']}", f"{off['refused']}"),
         ("hit rate", f"{on['hit_rate']:.1%}", f"{off['hit_rate']:.1%}"),
         ("mean K on hits (of 50)", f"{on['mean_k_on_hit_of_50'] or 0:.1f}", "-"),
         ("denoising steps saved", f"{on['steps_saved_frac']:.1%}", f"{off['steps_saved_frac']:.1%}"),

@@ -1,11 +1,13 @@
 """The cache catalog in Redis: one record per cached (entry, K) latent.
 
 Keys (all under ``t2i:cache:``):
-  item:{entry}:{k}  hash: entry, k, partition, size, created_at, hits
+  item:{entry}:{k}  hash: entry, k, partition, size, created_at, hits, last_used_at
   entry:{entry}     set of the K values stored for an entry
   scores            sorted set "{entry}:{k}" -> K x hits (the LCBFU score, kept current)
   bytes             running total of stored latent bytes
-Scripts keep each change atomic, so a redelivered registration never double counts.
+Scripts keep each change atomic, so a redelivered registration never double counts and
+two removals of one item never double subtract. The budget check (bytes and item count) is
+O(1); inserts, hits and removals are O(log n).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
+from redis.lock import Lock
 
+from cachemgr.policies import ItemStats
 from core.jobstore import redis_errors
 
 PREFIX = "t2i:cache:"
@@ -24,19 +28,32 @@ BYTES = PREFIX + "bytes"
 _REGISTER = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'entry', ARGV[1], 'k', ARGV[2], 'partition', ARGV[3],
-           'size', ARGV[4], 'created_at', ARGV[5], 'hits', 0)
+           'size', ARGV[4], 'created_at', ARGV[5], 'hits', 0, 'last_used_at', ARGV[5])
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[1] .. ':' .. ARGV[2])
 redis.call('INCRBY', KEYS[4], ARGV[4])
 return 1
 """
 
-# KEYS: item, scores. ARGV: member, k. Returns the new hit count, or -1 if the item is gone.
+# KEYS: item, scores. ARGV: member, k, now. Returns the new hit count, -1 if the item is gone.
 _HIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local hits = redis.call('HINCRBY', KEYS[1], 'hits', 1)
+redis.call('HSET', KEYS[1], 'last_used_at', ARGV[3])
 redis.call('ZINCRBY', KEYS[2], tonumber(ARGV[2]), ARGV[1])
 return hits
+"""
+
+# KEYS: item, entry set, scores, bytes. ARGV: member, k.
+# Returns the number of items the entry still has, or -1 if this item was already gone.
+_REMOVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local size = redis.call('HGET', KEYS[1], 'size')
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('DECRBY', KEYS[4], size)
+return redis.call('SCARD', KEYS[2])
 """
 
 
@@ -48,6 +65,18 @@ class CacheItem:
     size: int
     created_at: float
     hits: int
+    last_used_at: float
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> CacheItem:
+        return cls(entry=raw["entry"], k=int(raw["k"]), partition=raw["partition"],
+                   size=int(raw["size"]), created_at=float(raw["created_at"]),
+                   hits=int(raw["hits"]), last_used_at=float(raw["last_used_at"]))
+
+    def stats(self) -> ItemStats:
+        """The policy's view of this item."""
+        return ItemStats(entry=self.entry, k=self.k, size=self.size, created_at=self.created_at,
+                         hits=self.hits, last_used_at=self.last_used_at)
 
 
 def item_key(entry: str, k: int) -> str:
@@ -63,6 +92,7 @@ class Catalog:
         self._redis = client
         self._register = client.register_script(_REGISTER)
         self._hit = client.register_script(_HIT)
+        self._remove = client.register_script(_REMOVE)
 
     def register(self, entry: str, partition: str, sizes: dict[int, int], now: float) -> int:
         """Record the items of a new entry; returns how many were new."""
@@ -77,20 +107,38 @@ class Catalog:
         with redis_errors():
             return frozenset(int(k) for k in self._redis.smembers(entry_key(entry)))
 
-    def record_hit(self, entry: str, k: int) -> int | None:
+    def record_hit(self, entry: str, k: int, now: float) -> int | None:
         """Count one reuse of (entry, k) atomically; None if the item is no longer cataloged."""
         with redis_errors():
-            hits = self._hit(keys=[item_key(entry, k), SCORES], args=[f"{entry}:{k}", k])
+            hits = self._hit(keys=[item_key(entry, k), SCORES], args=[f"{entry}:{k}", k, now])
         return None if hits < 0 else int(hits)
+
+    def remove_item(self, entry: str, k: int) -> int | None:
+        """Drop (entry, k) from the catalog; returns how many items the entry has left, or
+        None if it was already gone (another evictor, or the sweep, got there first)."""
+        with redis_errors():
+            left = self._remove(keys=[item_key(entry, k), entry_key(entry), SCORES, BYTES],
+                                args=[f"{entry}:{k}", k])
+        return None if left < 0 else int(left)
 
     def item(self, entry: str, k: int) -> CacheItem | None:
         with redis_errors():
             raw = self._redis.hgetall(item_key(entry, k))
-        if not raw:
-            return None
-        return CacheItem(entry=raw["entry"], k=int(raw["k"]), partition=raw["partition"],
-                         size=int(raw["size"]), created_at=float(raw["created_at"]),
-                         hits=int(raw["hits"]))
+        return CacheItem.from_hash(raw) if raw else None
+
+    def snapshot(self) -> list[CacheItem]:
+        """Every cataloged item (for the evictor and the sweep; pipelined reads)."""
+        with redis_errors():
+            members = self._redis.zrange(SCORES, 0, -1)
+            pipe = self._redis.pipeline(transaction=False)
+            for member in members:
+                entry, k = member.rsplit(":", 1)
+                pipe.hgetall(item_key(entry, int(k)))
+            return [CacheItem.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def lock(self, name: str, ttl_s: float) -> Lock:
+        """A Redis lock that expires by itself, so a dead holder cannot block others."""
+        return self._redis.lock(f"{PREFIX}lock:{name}", timeout=ttl_s, blocking=False)
 
     def total_bytes(self) -> int:
         with redis_errors():

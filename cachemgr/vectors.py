@@ -76,6 +76,10 @@ class VectorIndex:
         with _chroma_errors():
             self._collection.delete(ids=[entry])
 
+    def ids(self) -> list[str]:
+        with _chroma_errors():
+            return list(self._collection.get(include=[])["ids"])
+
     def count(self) -> int:
         with _chroma_errors():
             return self._collection.count()

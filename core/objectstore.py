@@ -82,10 +82,14 @@ class ObjectStore:
             return False
         return True
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def modified_times(self, prefix: str = "") -> dict[str, float]:
+        """{key: last-modified epoch seconds} of every object under ``prefix``."""
         with _s3_errors(prefix):
-            return [obj.object_name for obj in
-                    self._client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+            return {obj.object_name: obj.last_modified.timestamp() for obj in
+                    self._client.list_objects(self.bucket, prefix=prefix, recursive=True)}
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return list(self.modified_times(prefix))
 
     def presigned_url(self, key: str, ttl_s: int) -> str:
         with _s3_errors(key):

@@ -23,6 +23,8 @@ TRIAGE_TASK = "triage.route"
 FULL_TASK = "gen.full"
 RESUME_TASK = "gen.resume"
 REGISTER_TASK = "cache.register"
+EVICT_TASK = "cache.evict"
+SWEEP_TASK = "cache.sweep"
 
 
 def enqueue(celery: Celery, task_name: str, job_id: str, **kwargs: object) -> None:

@@ -159,7 +159,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
         result = engine.resume(request, latent, k, step_reporter(job_id, jobs))
     except JobCancelled:
         return finish_cancelled(job_id, jobs, now)
-    hits = cache.catalog.record_hit(entry, k)
+    hits = cache.catalog.record_hit(entry, k, now())
     log.info("job %s: resumed from %s K=%d (hit %s)", job_id, entry, k, hits)
     return store_image(job_id, result.image_png, jobs, objects, now,
                        unet_calls=result.unet_calls, resumed_from_k=k)

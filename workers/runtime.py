@@ -102,3 +102,15 @@ def cache_config():
         enqueue(app, REGISTER_TASK, entry, partition=partition, prompt=prompt, sizes=sizes)
 
     return CacheConfig(config.model, config.scheduler, k_table(), catalog(), register)
+
+
+@functools.cache
+def evictor():
+    from cachemgr.evictor import Evictor
+    from cachemgr.policies import Budget, policy_by_name
+
+    config = settings()
+    return Evictor(catalog(), object_store(), vectors(),
+                   policy_by_name(config.cache_policy, config.cache_decay_half_life_s),
+                   Budget(config.cache_max_bytes, config.cache_max_items, config.cache_low_water),
+                   config.cache_keep_recent_s)

@@ -17,7 +17,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.errors import JobNotFound, T2IError, TransientError
 from core.jobs import RequestLimits
 from workers import runtime
-from workers.app import FULL_TASK, REGISTER_TASK, RESUME_TASK, TRIAGE_TASK, app, enqueue
+from workers.app import (EVICT_TASK, FULL_TASK, REGISTER_TASK, RESUME_TASK, SWEEP_TASK,
+                         TRIAGE_TASK, app, enqueue)
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +110,24 @@ def cache_register(self: Task, entry: str, partition: str, prompt: str,
                               runtime.clock)
     except TransientError as exc:
         raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries))
+
+
+@app.task(name=EVICT_TASK)
+def cache_evict() -> dict[str, Any]:
+    if not runtime.settings().cache_enabled:
+        return {"ran": False}
+    report = runtime.evictor().run(runtime.clock())
+    return {"ran": report.ran, "locked_out": report.locked_out, "evicted": report.evicted,
+            "freed_bytes": report.freed_bytes, "seconds": round(report.seconds, 4)}
+
+
+@app.task(name=SWEEP_TASK)
+def cache_sweep() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from cachemgr.evictor import sweep
+
+    if not runtime.settings().cache_enabled:
+        return {}
+    return asdict(sweep(runtime.catalog(), runtime.object_store(), runtime.vectors(),
+                        runtime.clock(), runtime.settings().sweep_grace_s))

@@ -35,7 +35,7 @@ def test_hits_are_counted_atomically(catalog: Catalog):
 
     def hit() -> None:
         for _ in range(100):
-            catalog.record_hit("e2", 10)
+            catalog.record_hit("e2", 10, now=5.0)
 
     threads = [threading.Thread(target=hit) for _ in range(4)]
     for thread in threads:
@@ -46,7 +46,7 @@ def test_hits_are_counted_atomically(catalog: Catalog):
 
 
 def test_hit_on_a_missing_item_is_none(catalog: Catalog):
-    assert catalog.record_hit("gone", 5) is None
+    assert catalog.record_hit("gone", 5, now=1.0) is None
     assert catalog.stored_ks("gone") == frozenset()
 
 
