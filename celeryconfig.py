@@ -90,6 +90,22 @@ class Settings:
     sweep_grace_s: float = _setting("T2I_SWEEP_GRACE_S", 600.0,
                                     "the sweep leaves objects and records younger than this")
 
+    predictor_enabled: bool = _setting("T2I_PREDICTOR", True,
+                                       "use the one-class SVM match predictor once trained")
+    predictor_min_samples: int = _setting("T2I_PREDICTOR_MIN_SAMPLES", 200,
+                                          "matched prompts needed before the first training")
+    predictor_max_samples: int = _setting("T2I_PREDICTOR_MAX_SAMPLES", 5000,
+                                          "most recent matched prompts kept for training")
+    predictor_nu: float = _setting("T2I_PREDICTOR_NU", 0.1,
+                                   "SVM nu: at most this share of training prompts is outside")
+    predictor_audit_fraction: float = _setting("T2I_PREDICTOR_AUDIT_FRACTION", 0.1,
+                                               "share of predicted misses looked up anyway, "
+                                               "to measure the predictor")
+    predictor_train_interval_s: float = _setting("T2I_PREDICTOR_TRAIN_INTERVAL_S", 600.0,
+                                                 "beat: predictor training period")
+    predictor_check_interval_s: float = _setting("T2I_PREDICTOR_CHECK_INTERVAL_S", 10.0,
+                                                 "triage checks for a newer model this often")
+
     # Request defaults and limits
     default_steps: int = _setting("T2I_DEFAULT_STEPS", 50, "denoising steps when a job names none")
     max_steps: int = _setting("T2I_MAX_STEPS", 150, "most steps a job may ask for")
@@ -217,6 +233,9 @@ def celery_options(config: Settings) -> dict[str, Any]:
                             "options": {"expires": config.evict_interval_s}},
             "cache-sweep": {"task": "cache.sweep", "schedule": config.sweep_interval_s,
                             "options": {"expires": config.sweep_interval_s}},
+            "cache-train-predictor": {"task": "cache.train_predictor",
+                                      "schedule": config.predictor_train_interval_s,
+                                      "options": {"expires": config.predictor_train_interval_s}},
         },
     }
 

@@ -25,6 +25,7 @@ RESUME_TASK = "gen.resume"
 REGISTER_TASK = "cache.register"
 EVICT_TASK = "cache.evict"
 SWEEP_TASK = "cache.sweep"
+TRAIN_PREDICTOR_TASK = "cache.train_predictor"
 
 
 def enqueue(celery: Celery, task_name: str, job_id: str, **kwargs: object) -> None:

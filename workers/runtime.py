@@ -76,14 +76,29 @@ def vectors():
 
 
 @functools.cache
+def predictor_store():
+    from cachemgr.predictor_store import PredictorStore
+
+    return PredictorStore(connect(settings().redis_url), object_store(),
+                          settings().predictor_max_samples)
+
+
+@functools.cache
 def router():
     """Triage's route decision: the cache router, or full generation when the cache is off."""
     from cachemgr.predictor import AlwaysLookUp
+    from cachemgr.predictor_store import ReloadingPredictor
     from workers.triage import CacheRouter, full_generation_only
 
     config = settings()
     if not config.cache_enabled:
         return full_generation_only
+    if config.predictor_enabled:
+        predictor = ReloadingPredictor(predictor_store(), config.predictor_check_interval_s,
+                                       clock)
+        return CacheRouter(embedder(), vectors(), catalog(), k_table(), predictor, config.model,
+                           config.scheduler, add_sample=predictor_store().add_sample,
+                           audit_fraction=config.predictor_audit_fraction)
     return CacheRouter(embedder(), vectors(), catalog(), k_table(), AlwaysLookUp(),
                        config.model, config.scheduler)
 

@@ -18,7 +18,7 @@ from core.errors import JobNotFound, T2IError, TransientError
 from core.jobs import RequestLimits
 from workers import runtime
 from workers.app import (EVICT_TASK, FULL_TASK, REGISTER_TASK, RESUME_TASK, SWEEP_TASK,
-                         TRIAGE_TASK, app, enqueue)
+                         TRAIN_PREDICTOR_TASK, TRIAGE_TASK, app, enqueue)
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +131,14 @@ def cache_sweep() -> dict[str, Any]:
         return {}
     return asdict(sweep(runtime.catalog(), runtime.object_store(), runtime.vectors(),
                         runtime.clock(), runtime.settings().sweep_grace_s))
+
+
+@app.task(name=TRAIN_PREDICTOR_TASK)
+def cache_train_predictor() -> dict[str, Any]:
+    from cachemgr.predictor_store import train_and_publish
+
+    config = runtime.settings()
+    if not (config.cache_enabled and config.predictor_enabled):
+        return {"trained": False}
+    return train_and_publish(runtime.predictor_store(), str(int(runtime.clock() * 1000)),
+                             config.predictor_nu, config.predictor_min_samples)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from cachemgr.catalog import Catalog
 from cachemgr.keys import partition_key
 from cachemgr.ktable import KTable
-from cachemgr.predictor import MatchPredictor
+from cachemgr.predictor import MatchPredictor, consult
 from cachemgr.routing import CacheDecision, Reason, decide
 from cachemgr.vectors import VectorIndex
 from core.errors import InvalidRequest, InvalidTransition, VectorIndexUnavailable
@@ -40,7 +43,9 @@ def full_generation_only(record: JobRecord) -> RouteDecision:
 
 @dataclass
 class CacheRouter:
-    """Embed the prompt, find the nearest cached prompt of the job's partition, pick K."""
+    """Embed the prompt, ask the match predictor, find the nearest cached prompt of the
+    job's partition, pick K. Prompts whose lookup found a usable match become training
+    samples for the predictor."""
 
     embedder: Embedder
     vectors: VectorIndex
@@ -49,6 +54,9 @@ class CacheRouter:
     predictor: MatchPredictor
     model: str
     scheduler: str
+    add_sample: Callable[[np.ndarray], None] = lambda embedding: None
+    audit_fraction: float = 0.0
+    draw: Callable[[], float] = random.random
 
     def __call__(self, record: JobRecord) -> RouteDecision:
         request = record.request
@@ -57,19 +65,28 @@ class CacheRouter:
         started = time.perf_counter()
         embedding = self.embedder.embed([request.prompt])[0]
         embedded = time.perf_counter()
+        verdict = consult(self.predictor, embedding, self.audit_fraction, self.draw)
+        predicted = time.perf_counter()
+        details: dict[str, Any] = {"predictor": self.predictor.version,
+                                   "predicted_hit": verdict.predicted_hit,
+                                   "predictor_audit": verdict.audited}
         try:
-            if self.predictor.should_look_up(embedding):
+            if verdict.look_up:
                 match = self.vectors.nearest(embedding, partition)
                 decision = decide(match, self.catalog.stored_ks, self.table, request.steps)
+                details["lookup_hit"] = decision.resume
+                if decision.resume:
+                    self.add_sample(embedding)
             else:
                 decision = CacheDecision(Reason.PREDICTED_MISS)
         except VectorIndexUnavailable as exc:
             log.warning("job %s: vector index unavailable (%s); full generation", record.id, exc)
             decision = CacheDecision(Reason.INDEX_UNAVAILABLE)
         looked_up = time.perf_counter()
-        details = {**decision.details(), "partition": partition, "k_table": self.table.name,
-                   "embed_ms": round((embedded - started) * 1e3, 3),
-                   "lookup_ms": round((looked_up - embedded) * 1e3, 3)}
+        details.update(decision.details(), partition=partition, k_table=self.table.name,
+                       embed_ms=round((embedded - started) * 1e3, 3),
+                       predict_ms=round((predicted - embedded) * 1e3, 3),
+                       lookup_ms=round((looked_up - predicted) * 1e3, 3))
         return RouteDecision(RESUME_TASK if decision.resume else FULL_TASK, str(decision.reason),
                              details)
 
