@@ -125,3 +125,16 @@ def test_latent_deleted_between_triage_and_generation_falls_back_to_full(
     view = client.wait(job_id, timeout=180)
     assert view["state"] == "succeeded"
     assert "unusable" in view["fallback"] and view["unet_calls"] == STEPS
+
+
+def test_maintenance_tasks_run_on_the_cache_worker(stack, original):
+    """Beat sends these; here they are sent directly and their results read back."""
+    from workers.app import make_app
+
+    celery = make_app(stack)
+    evict = celery.send_task("cache.evict").get(timeout=120)
+    assert evict["ran"] is False and evict["evicted"] == 0  # well within the default budget
+    sweep = celery.send_task("cache.sweep").get(timeout=120)
+    assert sweep == {"orphan_objects": 0, "missing_objects": 0, "orphan_vectors": 0}
+    train = celery.send_task("cache.train_predictor").get(timeout=120)
+    assert train["trained"] is False and train["samples"] >= 1  # the hits above were samples
