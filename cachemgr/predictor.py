@@ -66,6 +66,15 @@ class SvmPredictor:
                        version=str(arrays["version"]), samples=int(arrays["samples"]))
 
 
+def median_heuristic_gamma(x: np.ndarray, max_points: int = 1000) -> float:
+    """RBF width from the median squared distance between training points (the usual
+    median heuristic), on a fixed subsample so it stays cheap and deterministic."""
+    sample = x[np.linspace(0, len(x) - 1, min(len(x), max_points)).astype(int)]
+    squared = ((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1)
+    median = float(np.median(squared[np.triu_indices(len(sample), k=1)]))
+    return 1.0 / median if median > 0 else 1.0
+
+
 def train_predictor(embeddings: np.ndarray, version: str, nu: float = 0.1,
                     min_samples: int = 200) -> SvmPredictor | None:
     """Fit on the embeddings of prompts that found a usable match; None if too few.
@@ -76,7 +85,7 @@ def train_predictor(embeddings: np.ndarray, version: str, nu: float = 0.1,
     if len(embeddings) < min_samples:
         return None
     x = np.asarray(embeddings, dtype=np.float64)
-    gamma = 1.0 / (x.shape[1] * x.var())  # scikit-learn's "scale", kept explicitly
+    gamma = median_heuristic_gamma(x)
     svm = OneClassSVM(kernel="rbf", nu=nu, gamma=gamma).fit(x)
     return SvmPredictor(support_vectors=svm.support_vectors_, dual_coef=svm.dual_coef_[0],
                         intercept=float(svm.intercept_[0]), gamma=gamma, version=version,
