@@ -61,6 +61,14 @@ class VectorIndex:
                                     metadatas=[{"partition": partition, "created_at": created_at,
                                                 "prompt": prompt[:500]}])
 
+    def add_many(self, entries: Sequence[str], embeddings: Sequence[Sequence[float]],
+                 partition: str, created_at: float) -> None:
+        """Bulk insert (rebuilding an index, benchmarks)."""
+        with _chroma_errors():
+            self._collection.upsert(
+                ids=list(entries), embeddings=[list(map(float, e)) for e in embeddings],
+                metadatas=[{"partition": partition, "created_at": created_at}] * len(entries))
+
     def nearest(self, embedding: Sequence[float], partition: str) -> tuple[str, float] | None:
         """The closest entry in ``partition`` and its cosine similarity, or None if empty."""
         with _chroma_errors():

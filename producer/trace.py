@@ -46,3 +46,23 @@ def read_trace(path: Path, limit: int | None = None, channel: str | None = None)
             count += 1
             if limit is not None and count >= limit:
                 return
+
+
+def interleaved(path: Path, seed: int, limit: int | None = None) -> list[TraceRequest]:
+    """All channels merged by a seeded random merge: each channel keeps its own order, and
+    the next request comes from a channel chosen in proportion to what it has left (so
+    channels run concurrently, as they did)."""
+    import random
+
+    by_channel: dict[str, list[TraceRequest]] = {}
+    for request in read_trace(path):
+        by_channel.setdefault(request.channel, []).append(request)
+    rng = random.Random(seed)
+    queues = [list(reversed(requests)) for _, requests in sorted(by_channel.items())]
+    merged: list[TraceRequest] = []
+    while queues and (limit is None or len(merged) < limit):
+        pick = rng.choices(range(len(queues)), weights=[len(q) for q in queues])[0]
+        merged.append(queues[pick].pop())
+        if not queues[pick]:
+            queues.pop(pick)
+    return merged

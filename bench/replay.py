@@ -1,0 +1,193 @@
+"""Offline replay: a trace through the project's cache logic, generation simulated.
+
+    python -m bench.replay --limit 20000 --policies lcbfu,lru,lfu,fifo,none --budgets 1000,0
+    python -m bench.replay --limit 20000 --predictor-eval
+
+Channels are interleaved by a seeded random merge (each keeps its order); arrivals are
+Poisson at --rate. Each request keeps the trace's steps (50 when empty), size and guidance,
+which make its cache partition. Prompt embeddings are computed once (batched, progress bar)
+and cached on disk by embedder and prompt list. Budgets are in prompts' worth of items
+(5 items a prompt); 0 is unbounded. Writes JSON (a ``rows`` list) and Markdown.
+
+--predictor-eval runs LCBFU unbounded with and without the match predictor and reports its
+precision and recall against what the lookup would have said, the lookups it skipped, and
+the lookup time that saves (Chroma's top-1 query time measured here on the same prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cachemgr.keys import partition_key
+from cachemgr.ktable import KTable
+from cachemgr.policies import policy_by_name
+from cachemgr.predictor import train_predictor
+from cachemgr.simulator import PredictorConfig, SimConfig, SimRequest, SimResult, simulate
+from producer.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace
+
+CACHE_DIR = Path("~/.cache/t2i/embeddings").expanduser()
+
+
+def load_embedder(name: str):
+    from workers.embedder import load_embedder as load
+
+    return load(name, "tiny", Path(tempfile.gettempdir()) / "t2i-replay-models")
+
+
+def embeddings_for(prompts: list[str], embedder_name: str, batch: int = 128) -> np.ndarray:
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:20]
+    path = CACHE_DIR / f"{embedder_name}-{len(prompts)}-{digest}.npy"
+    if path.exists():
+        return np.load(path)
+    embedder = load_embedder(embedder_name)
+    unique = sorted(set(prompts))
+    rows: list[np.ndarray] = []
+    for start in tqdm(range(0, len(unique), batch), desc=f"embedding ({embedder_name})",
+                      unit="batch"):
+        rows.append(embedder.embed(unique[start:start + batch]))
+    table = dict(zip(unique, np.vstack(rows).astype(np.float32)))
+    matrix = np.stack([table[p] for p in prompts])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, matrix)
+    return matrix
+
+
+def sim_requests(trace: list[TraceRequest]) -> list[SimRequest]:
+    return [SimRequest(user=r.user, prompt=r.prompt, steps=r.steps or 50,
+                       partition=partition_key("replay", "ddim", r.steps or 50, r.width, r.height,
+                                               r.cfg if r.cfg is not None else 7.5))
+            for r in trace]
+
+
+def row(result: SimResult, policy: str, budget: int, embedder: str, table: str) -> dict:
+    hits = max(result.hits, 1)
+    return {
+        "policy": policy, "budget_items": 5 * budget if budget else None,
+        "budget_prompts": budget or None, "embedder": embedder, "k_table": table,
+        "requests": result.requests, "hit_rate": result.hits / result.requests,
+        "steps_saved_frac": result.steps_saved / result.steps_requested,
+        "mean_k_on_hit": sum(k * n for k, n in result.k_histogram.items()) / hits,
+        "k_histogram": {str(k): n for k, n in sorted(result.k_histogram.items())},
+        "hits_exact_repeat_frac": result.hits_exact_repeat / hits,
+        "hits_same_user_frac": result.hits_same_user / hits,
+        "steps_saved_exact_repeat_frac": result.steps_saved_exact_repeat / max(result.steps_saved, 1),
+        "steps_saved_same_user_frac": result.steps_saved_same_user / max(result.steps_saved, 1),
+        "evictions": result.evictions, "max_items": result.max_items, "lookups": result.lookups,
+    }
+
+
+def chroma_lookup_ms(embeddings: np.ndarray, queries: int = 300) -> float:
+    """Top-1 query time of embedded Chroma holding these embeddings (one partition)."""
+    from cachemgr.vectors import VectorIndex
+
+    with tempfile.TemporaryDirectory() as tmp:
+        index = VectorIndex.open(Path(tmp), "", "timing")
+        for start in range(0, len(embeddings), 1000):
+            block = embeddings[start:start + 1000]
+            index.add_many([str(start + i) for i in range(len(block))], block, "p", 0.0)
+        started = time.perf_counter()
+        for vector in embeddings[:queries]:
+            index.nearest(vector, "p")
+        return 1e3 * (time.perf_counter() - started) / min(queries, len(embeddings))
+
+
+def predictor_eval(requests, embeddings, times, table, embedder, args) -> dict:
+    config = PredictorConfig(min_samples=args.predictor_min_samples,
+                             retrain_every=args.predictor_retrain_every, nu=args.predictor_nu,
+                             audit_fraction=0.0)
+    without = simulate(requests, embeddings, times, SimConfig(policy_by_name("lcbfu"), table))
+    with_predictor = simulate(requests, embeddings, times,
+                              SimConfig(policy_by_name("lcbfu"), table, predictor=config))
+    c = with_predictor.predictor_confusion
+    scored = sum(c.values())
+    hits_idx = [i for i, hit in enumerate(without.hit_flags) if hit]
+    model = train_predictor(embeddings[hits_idx[-5000:]], "timing", nu=args.predictor_nu,
+                            min_samples=1)
+    started = time.perf_counter()
+    for vector in embeddings[:300]:
+        model.should_look_up(vector)
+    predictor_ms = 1e3 * (time.perf_counter() - started) / min(300, len(embeddings))
+    lookup_ms = chroma_lookup_ms(embeddings[: min(len(embeddings), 10_000)])
+    skipped = (c["tn"] + c["fn"]) / max(scored, 1)
+    return {
+        "embedder": embedder, "k_table": table.name, "requests": len(requests),
+        "scored_requests": scored, "confusion": dict(c),
+        "precision": c["tp"] / max(c["tp"] + c["fp"], 1),
+        "recall": c["tp"] / max(c["tp"] + c["fn"], 1),
+        "lookups_skipped_frac": skipped,
+        "chroma_top1_ms": lookup_ms, "predictor_ms": predictor_ms,
+        "lookup_ms_saved_per_request": skipped * lookup_ms - predictor_ms,
+        "hit_rate_without": without.hits / without.requests,
+        "hit_rate_with": with_predictor.hits / with_predictor.requests,
+        "steps_saved_frac_without": without.steps_saved / without.steps_requested,
+        "steps_saved_frac_with": with_predictor.steps_saved / with_predictor.steps_requested,
+        "predictor": asdict(config),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace CSV(.gz)")
+    parser.add_argument("--limit", type=int, default=None, help="first N requests (after merge)")
+    parser.add_argument("--channel", help="replay one channel instead of all interleaved")
+    parser.add_argument("--seed", type=int, default=0, help="merge and arrival seed")
+    parser.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second")
+    parser.add_argument("--policies", default="lcbfu", help="comma-separated policy names")
+    parser.add_argument("--budgets", default="0", help="comma-separated prompts; 0 = unbounded")
+    parser.add_argument("--embedder", default="minilm", help="minilm or clip")
+    parser.add_argument("--k-table", default="reference", help="'reference' or a JSON path")
+    parser.add_argument("--predictor-eval", action="store_true",
+                        help="evaluate the match predictor instead of sweeping policies")
+    parser.add_argument("--predictor-min-samples", type=int, default=200)
+    parser.add_argument("--predictor-retrain-every", type=int, default=1000)
+    parser.add_argument("--predictor-nu", type=float, default=0.1)
+    parser.add_argument("--out", default="bench/results/replay", help="output path, no extension")
+    args = parser.parse_args(argv)
+
+    trace_path = Path(args.trace)
+    trace = (list(read_trace(trace_path, limit=args.limit, channel=args.channel)) if args.channel
+             else interleaved(trace_path, args.seed, args.limit))
+    requests = sim_requests(trace)
+    embeddings = embeddings_for([r.prompt for r in requests], args.embedder)
+    times = np.cumsum(np.random.default_rng(args.seed).exponential(1.0 / args.rate, len(requests)))
+    table = KTable.load(args.k_table)
+    command = "python -m bench.replay " + " ".join(sys.argv[1:] if argv is None else argv)
+    result: dict = {"command": command, "machine": f"{platform.node()}: {platform.machine()}",
+                    "trace": trace_path.name, "slice": args.channel or f"interleaved seed {args.seed}"}
+    if args.predictor_eval:
+        result["predictor_eval"] = predictor_eval(requests, embeddings, times, table,
+                                                  args.embedder, args)
+        print(json.dumps(result["predictor_eval"], indent=2))
+    else:
+        rows = []
+        configs = [(p, int(b)) for p in args.policies.split(",") for b in args.budgets.split(",")]
+        for policy_name, budget in tqdm(configs, desc="simulating", unit="config"):
+            sim = simulate(requests, embeddings, times,
+                           SimConfig(policy_by_name(policy_name), table, budget_prompts=budget))
+            rows.append(row(sim, policy_name, budget, args.embedder, table.name))
+        result["rows"] = rows
+        for r in rows:
+            print(f"{r['policy']:6} budget {r['budget_prompts'] or 'unbounded':>9} "
+                  f"hit rate {r['hit_rate']:.3f} steps saved {r['steps_saved_frac']:.3f} "
+                  f"mean K {r['mean_k_on_hit']:.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    print(f"written {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
