@@ -51,7 +51,7 @@ def embeddings_for(prompts: list[str], embedder_name: str, batch: int = 128) -> 
     if path.exists():
         return np.load(path)
     embedder = load_embedder(embedder_name)
-    unique = sorted(set(prompts))
+    unique = sorted(set(prompts), key=len)  # similar lengths per batch: little padding
     rows: list[np.ndarray] = []
     for start in tqdm(range(0, len(unique), batch), desc=f"embedding ({embedder_name})",
                       unit="batch"):
