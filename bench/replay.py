@@ -36,7 +36,7 @@ from cachemgr.predictor import train_predictor
 from cachemgr.simulator import PredictorConfig, SimConfig, SimRequest, SimResult, simulate
 from producer.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace
 
-CACHE_DIR = Path("~/.cache/t2i/embeddings").expanduser()
+DEFAULT_CACHE_DIR = "~/.cache/t2i/embeddings"
 
 
 def load_embedder(name: str):
@@ -45,9 +45,10 @@ def load_embedder(name: str):
     return load(name, "tiny", Path(tempfile.gettempdir()) / "t2i-replay-models")
 
 
-def embeddings_for(prompts: list[str], embedder_name: str, batch: int = 128) -> np.ndarray:
+def embeddings_for(prompts: list[str], embedder_name: str, cache_dir: Path,
+                   batch: int = 128) -> np.ndarray:
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:20]
-    path = CACHE_DIR / f"{embedder_name}-{len(prompts)}-{digest}.npy"
+    path = cache_dir / f"{embedder_name}-{len(prompts)}-{digest}.npy"
     if path.exists():
         return np.load(path)
     embedder = load_embedder(embedder_name)
@@ -144,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel", help="replay one channel instead of all interleaved")
     parser.add_argument("--seed", type=int, default=0, help="merge and arrival seed")
     parser.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second")
-    parser.add_argument("--policies", default="lcbfu", help="comma-separated policy names")
+    parser.add_argument("--policies", default="lcbfu",
+                        help="comma-separated: lcbfu, lcbfu-decay<seconds>s, lru, lfu, fifo, none")
+    parser.add_argument("--keep-recent-s", type=float, default=0.0,
+                        help="spare the last item of prompts used this recently (all policies)")
     parser.add_argument("--budgets", default="0", help="comma-separated prompts; 0 = unbounded")
     parser.add_argument("--embedder", default="minilm", help="minilm or clip")
     parser.add_argument("--k-table", default="reference", help="'reference' or a JSON path")
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictor-min-samples", type=int, default=200)
     parser.add_argument("--predictor-retrain-every", type=int, default=1000)
     parser.add_argument("--predictor-nu", type=float, default=0.1)
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+                        help="where prompt embeddings are cached between runs")
     parser.add_argument("--out", default="bench/results/replay", help="output path, no extension")
     args = parser.parse_args(argv)
 
@@ -160,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     trace = (list(read_trace(trace_path, limit=args.limit, channel=args.channel)) if args.channel
              else interleaved(trace_path, args.seed, args.limit))
     requests = sim_requests(trace)
-    embeddings = embeddings_for([r.prompt for r in requests], args.embedder)
+    embeddings = embeddings_for([r.prompt for r in requests], args.embedder,
+                                Path(args.cache_dir).expanduser())
     times = np.cumsum(np.random.default_rng(args.seed).exponential(1.0 / args.rate, len(requests)))
     table = KTable.load(args.k_table)
     command = "python -m bench.replay " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -175,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         configs = [(p, int(b)) for p in args.policies.split(",") for b in args.budgets.split(",")]
         for policy_name, budget in tqdm(configs, desc="simulating", unit="config"):
             sim = simulate(requests, embeddings, times,
-                           SimConfig(policy_by_name(policy_name), table, budget_prompts=budget))
-            rows.append(row(sim, policy_name, budget, args.embedder, table.name))
+                           SimConfig(policy_by_name(policy_name), table, budget_prompts=budget,
+                                     keep_recent_s=args.keep_recent_s))
+            rows.append(row(sim, policy_name, budget, args.embedder, table.name)
+                        | {"keep_recent_s": args.keep_recent_s})
         result["rows"] = rows
         for r in rows:
             print(f"{r['policy']:6} budget {r['budget_prompts'] or 'unbounded':>9} "

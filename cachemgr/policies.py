@@ -103,7 +103,14 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (LCBFU(), LRU(), LFU(), FIFO()
 
 
 def policy_by_name(name: str, half_life_s: float = 0.0) -> Policy:
-    """'lcbfu', 'lru', 'lfu', 'fifo' or 'none'; a half-life turns on LCBFU's decay."""
+    """'lcbfu', 'lru', 'lfu', 'fifo' or 'none'; a half-life turns on LCBFU's decay, as does
+    the name 'lcbfu-decay<seconds>s' (LCBFU's own name for that variant)."""
+    if name.startswith("lcbfu-decay") and name.endswith("s"):
+        try:
+            half_life_s = float(name[len("lcbfu-decay"):-1])
+        except ValueError:
+            raise ValueError(f"cache policy {name!r}: bad half-life") from None
+        name = "lcbfu"
     if name == "lcbfu" and half_life_s > 0:
         return LCBFU(half_life_s=half_life_s)
     try:

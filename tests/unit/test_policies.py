@@ -102,6 +102,8 @@ def test_policy_by_name():
     assert policy_by_name("lcbfu") == LCBFU()
     assert policy_by_name("lcbfu", half_life_s=30).half_life_s == 30
     assert policy_by_name("lru").name == "lru"
+    decay = LCBFU(half_life_s=3600.0)
+    assert policy_by_name(decay.name) == decay and decay.name == "lcbfu-decay3600s"
     with pytest.raises(ValueError, match="'arc' unknown"):
         policy_by_name("arc")
 
