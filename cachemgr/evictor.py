@@ -93,7 +93,7 @@ class Evictor:
         report.evicted_items.append(f"{item.entry}:{item.k}")
         self.objects.delete(latent_key(item.partition, item.entry, item.k))
         if left == 0:
-            self.vectors.delete(item.entry)
+            self.vectors.delete(item.entry, item.partition)
             report.vectors_deleted += 1
 
 
@@ -112,9 +112,9 @@ def sweep(catalog: Catalog, objects: ObjectStore, vectors: VectorIndex, now: flo
         if key not in stored and now - item.created_at > grace_s:
             catalog.remove_item(item.entry, item.k)
             report.missing_objects += 1
-    for entry in vectors.ids():
+    for partition, entry in vectors.ids():
         if not catalog.stored_ks(entry):
-            vectors.delete(entry)
+            vectors.delete(entry, partition)
             report.orphan_vectors += 1
     if report.orphan_objects or report.missing_objects or report.orphan_vectors:
         log.info("sweep: %s", report)

@@ -1,8 +1,7 @@
 """The vector index of cached prompts in Chroma (embedded directory or a Chroma server).
 
 Embeddings are always passed in: Chroma never embeds text itself (that would try to
-download a model). One collection per embedder, cosine space; each vector carries its
-partition, and a lookup never leaves the partition.
+download a model). Cosine space; a lookup never leaves the job's partition.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import chromadb
@@ -32,10 +31,16 @@ def _chroma_errors() -> Iterator[None]:
 
 
 class VectorIndex:
+    """One Chroma collection per (embedder, partition). A collection per partition rather
+    than a metadata filter: a filtered top-1 query over 10k vectors took 64 ms here, an
+    unfiltered one 3 ms."""
+
     def __init__(self, client: chromadb.ClientAPI, embedder: str) -> None:
+        self._client = client
+        self._prefix = f"prompts-{embedder}-"
+        self._collections: dict[str, Any] = {}
         with _chroma_errors():
-            self._collection = client.get_or_create_collection(
-                f"prompts-{embedder}", metadata={"hnsw:space": "cosine"}, embedding_function=None)
+            client.heartbeat()
 
     @classmethod
     def open(cls, path: Path | None, url: str, embedder: str) -> VectorIndex:
@@ -54,40 +59,53 @@ class VectorIndex:
     def from_settings(cls, config: Settings, embedder: str) -> VectorIndex:
         return cls.open(config.chroma_dir, config.chroma_url, embedder)
 
+    def _collection(self, partition: str) -> Any:
+        if partition not in self._collections:
+            with _chroma_errors():
+                self._collections[partition] = self._client.get_or_create_collection(
+                    self._prefix + partition, metadata={"hnsw:space": "cosine"},
+                    embedding_function=None)
+        return self._collections[partition]
+
     def add(self, entry: str, embedding: Sequence[float], partition: str, prompt: str,
             created_at: float) -> None:
         with _chroma_errors():
-            self._collection.upsert(ids=[entry], embeddings=[list(map(float, embedding))],
-                                    metadatas=[{"partition": partition, "created_at": created_at,
-                                                "prompt": prompt[:500]}])
+            self._collection(partition).upsert(
+                ids=[entry], embeddings=[list(map(float, embedding))],
+                metadatas=[{"created_at": created_at, "prompt": prompt[:500]}])
 
     def add_many(self, entries: Sequence[str], embeddings: Sequence[Sequence[float]],
                  partition: str, created_at: float) -> None:
         """Bulk insert (rebuilding an index, benchmarks)."""
         with _chroma_errors():
-            self._collection.upsert(
+            self._collection(partition).upsert(
                 ids=list(entries), embeddings=[list(map(float, e)) for e in embeddings],
-                metadatas=[{"partition": partition, "created_at": created_at}] * len(entries))
+                metadatas=[{"created_at": created_at}] * len(entries))
 
     def nearest(self, embedding: Sequence[float], partition: str) -> tuple[str, float] | None:
         """The closest entry in ``partition`` and its cosine similarity, or None if empty."""
         with _chroma_errors():
-            result = self._collection.query(query_embeddings=[list(map(float, embedding))],
-                                            n_results=1, where={"partition": partition},
-                                            include=["distances"])
+            result = self._collection(partition).query(query_embeddings=[list(map(float, embedding))],
+                                      n_results=1, include=["distances"])
         ids, distances = result["ids"][0], result["distances"][0]
         if not ids:
             return None
         return ids[0], 1.0 - float(distances[0])
 
-    def delete(self, entry: str) -> None:
+    def delete(self, entry: str, partition: str) -> None:
         with _chroma_errors():
-            self._collection.delete(ids=[entry])
+            self._collection(partition).delete(ids=[entry])
 
-    def ids(self) -> list[str]:
+    def ids(self) -> list[tuple[str, str]]:
+        """(partition, entry) of every vector of this embedder."""
+        found: list[tuple[str, str]] = []
         with _chroma_errors():
-            return list(self._collection.get(include=[])["ids"])
+            for collection in self._client.list_collections():
+                if collection.name.startswith(self._prefix):
+                    partition = collection.name[len(self._prefix):]
+                    found += [(partition, entry) for entry in
+                              self._collection(partition).get(include=[])["ids"]]
+        return found
 
     def count(self) -> int:
-        with _chroma_errors():
-            return self._collection.count()
+        return len(self.ids())

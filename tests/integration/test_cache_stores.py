@@ -78,7 +78,8 @@ def test_add_is_an_upsert_and_delete_removes(index: VectorIndex):
     index.add("a", unit([0, 1, 0]), "p", "x", 2.0)
     assert index.count() == 1
     assert index.nearest(unit([0, 1, 0]), "p")[1] == pytest.approx(1.0, abs=1e-5)
-    index.delete("a")
+    assert index.ids() == [("p", "a")]
+    index.delete("a", "p")
     assert index.count() == 0 and index.nearest(unit([0, 1, 0]), "p") is None
 
 

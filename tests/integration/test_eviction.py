@@ -52,7 +52,7 @@ def assert_stores_agree(stores) -> None:
     items = catalog.snapshot()
     cataloged = {latent_key(i.partition, i.entry, i.k) for i in items}
     assert cataloged == set(objects.keys("cache/"))
-    assert {i.entry for i in items} == set(vectors.ids())
+    assert {(i.partition, i.entry) for i in items} == set(vectors.ids())
     assert catalog.total_bytes() == ITEM_BYTES * len(items) == sum(i.size for i in items)
 
 
@@ -115,7 +115,7 @@ def test_crash_between_deletes_leaves_holes_and_the_sweep_repairs(stores):
         evictor.run(201.0)
     vectors.delete = vectors_delete
     # entry000 has no item left but kept its vector: triage finds it and sees no stored K.
-    assert catalog.stored_ks("entry000") == frozenset() and "entry000" in vectors.ids()
+    assert catalog.stored_ks("entry000") == frozenset() and (PARTITION, "entry000") in vectors.ids()
     # Vectors without items go at once; young objects are spared (a generation uploads its
     # latents before it registers them) ...
     first = sweep(catalog, objects, vectors, now=time.time(), grace_s=3600)
