@@ -90,8 +90,9 @@ class Settings:
     sweep_grace_s: float = _setting("T2I_SWEEP_GRACE_S", 600.0,
                                     "the sweep leaves objects and records younger than this")
 
-    predictor_enabled: bool = _setting("T2I_PREDICTOR", True,
-                                       "use the one-class SVM match predictor once trained")
+    predictor_enabled: bool = _setting("T2I_PREDICTOR", False,
+                                       "use the one-class SVM match predictor once trained "
+                                       "(off by default: see docs/cache-manager.md)")
     predictor_min_samples: int = _setting("T2I_PREDICTOR_MIN_SAMPLES", 200,
                                           "matched prompts needed before the first training")
     predictor_max_samples: int = _setting("T2I_PREDICTOR_MAX_SAMPLES", 5000,

@@ -48,7 +48,7 @@ def settings(base_dir: Path, redis_url: str) -> Settings:
         load_settings({}), redis_url=redis_url, state_dir=str(base_dir / "state"),
         s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
         s3_bucket="t2i-test", api_port=servers.free_port(), flower_port=servers.free_port(),
-        default_size=64, default_steps=10, hf_hub_offline=True,
+        default_size=64, default_steps=10, hf_hub_offline=True, predictor_enabled=True,
     )
 
 
