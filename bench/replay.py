@@ -81,7 +81,9 @@ def row(result: SimResult, policy: str, budget: int, embedder: str, table: str) 
         "mean_k_on_hit": sum(k * n for k, n in result.k_histogram.items()) / hits,
         "k_histogram": {str(k): n for k, n in sorted(result.k_histogram.items())},
         "hits_exact_repeat_frac": result.hits_exact_repeat / hits,
-        "hits_same_user_frac": result.hits_same_user / hits,
+        "hits_same_user_frac_of_known": (result.hits_same_user
+                                         / max(result.hits_same_user + result.hits_cross_user, 1)),
+        "hits_user_unknown_frac": result.hits_user_unknown / hits,
         "steps_saved_exact_repeat_frac": result.steps_saved_exact_repeat / max(result.steps_saved, 1),
         "steps_saved_same_user_frac": result.steps_saved_same_user / max(result.steps_saved, 1),
         "evictions": result.evictions, "max_items": result.max_items, "lookups": result.lookups,

@@ -63,8 +63,9 @@ class SimResult:
     k_histogram: Counter = field(default_factory=Counter)          # K (of 50) on hits
     hits_exact_repeat: int = 0
     hits_near: int = 0
-    hits_same_user: int = 0
+    hits_same_user: int = 0        # both users known (the trace lacks them in places)
     hits_cross_user: int = 0
+    hits_user_unknown: int = 0
     steps_saved_exact_repeat: int = 0
     steps_saved_same_user: int = 0
     evictions: int = 0
@@ -157,11 +158,13 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
             result.steps_saved += k
             result.k_histogram[round(k * 50 / request.steps)] += 1
             exact = first_seen.get(exact_key) is not None
-            same_user = bool(request.user) and requests[entry].user == request.user
+            users_known = bool(request.user) and bool(requests[entry].user)
+            same_user = users_known and requests[entry].user == request.user
             result.hits_exact_repeat += exact
             result.hits_near += not exact
             result.hits_same_user += same_user
-            result.hits_cross_user += not same_user
+            result.hits_cross_user += users_known and not same_user
+            result.hits_user_unknown += not users_known
             result.steps_saved_exact_repeat += k if exact else 0
             result.steps_saved_same_user += k if same_user else 0
             result.hit_flags.append(True)

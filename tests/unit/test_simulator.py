@@ -43,7 +43,13 @@ def test_repeat_hits_with_k25_and_near_edit_with_its_k():
     assert result.k_histogram == {25: 1, near_k: 1}
     assert result.steps_saved == 25 + near_k and result.steps_requested == 200
     assert (result.hits_exact_repeat, result.hits_near) == (1, 1)
-    assert (result.hits_same_user, result.hits_cross_user) == (2, 0)
+    assert (result.hits_same_user, result.hits_cross_user, result.hits_user_unknown) == (2, 0, 0)
+
+
+def test_hits_between_unknown_users_are_not_called_same_or_cross_user():
+    requests, embeddings, times = trace([("a", [1, 0, 0]), ("a", [1, 0, 0])], user="")
+    result = simulate(requests, embeddings, times, SimConfig(LCBFU(), REFERENCE_TABLE))
+    assert (result.hits_same_user, result.hits_cross_user, result.hits_user_unknown) == (0, 0, 1)
 
 
 def test_no_cache_never_hits():
