@@ -152,27 +152,37 @@ def select_victims(policy: Policy, items: Sequence[ItemStats], free_bytes: int,
     """Items to evict, in order, to free at least ``free_bytes`` and ``free_items``.
 
     With ``keep_recent_s`` > 0, the last remaining item of a prompt used within that many
-    seconds is spared. A no-cache policy evicts everything.
+    seconds goes only after every other candidate: spared while the budget allows, never at
+    the budget's expense. A no-cache policy evicts everything.
     """
     def order(candidate: ItemStats) -> tuple:
         return (*policy.key(candidate, now), candidate.entry)  # entry: a total, stable order
 
+    ranked = sorted(items, key=order)
     if not policy.admits:
-        return sorted(items, key=order)
+        return ranked
     remaining = Counter(item.entry for item in items)
-    last_use = {}
+    last_use: dict[str, float] = {}
     for item in items:
         last_use[item.entry] = max(last_use.get(item.entry, 0.0), item.last_used_at)
     victims: list[ItemStats] = []
+    spared: list[ItemStats] = []
     freed_bytes = freed_items = 0
-    for item in sorted(items, key=order):
+    for item in ranked:
         if freed_bytes >= free_bytes and freed_items >= free_items:
-            break
+            return victims
         recent = keep_recent_s > 0 and now - last_use[item.entry] <= keep_recent_s
         if recent and remaining[item.entry] == 1:
+            spared.append(item)
             continue
         victims.append(item)
         remaining[item.entry] -= 1
+        freed_bytes += item.size
+        freed_items += 1
+    for item in spared:  # the budget still is not met: the spared go too, in policy order
+        if freed_bytes >= free_bytes and freed_items >= free_items:
+            break
+        victims.append(item)
         freed_bytes += item.size
         freed_items += 1
     return victims

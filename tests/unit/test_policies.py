@@ -48,9 +48,15 @@ def test_contract_nothing_to_free_evicts_nothing(policy):
 def test_contract_keep_recent_spares_the_last_item_of_a_recent_prompt(policy):
     recent = [item("hot", k=5, created=990.0), item("hot", k=10, created=990.0)]
     old = [item("cold", k=5, created=10.0), item("cold", k=10, created=10.0)]
-    victims = select_victims(policy, recent + old, 10**6, 10**6, NOW, keep_recent_s=60.0)
-    assert sum(v.entry == "hot" for v in victims) == 1
-    assert sum(v.entry == "cold" for v in victims) == 2
+    victims = select_victims(policy, recent + old, 0, 3, NOW, keep_recent_s=60.0)
+    assert sorted(v.entry for v in victims) == ["cold", "cold", "hot"]
+
+
+@pytest.mark.parametrize("policy", ALL, ids=lambda p: p.name)
+def test_contract_keep_recent_never_breaks_the_budget(policy):
+    recent = [item(f"hot{i}", k=5, created=990.0) for i in range(4)]
+    victims = select_victims(policy, recent, 0, 3, NOW, keep_recent_s=60.0)
+    assert len(victims) == 3  # all are protected, yet the budget is met
 
 
 def test_no_cache_evicts_everything():
