@@ -137,9 +137,12 @@ def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Eng
 
 
 def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Engine,
-                    worker: str, now: Callable[[], float], cache: CacheConfig) -> dict[str, Any]:
+                    worker: str, now: Callable[[], float],
+                    cache: CacheConfig | None) -> dict[str, Any]:
     """Resume from the cached (entry, K) triage chose; an unusable latent falls back to a
     full generation inside the same job."""
+    if cache is None:  # the cache was switched off after triage routed this job
+        return generate_full(job_id, jobs, objects, engine, worker, now)
     record = jobs.get(job_id)
     entry, k, partition = (record.extra["matched_entry"], int(record.extra["k"]),
                            record.extra["partition"])

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class RouteDecision:
     task: str                 # the generation task (and queue) the job goes to
     reason: str               # why, in a word or two: shown to pollers
-    details: dict[str, Any] = field(default_factory=dict)  # extra task kwargs / record fields
+    details: dict[str, Any] = field(default_factory=dict)  # shown on the job record
 
 
 Decide = Callable[[JobRecord], RouteDecision]
