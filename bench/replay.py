@@ -33,7 +33,8 @@ from cachemgr.keys import partition_key
 from cachemgr.ktable import KTable
 from cachemgr.policies import policy_by_name
 from cachemgr.predictor import train_predictor
-from cachemgr.simulator import PredictorConfig, SimConfig, SimRequest, SimResult, simulate
+from cachemgr.simulator import (PredictorConfig, SimConfig, SimRequest, SimResult, simulate,
+                                top1_similarities)
 from producer.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace
 
 DEFAULT_CACHE_DIR = "~/.cache/t2i/embeddings"
@@ -73,6 +74,8 @@ def sim_requests(trace: list[TraceRequest]) -> list[SimRequest]:
 
 def row(result: SimResult, policy: str, budget: int, embedder: str, table: str) -> dict:
     hits = max(result.hits, 1)
+    window = max(1, result.requests // 50)
+    flags = np.array(result.hit_flags, dtype=float)
     return {
         "policy": policy, "budget_items": 5 * budget if budget else None,
         "budget_prompts": budget or None, "embedder": embedder, "k_table": table,
@@ -87,6 +90,27 @@ def row(result: SimResult, policy: str, budget: int, embedder: str, table: str) 
         "steps_saved_exact_repeat_frac": result.steps_saved_exact_repeat / max(result.steps_saved, 1),
         "steps_saved_same_user_frac": result.steps_saved_same_user / max(result.steps_saved, 1),
         "evictions": result.evictions, "max_items": result.max_items, "lookups": result.lookups,
+        "hit_rate_window": window,
+        "hit_rate_over_time": [float(flags[i:i + window].mean())
+                               for i in range(0, len(flags) - window + 1, window)],
+    }
+
+
+def similarity_profile(requests: list[SimRequest], embeddings: np.ndarray, table: KTable,
+                       embedder: str, out: Path) -> dict:
+    from bench.plots import write_similarity_plot
+
+    similarities = top1_similarities(requests, embeddings)
+    known = similarities[~np.isnan(similarities)]
+    counts, edges = np.histogram(known, bins=20, range=(0.0, 1.0))
+    thresholds = [threshold for threshold, _ in table.thresholds]
+    write_similarity_plot(known.tolist(), thresholds, embedder, out)
+    return {
+        "embedder": embedder, "requests": len(requests),
+        "first_of_partition": int(np.isnan(similarities).sum()),
+        "percentiles": {str(q): float(np.percentile(known, q)) for q in (10, 25, 50, 75, 90)},
+        "share_at_or_above": {str(t): float((known >= t).mean()) for t in thresholds},
+        "histogram": {"edges": edges.round(2).tolist(), "counts": counts.tolist()},
     }
 
 
@@ -156,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k-table", default="reference", help="'reference' or a JSON path")
     parser.add_argument("--predictor-eval", action="store_true",
                         help="evaluate the match predictor instead of sweeping policies")
+    parser.add_argument("--similarity-profile", action="store_true",
+                        help="report each request's top-1 similarity to earlier ones instead")
     parser.add_argument("--predictor-min-samples", type=int, default=200)
     parser.add_argument("--predictor-retrain-every", type=int, default=1000)
     parser.add_argument("--predictor-nu", type=float, default=0.1)
@@ -175,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.replay " + " ".join(sys.argv[1:] if argv is None else argv)
     result: dict = {"command": command, "machine": f"{platform.node()}: {platform.machine()}",
                     "trace": trace_path.name, "slice": args.channel or f"interleaved seed {args.seed}"}
-    if args.predictor_eval:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.similarity_profile:
+        result["similarity_profile"] = similarity_profile(requests, embeddings, table,
+                                                          args.embedder, out)
+        print(json.dumps(result["similarity_profile"]["share_at_or_above"], indent=2))
+    elif args.predictor_eval:
         result["predictor_eval"] = predictor_eval(requests, embeddings, times, table,
                                                   args.embedder, args)
         print(json.dumps(result["predictor_eval"], indent=2))
@@ -189,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row(sim, policy_name, budget, args.embedder, table.name)
                         | {"keep_recent_s": args.keep_recent_s})
         result["rows"] = rows
+        from bench.plots import markdown_table, write_sweep_plots
+
+        out.with_suffix(".md").write_text(f"Command: `{command}`\n\n" + markdown_table(rows))
+        write_sweep_plots(rows, out)
         for r in rows:
             print(f"{r['policy']:6} budget {r['budget_prompts'] or 'unbounded':>9} "
                   f"hit rate {r['hit_rate']:.3f} steps saved {r['steps_saved_frac']:.3f} "
                   f"mean K {r['mean_k_on_hit']:.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     print(f"written {out.with_suffix('.json')}")
     return 0

@@ -190,3 +190,17 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
                     index.remove(victim.entry)
                 result.evictions += 1
     return result
+
+
+def top1_similarities(requests: Sequence[SimRequest], embeddings: np.ndarray) -> np.ndarray:
+    """Each request's cosine similarity to the closest earlier request of its partition
+    (NaN for the first of a partition): what a similarity -> K table acts on, before any
+    eviction."""
+    index = ExactIndex(embeddings)
+    out = np.full(len(requests), np.nan, dtype=np.float32)
+    for i, request in enumerate(requests):
+        match = index.nearest(request.partition, embeddings[i])
+        if match is not None:
+            out[i] = match[1]
+        index.add(request.partition, i)
+    return out

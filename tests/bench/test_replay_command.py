@@ -38,3 +38,18 @@ def test_policy_sweep_writes_rows(tmp_path):
     assert unbounded["hit_rate"] >= 0.2 and unbounded["k_histogram"].get("25", 0) >= 1
     assert rows[2]["hit_rate"] == 0.0
     assert list((tmp_path / "emb").glob("minilm-5-*.npy"))  # embeddings cached for next time
+    assert (tmp_path / "result-steps-saved.png").stat().st_size > 0
+    assert (tmp_path / "result-k-and-hits.png").stat().st_size > 0
+    assert "| lcbfu | unbounded | minilm | reference |" in out.with_suffix(".md").read_text()
+
+
+def test_similarity_profile(tmp_path):
+    trace = tmp_path / "trace.csv.gz"
+    write_trace(trace)
+    out = tmp_path / "profile"
+    assert replay.main(["--trace", str(trace), "--similarity-profile",
+                        "--cache-dir", str(tmp_path / "emb"), "--out", str(out)]) == 0
+    profile = json.loads(out.with_suffix(".json").read_text())["similarity_profile"]
+    assert profile["first_of_partition"] == 1 and sum(profile["histogram"]["counts"]) == 4
+    assert profile["share_at_or_above"]["0.95"] >= 0.25  # the exact repeat
+    assert (tmp_path / "profile-similarity.png").stat().st_size > 0

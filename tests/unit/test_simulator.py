@@ -6,7 +6,8 @@ import numpy as np
 
 from cachemgr.ktable import REFERENCE_TABLE
 from cachemgr.policies import LCBFU, NoCache
-from cachemgr.simulator import ExactIndex, PredictorConfig, SimConfig, SimRequest, simulate
+from cachemgr.simulator import (ExactIndex, PredictorConfig, SimConfig, SimRequest, simulate,
+                                top1_similarities)
 
 
 def unit(v) -> np.ndarray:
@@ -83,3 +84,12 @@ def test_predictor_is_trained_and_scored():
     # and turns away nearly every unrelated prompt.
     assert confusion["tp"] / (confusion["tp"] + confusion["fn"]) >= 0.6
     assert confusion["tn"] / (confusion["tn"] + confusion["fp"]) >= 0.9
+
+
+def test_top1_similarity_profile_stays_in_partitions():
+    requests = [SimRequest("u", "a", 50, "p"), SimRequest("u", "b", 50, "q"),
+                SimRequest("u", "c", 50, "p")]
+    embeddings = np.stack([unit([1, 0]), unit([1, 0]), unit([1, 1])])
+    profile = top1_similarities(requests, embeddings)
+    assert np.isnan(profile[0]) and np.isnan(profile[1])
+    assert profile[2] == np.float32(unit([1, 0]) @ unit([1, 1]))

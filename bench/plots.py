@@ -1,0 +1,106 @@
+"""Plots and a Markdown table for replay results (PNG files next to the JSON).
+
+    python -m bench.plots bench/results/replay-policies-10k.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _budget_label(row: dict) -> str:
+    return str(row["budget_prompts"]) if row["budget_prompts"] else "unbounded"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| policy | budget (prompts) | embedder | K table | hit rate | steps saved | mean K on hit | exact-repeat share of hits |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {_budget_label(r)} | {r['embedder']} | {r['k_table']} | "
+                     f"{r['hit_rate']:.1%} | {r['steps_saved_frac']:.1%} | "
+                     f"{r['mean_k_on_hit']:.1f} | {r['hits_exact_repeat_frac']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep_plots(rows: list[dict], out: Path) -> list[Path]:
+    """Steps saved vs budget per policy; K distribution and hit rate over time of the
+    largest-budget row of the first policy."""
+    written = []
+    budgets = sorted({r["budget_prompts"] or 0 for r in rows}, key=lambda b: b or float("inf"))
+    labels = [str(b) if b else "unbounded" for b in budgets]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        by_budget = {r["budget_prompts"] or 0: r["steps_saved_frac"] for r in rows
+                     if r["policy"] == policy}
+        axis.plot(labels, [100 * by_budget.get(b, float("nan")) for b in budgets], marker="o",
+                  label=policy)
+    axis.set_xlabel("cache budget (prompts' worth of items)")
+    axis.set_ylabel("denoising steps saved (%)")
+    axis.set_title(f"Steps saved by policy and budget ({rows[0]['requests']} requests)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    written.append(out.with_name(out.name + "-steps-saved.png"))
+    figure.tight_layout()
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+
+    best = max((r for r in rows if r["policy"] == rows[0]["policy"]),
+               key=lambda r: r["budget_prompts"] or float("inf"))
+    figure, (k_axis, time_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    ks = sorted(best["k_histogram"], key=int)
+    k_axis.bar(ks, [best["k_histogram"][k] for k in ks])
+    k_axis.set_xlabel("K on hits (of 50)")
+    k_axis.set_ylabel("hits")
+    k_axis.set_title(f"K distribution ({best['policy']}, {_budget_label(best)})")
+    window = best["hit_rate_window"]
+    time_axis.plot([window * (i + 1) for i in range(len(best["hit_rate_over_time"]))],
+                   [100 * h for h in best["hit_rate_over_time"]])
+    time_axis.set_xlabel("requests")
+    time_axis.set_ylabel(f"hit rate per {window} requests (%)")
+    time_axis.set_title("Hit rate over time")
+    time_axis.grid(alpha=0.3)
+    written.append(out.with_name(out.name + "-k-and-hits.png"))
+    figure.tight_layout()
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+    return written
+
+
+def write_similarity_plot(similarities: list[float], table_thresholds: list[float],
+                          embedder: str, out: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.hist(similarities, bins=100, range=(0, 1))
+    for threshold in table_thresholds:
+        axis.axvline(threshold, color="red", alpha=0.4, linestyle="--")
+    axis.set_xlabel(f"top-1 cosine similarity to an earlier request ({embedder})")
+    axis.set_ylabel("requests")
+    axis.set_title("Similarity profile (dashed: K table thresholds)")
+    path = out.with_name(out.name + "-similarity.png")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    path = Path(args[0])
+    result = json.loads(path.read_text())
+    out = path.with_suffix("")
+    for written in write_sweep_plots(result["rows"], out):
+        print(f"written {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
