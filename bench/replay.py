@@ -96,6 +96,34 @@ def row(result: SimResult, policy: str, budget: int, embedder: str, table: str) 
     }
 
 
+def chroma_agreement(requests: list[SimRequest], embeddings: np.ndarray, rows: int = 5000,
+                     queries: int = 300, seed: int = 0) -> dict:
+    """Does the simulator's exact top-1 agree with Chroma's (HNSW) on the same vectors?
+    Compared by similarity, since exact repeats make ties between different entries."""
+    from cachemgr.simulator import ExactIndex
+    from cachemgr.vectors import VectorIndex
+
+    rows = min(rows, len(requests))
+    exact = ExactIndex(embeddings)
+    by_partition: dict[str, list[int]] = {}
+    for i in range(rows):
+        exact.add(requests[i].partition, i)
+        by_partition.setdefault(requests[i].partition, []).append(i)
+    picks = np.random.default_rng(seed).choice(rows, size=min(queries, rows), replace=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        index = VectorIndex.open(Path(tmp), "", "agreement")
+        for partition, members in by_partition.items():
+            for start in range(0, len(members), 1000):
+                chunk = members[start:start + 1000]
+                index.add_many([str(i) for i in chunk], embeddings[chunk], partition, 0.0)
+        agree = 0
+        for i in picks:
+            _, exact_similarity = exact.nearest(requests[i].partition, embeddings[i])
+            _, chroma_similarity = index.nearest(embeddings[i], requests[i].partition)
+            agree += abs(exact_similarity - chroma_similarity) <= 1e-4
+    return {"rows": rows, "queries": len(picks), "agreement": agree / len(picks)}
+
+
 def similarity_profile(requests: list[SimRequest], embeddings: np.ndarray, table: KTable,
                        embedder: str, out: Path) -> dict:
     from bench.plots import write_similarity_plot
@@ -111,6 +139,7 @@ def similarity_profile(requests: list[SimRequest], embeddings: np.ndarray, table
         "percentiles": {str(q): float(np.percentile(known, q)) for q in (10, 25, 50, 75, 90)},
         "share_at_or_above": {str(t): float((known >= t).mean()) for t in thresholds},
         "histogram": {"edges": edges.round(2).tolist(), "counts": counts.tolist()},
+        "exact_vs_chroma_top1": chroma_agreement(requests, embeddings),
     }
 
 
