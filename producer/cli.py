@@ -89,7 +89,7 @@ def cmd_demo(client: Client, args: argparse.Namespace) -> int:
     for _, job_id in tqdm(jobs, desc="waiting", unit="job"):
         views.append(client.wait(job_id, timeout=args.timeout))
     print(f"\nmodel: {views[0]['model'] if views else '-'}")
-    print(f"{'job':10} {'state':10} {'route':9} {'total s':>8} {'gen s':>7}  image / prompt")
+    print(f"{'job':10} {'state':10} {'route':24} {'total s':>8} {'gen s':>7}  image / prompt")
     for (prompt, job_id), view in zip(jobs, views):
         image = ""
         if view["state"] == "succeeded":
@@ -98,9 +98,11 @@ def cmd_demo(client: Client, args: argparse.Namespace) -> int:
             image = str(path)
         total = _seconds(view, "submitted_at", "finished_at")
         gen = _seconds(view, "generation_started_at", "generation_finished_at")
-        print(f"{job_id[:8]:10} {view['state']:10} {view['route'] or '-':9} "
+        route = f"{view['route'] or '-'} ({view['route_reason'] or '-'}"
+        route += f", K={view['k']})" if view.get("k") else ")"
+        print(f"{job_id[:8]:10} {view['state']:10} {route:24} "
               f"{total or 0:8.2f} {gen or 0:7.2f}  {image or view['error']}\n"
-              f"{'':49}{prompt[:70]!r}")
+              f"{'':64}{prompt[:70]!r}")
     totals = [t for v in views if (t := _seconds(v, "submitted_at", "finished_at")) is not None]
     if totals:
         print(f"\n{len(views)} jobs, median end-to-end {statistics.median(totals):.2f}s; "
