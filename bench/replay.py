@@ -113,9 +113,7 @@ def chroma_agreement(requests: list[SimRequest], embeddings: np.ndarray, rows: i
     with tempfile.TemporaryDirectory() as tmp:
         index = VectorIndex.open(Path(tmp), "", "agreement")
         for partition, members in by_partition.items():
-            for start in range(0, len(members), 1000):
-                chunk = members[start:start + 1000]
-                index.add_many([str(i) for i in chunk], embeddings[chunk], partition, 0.0)
+            index.add_many([str(i) for i in members], embeddings[members], partition, 0.0)
         agree = 0
         for i in picks:
             _, exact_similarity = exact.nearest(requests[i].partition, embeddings[i])
@@ -149,9 +147,7 @@ def chroma_lookup_ms(embeddings: np.ndarray, queries: int = 300) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         index = VectorIndex.open(Path(tmp), "", "timing")
-        for start in range(0, len(embeddings), 1000):
-            block = embeddings[start:start + 1000]
-            index.add_many([str(start + i) for i in range(len(block))], block, "p", 0.0)
+        index.add_many([str(i) for i in range(len(embeddings))], embeddings, "p", 0.0)
         started = time.perf_counter()
         for vector in embeddings[:queries]:
             index.nearest(vector, "p")

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from celeryconfig import Settings
 
 
+_BATCH = 1000
+
+
 @contextlib.contextmanager
 def _chroma_errors() -> Iterator[None]:
     try:
@@ -76,11 +79,15 @@ class VectorIndex:
 
     def add_many(self, entries: Sequence[str], embeddings: Sequence[Sequence[float]],
                  partition: str, created_at: float) -> None:
-        """Bulk insert (rebuilding an index, benchmarks)."""
+        """Bulk insert (rebuilding an index, benchmarks), in chunks Chroma accepts."""
+        entries = list(entries)
         with _chroma_errors():
-            self._collection(partition).upsert(
-                ids=list(entries), embeddings=[list(map(float, e)) for e in embeddings],
-                metadatas=[{"created_at": created_at}] * len(entries))
+            for start in range(0, len(entries), _BATCH):
+                chunk = entries[start:start + _BATCH]
+                self._collection(partition).upsert(
+                    ids=chunk,
+                    embeddings=[list(map(float, e)) for e in embeddings[start:start + _BATCH]],
+                    metadatas=[{"created_at": created_at}] * len(chunk))
 
     def nearest(self, embedding: Sequence[float], partition: str) -> tuple[str, float] | None:
         """The closest entry in ``partition`` and its cosine similarity, or None if empty."""

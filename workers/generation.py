@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from cachemgr.catalog import Catalog
-from cachemgr.keys import partition_key
+from cachemgr.keys import request_partition
 from cachemgr.ktable import KTable
 from core.errors import (CorruptLatent, InvalidTransition, JobCancelled, ObjectMissing,
                          ObjectStoreUnavailable, T2IError)
@@ -38,8 +38,7 @@ class CacheConfig:
     register: RegisterEntry
 
     def partition(self, request: JobRequest) -> str:
-        return partition_key(self.model, self.scheduler, request.steps, request.width,
-                             request.height, request.guidance)
+        return request_partition(self.model, self.scheduler, request)
 
 
 def start_generation(job_id: str, jobs: JobStore, model_label: str, worker: str,

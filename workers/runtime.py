@@ -21,13 +21,19 @@ def settings() -> Settings:
 
 
 @functools.cache
+def redis_client():
+    """One connection pool per process for job records, the catalog and predictor samples."""
+    return connect(settings().redis_url)
+
+
+@functools.cache
 def job_store() -> JobStore:
-    return JobStore.from_settings(settings())
+    return JobStore(redis_client(), settings().job_ttl_s)
 
 
 @functools.cache
 def catalog() -> Catalog:
-    return Catalog(connect(settings().redis_url))
+    return Catalog(redis_client())
 
 
 @functools.cache
@@ -79,8 +85,7 @@ def vectors():
 def predictor_store():
     from cachemgr.predictor_store import PredictorStore
 
-    return PredictorStore(connect(settings().redis_url), object_store(),
-                          settings().predictor_max_samples)
+    return PredictorStore(redis_client(), object_store(), settings().predictor_max_samples)
 
 
 @functools.cache
@@ -93,14 +98,13 @@ def router():
     config = settings()
     if not config.cache_enabled:
         return full_generation_only
+    predictor, training = AlwaysLookUp(), {}
     if config.predictor_enabled:
-        predictor = ReloadingPredictor(predictor_store(), config.predictor_check_interval_s,
-                                       clock)
-        return CacheRouter(embedder(), vectors(), catalog(), k_table(), predictor, config.model,
-                           config.scheduler, add_sample=predictor_store().add_sample,
-                           audit_fraction=config.predictor_audit_fraction)
-    return CacheRouter(embedder(), vectors(), catalog(), k_table(), AlwaysLookUp(),
-                       config.model, config.scheduler)
+        predictor = ReloadingPredictor(predictor_store(), config.predictor_check_interval_s, clock)
+        training = {"add_sample": predictor_store().add_sample,
+                    "audit_fraction": config.predictor_audit_fraction}
+    return CacheRouter(embedder(), vectors(), catalog(), k_table(), predictor, config.model,
+                       config.scheduler, **training)
 
 
 @functools.cache

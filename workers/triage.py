@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cachemgr.catalog import Catalog
-from cachemgr.keys import partition_key
+from cachemgr.keys import request_partition
 from cachemgr.ktable import KTable
 from cachemgr.predictor import MatchPredictor, consult
 from cachemgr.routing import CacheDecision, Reason, decide
@@ -60,8 +60,7 @@ class CacheRouter:
 
     def __call__(self, record: JobRecord) -> RouteDecision:
         request = record.request
-        partition = partition_key(self.model, self.scheduler, request.steps, request.width,
-                                  request.height, request.guidance)
+        partition = request_partition(self.model, self.scheduler, request)
         started = time.perf_counter()
         embedding = self.embedder.embed([request.prompt])[0]
         embedded = time.perf_counter()
