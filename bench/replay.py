@@ -6,8 +6,10 @@
 Channels are interleaved by a seeded random merge (each keeps its order); arrivals are
 Poisson at --rate. Each request keeps the trace's steps (50 when empty), size and guidance,
 which make its cache partition. Prompt embeddings are computed once (batched, progress bar)
-and cached on disk by embedder and prompt list. Budgets are in prompts' worth of items
-(5 items a prompt); 0 is unbounded. Writes JSON (a ``rows`` list) and Markdown.
+and kept on disk by embedder and prompt (bench/embeddings.py), and so is each request's list
+of most similar earlier prompts, from which the simulator answers its exact top-1 lookups.
+Budgets are in prompts' worth of items (5 items a prompt); 0 is unbounded. Writes JSON
+(a ``rows`` list), Markdown and plots.
 
 --predictor-eval runs LCBFU unbounded with and without the match predictor and reports its
 precision and recall against what the lookup would have said, the lookups it skipped, and
@@ -33,36 +35,25 @@ from cachemgr.keys import partition_key
 from cachemgr.ktable import KTable
 from cachemgr.policies import policy_by_name
 from cachemgr.predictor import train_predictor
-from cachemgr.simulator import (PredictorConfig, SimConfig, SimRequest, SimResult, simulate,
-                                top1_similarities)
+from bench.embeddings import DEFAULT_CACHE_DIR, EmbeddingStore
+from cachemgr.simulator import (Neighbours, PredictorConfig, SimConfig, SimRequest, SimResult,
+                                earlier_neighbours, simulate)
 from producer.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace
 
-DEFAULT_CACHE_DIR = "~/.cache/t2i/embeddings"
-
-
-def load_embedder(name: str):
-    from workers.embedder import load_embedder as load
-
-    return load(name, "tiny", Path(tempfile.gettempdir()) / "t2i-replay-models")
-
-
-def embeddings_for(prompts: list[str], embedder_name: str, cache_dir: Path,
-                   batch: int = 128) -> np.ndarray:
-    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:20]
-    path = cache_dir / f"{embedder_name}-{len(prompts)}-{digest}.npy"
+def neighbours_for(requests: list[SimRequest], embeddings: np.ndarray, cache_dir: Path,
+                   k: int = 32) -> Neighbours:
+    """``earlier_neighbours``, cached on disk by the requests and their embeddings."""
+    digest = hashlib.sha256(embeddings.tobytes())
+    digest.update("\n".join(f"{r.partition}\t{r.prompt}" for r in requests).encode())
+    path = cache_dir / f"neighbours-{len(requests)}-k{k}-{digest.hexdigest()[:20]}.npz"
     if path.exists():
-        return np.load(path)
-    embedder = load_embedder(embedder_name)
-    unique = sorted(set(prompts), key=len)  # similar lengths per batch: little padding
-    rows: list[np.ndarray] = []
-    for start in tqdm(range(0, len(unique), batch), desc=f"embedding ({embedder_name})",
-                      unit="batch"):
-        rows.append(embedder.embed(unique[start:start + batch]))
-    table = dict(zip(unique, np.vstack(rows).astype(np.float32)))
-    matrix = np.stack([table[p] for p in prompts])
+        with np.load(path) as saved:
+            return Neighbours(saved["key_of"], saved["keys"], saved["similarities"])
+    with tqdm(total=len(requests), desc="nearest earlier prompts", unit="request") as bar:
+        found = earlier_neighbours(requests, embeddings, k=k, progress=bar.update)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, matrix)
-    return matrix
+    np.savez(path, key_of=found.key_of, keys=found.keys, similarities=found.similarities)
+    return found
 
 
 def sim_requests(trace: list[TraceRequest]) -> list[SimRequest]:
@@ -122,11 +113,11 @@ def chroma_agreement(requests: list[SimRequest], embeddings: np.ndarray, rows: i
     return {"rows": rows, "queries": len(picks), "agreement": agree / len(picks)}
 
 
-def similarity_profile(requests: list[SimRequest], embeddings: np.ndarray, table: KTable,
-                       embedder: str, out: Path) -> dict:
+def similarity_profile(requests: list[SimRequest], embeddings: np.ndarray,
+                       neighbours: Neighbours, table: KTable, embedder: str, out: Path) -> dict:
     from bench.plots import write_similarity_plot
 
-    similarities = top1_similarities(requests, embeddings)
+    similarities = neighbours.top1()
     known = similarities[~np.isnan(similarities)]
     counts, edges = np.histogram(known, bins=20, range=(0.0, 1.0))
     thresholds = [threshold for threshold, _ in table.thresholds]
@@ -154,13 +145,15 @@ def chroma_lookup_ms(embeddings: np.ndarray, queries: int = 300) -> float:
         return 1e3 * (time.perf_counter() - started) / min(queries, len(embeddings))
 
 
-def predictor_eval(requests, embeddings, times, table, embedder, args) -> dict:
+def predictor_eval(requests, embeddings, neighbours, times, table, embedder, args) -> dict:
     config = PredictorConfig(min_samples=args.predictor_min_samples,
                              retrain_every=args.predictor_retrain_every, nu=args.predictor_nu,
                              audit_fraction=0.0)
-    without = simulate(requests, embeddings, times, SimConfig(policy_by_name("lcbfu"), table))
+    without = simulate(requests, embeddings, times, SimConfig(policy_by_name("lcbfu"), table),
+                       neighbours)
     with_predictor = simulate(requests, embeddings, times,
-                              SimConfig(policy_by_name("lcbfu"), table, predictor=config))
+                              SimConfig(policy_by_name("lcbfu"), table, predictor=config),
+                              neighbours)
     c = with_predictor.predictor_confusion
     scored = sum(c.values())
     hits_idx = [i for i, hit in enumerate(without.hit_flags) if hit]
@@ -219,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     trace = (list(read_trace(trace_path, limit=args.limit, channel=args.channel)) if args.channel
              else interleaved(trace_path, args.seed, args.limit))
     requests = sim_requests(trace)
-    embeddings = embeddings_for([r.prompt for r in requests], args.embedder,
-                                Path(args.cache_dir).expanduser())
+    cache_dir = Path(args.cache_dir).expanduser()
+    embeddings = EmbeddingStore(cache_dir, args.embedder).matrix([r.prompt for r in requests])
+    neighbours = neighbours_for(requests, embeddings, cache_dir / "neighbours")
     times = np.cumsum(np.random.default_rng(args.seed).exponential(1.0 / args.rate, len(requests)))
     table = KTable.load(args.k_table)
     command = "python -m bench.replay " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -229,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.similarity_profile:
-        result["similarity_profile"] = similarity_profile(requests, embeddings, table,
-                                                          args.embedder, out)
+        result["similarity_profile"] = similarity_profile(requests, embeddings, neighbours,
+                                                          table, args.embedder, out)
         print(json.dumps(result["similarity_profile"]["share_at_or_above"], indent=2))
     elif args.predictor_eval:
-        result["predictor_eval"] = predictor_eval(requests, embeddings, times, table,
-                                                  args.embedder, args)
+        result["predictor_eval"] = predictor_eval(requests, embeddings, neighbours, times,
+                                                  table, args.embedder, args)
         print(json.dumps(result["predictor_eval"], indent=2))
     else:
         rows = []
@@ -242,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for policy_name, budget in tqdm(configs, desc="simulating", unit="config"):
             sim = simulate(requests, embeddings, times,
                            SimConfig(policy_by_name(policy_name), table, budget_prompts=budget,
-                                     keep_recent_s=args.keep_recent_s))
+                                     keep_recent_s=args.keep_recent_s), neighbours)
             rows.append(row(sim, policy_name, budget, args.embedder, table.name)
                         | {"keep_recent_s": args.keep_recent_s})
         result["rows"] = rows

@@ -2,8 +2,12 @@
 
 It runs the same pieces triage and the cache manager run (similarity -> K table, hole
 handling, eviction policies, the match predictor) over precomputed prompt embeddings; a
-full job costs N steps and a resume N - K. The vector search is an exact in-memory cosine
-top-1 per partition (the live system asks Chroma; bench/replay checks their agreement).
+full job costs N steps and a resume N - K. The vector search is an exact cosine top-1 per
+partition over what is cached (the live system asks Chroma; bench/replay checks their
+agreement). To make that affordable on a whole trace, each request's most similar earlier
+prompts are found once in blocked matrix products (``earlier_neighbours``); the cached
+top-1 is then the first of them still cached, and a scan of the cache is needed only when
+none is and the last is still above the table's lowest threshold.
 Pure: numpy and the cache modules only; time is the requests' arrival times.
 """
 
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,7 +80,8 @@ class SimResult:
 
 
 class ExactIndex:
-    """Exact cosine top-1 per partition over rows of one L2-normalised embedding matrix."""
+    """Exact cosine top-1 per partition over rows of one L2-normalised embedding matrix;
+    ties (copies of one prompt) go to the newest row."""
 
     def __init__(self, embeddings: np.ndarray) -> None:
         self._embeddings = embeddings
@@ -105,20 +110,126 @@ class ExactIndex:
             matrix[slot] = matrix[len(rows)]
             self._position[last] = (partition, slot)
 
+    def vector(self, row: int) -> np.ndarray:
+        return self._embeddings[row]
+
     def nearest(self, partition: str, vector: np.ndarray) -> tuple[int, float] | None:
         rows = self._rows.get(partition)
         if not rows:
             return None
         similarities = self._matrix[partition][: len(rows)] @ vector
-        best = int(np.argmax(similarities))
+        tied = np.flatnonzero(similarities == similarities.max())
+        best = max(tied, key=lambda slot: rows[slot])  # copies of one prompt: the newest
         return rows[best], float(similarities[best])
 
 
+@dataclass(frozen=True)
+class Neighbours:
+    """Per request, the most similar distinct prompts seen earlier in its partition, most
+    similar first. A key is one (partition, prompt); ``key_of[i]`` is request i's."""
+
+    key_of: np.ndarray         # (n,) key id of each request
+    keys: np.ndarray           # (n, k) key ids, -1 where fewer than k earlier keys exist
+    similarities: np.ndarray   # (n, k) cosine similarities, -inf where keys is -1
+
+    def top1(self) -> np.ndarray:
+        """Each request's similarity to the closest earlier prompt (NaN: first of its
+        partition): what a similarity -> K table acts on, before any eviction."""
+        best = self.similarities[:, 0].astype(np.float32)
+        best[self.keys[:, 0] < 0] = np.nan
+        return best
+
+
+def earlier_neighbours(requests: Sequence[SimRequest], embeddings: np.ndarray, k: int = 32,
+                       block: int = 256,
+                       progress: Callable[[int], object] | None = None) -> Neighbours:
+    """Exact top-``k`` earlier keys for every request, by blocks of requests: one matrix
+    product against the partition's keys first seen before the block's last request, the
+    keys first seen after each row's own request masked out."""
+    n = len(requests)
+    key_ids: dict[tuple[str, str], int] = {}
+    key_of = np.empty(n, np.int64)
+    first_row: list[int] = []
+    by_partition: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        key = key_ids.setdefault((request.partition, request.prompt), len(key_ids))
+        key_of[i] = key
+        if key == len(first_row):
+            first_row.append(i)
+        by_partition.setdefault(request.partition, []).append(i)
+    keys = np.full((n, k), -1, np.int64)
+    similarities = np.full((n, k), -np.inf, np.float32)
+    first_rows = np.asarray(first_row, np.int64)
+    for rows in by_partition.values():
+        rows = np.asarray(rows, np.int64)
+        partition_keys = np.unique(key_of[rows])             # ids grow with first occurrence
+        key_first = first_rows[partition_keys]
+        key_matrix = embeddings[key_first]
+        for start in range(0, len(rows), block):
+            queries = rows[start:start + block]
+            eligible = np.searchsorted(key_first, queries)    # keys first seen before the row
+            width = int(eligible[-1])
+            if width:
+                scores = embeddings[queries] @ key_matrix[:width].T
+                low = int(eligible[0])
+                tail = scores[:, low:]
+                tail[np.arange(low, width)[None, :] >= eligible[:, None]] = -np.inf
+                take = min(k, width)
+                best = (np.argpartition(-scores, take - 1, axis=1)[:, :take] if take < width
+                        else np.broadcast_to(np.arange(width), scores.shape).copy())
+                best_scores = np.take_along_axis(scores, best, 1)
+                order = np.argsort(-best_scores, axis=1, kind="stable")
+                best = np.take_along_axis(best, order, 1)
+                best_scores = np.take_along_axis(best_scores, order, 1)
+                found = np.isfinite(best_scores)
+                keys[queries, :take] = np.where(found, partition_keys[best], -1)
+                similarities[queries, :take] = best_scores
+            if progress:
+                progress(len(queries))
+    return Neighbours(key_of, keys, similarities)
+
+
+class CachedTop1:
+    """Exact top-1 over the cached entries, answered from precomputed neighbours."""
+
+    def __init__(self, embeddings: np.ndarray, neighbours: Neighbours, floor: float) -> None:
+        self._neighbours = neighbours
+        self._floor = floor                          # below it no match can earn a K
+        self._scan = ExactIndex(embeddings)
+        self._entries: dict[int, list[int]] = {}     # key -> cached entry rows, oldest first
+
+    def add(self, partition: str, row: int) -> None:
+        self._scan.add(partition, row)
+        self._entries.setdefault(int(self._neighbours.key_of[row]), []).append(row)
+
+    def remove(self, row: int) -> None:
+        self._scan.remove(row)
+        key = int(self._neighbours.key_of[row])
+        self._entries[key].remove(row)
+        if not self._entries[key]:
+            del self._entries[key]
+
+    def nearest(self, row: int, partition: str) -> tuple[int, float] | None:
+        keys, similarities = self._neighbours.keys[row], self._neighbours.similarities[row]
+        for key, similarity in zip(keys.tolist(), similarities.tolist()):
+            if key < 0:
+                return None                          # every earlier key was looked at
+            entries = self._entries.get(key)
+            if entries:
+                return entries[-1], similarity       # the newest copy of that prompt
+        if similarities[-1] < self._floor:
+            return None                              # whatever is cached scores lower still
+        return self._scan.nearest(partition, self._scan.vector(row))
+
+
 def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequence[float],
-             config: SimConfig) -> SimResult:
-    """Replay ``requests`` (row i of ``embeddings`` is request i's prompt) through the cache."""
+             config: SimConfig, neighbours: Neighbours | None = None) -> SimResult:
+    """Replay ``requests`` (row i of ``embeddings`` is request i's prompt) through the cache.
+    ``neighbours`` (from ``earlier_neighbours``) may be shared by runs on the same requests."""
     result = SimResult()
-    index = ExactIndex(embeddings)
+    neighbours = neighbours or earlier_neighbours(requests, embeddings)
+    floor = min(threshold for threshold, _ in config.table.thresholds)
+    index = CachedTop1(embeddings, neighbours, floor)
     items: dict[tuple[int, int], ItemStats] = {}
     stored: dict[int, set[int]] = {}
     first_seen: dict[tuple[str, str], int] = {}
@@ -142,7 +253,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
         decision = None
         if config.policy.admits:
             result.lookups += verdict.look_up
-            truth = decide(index.nearest(request.partition, vector),
+            truth = decide(index.nearest(i, request.partition),
                            lambda entry: frozenset(stored.get(entry, ())), config.table,
                            request.steps)
             if not isinstance(predictor, AlwaysLookUp):
@@ -190,17 +301,3 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
                     index.remove(victim.entry)
                 result.evictions += 1
     return result
-
-
-def top1_similarities(requests: Sequence[SimRequest], embeddings: np.ndarray) -> np.ndarray:
-    """Each request's cosine similarity to the closest earlier request of its partition
-    (NaN for the first of a partition): what a similarity -> K table acts on, before any
-    eviction."""
-    index = ExactIndex(embeddings)
-    out = np.full(len(requests), np.nan, dtype=np.float32)
-    for i, request in enumerate(requests):
-        match = index.nearest(request.partition, embeddings[i])
-        if match is not None:
-            out[i] = match[1]
-        index.add(request.partition, i)
-    return out

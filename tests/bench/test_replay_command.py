@@ -37,7 +37,8 @@ def test_policy_sweep_writes_rows(tmp_path):
     assert unbounded["requests"] == 5  # the empty prompt is skipped
     assert unbounded["hit_rate"] >= 0.2 and unbounded["k_histogram"].get("25", 0) >= 1
     assert rows[2]["hit_rate"] == 0.0
-    assert list((tmp_path / "emb").glob("minilm-5-*.npy"))  # embeddings cached for next time
+    assert list((tmp_path / "emb" / "minilm").glob("chunk-*.npy"))  # kept for the next run
+    assert list((tmp_path / "emb" / "neighbours").glob("neighbours-5-*.npz"))
     assert (tmp_path / "result-steps-saved.png").stat().st_size > 0
     assert (tmp_path / "result-k-and-hits.png").stat().st_size > 0
     assert "| lcbfu | unbounded | minilm | reference |" in out.with_suffix(".md").read_text()
@@ -54,3 +55,16 @@ def test_similarity_profile(tmp_path):
     assert profile["share_at_or_above"]["0.95"] >= 0.25  # the exact repeat
     assert profile["exact_vs_chroma_top1"]["agreement"] == 1.0
     assert (tmp_path / "profile-similarity.png").stat().st_size > 0
+
+
+def test_embedding_store_embeds_only_new_prompts(tmp_path):
+    from bench.embeddings import EmbeddingStore
+
+    store = EmbeddingStore(tmp_path, "minilm")
+    first = store.matrix(["a red car", "a blue car", "a red car"])
+    assert first.shape == (3, 384) and (first[0] == first[2]).all()
+    second = store.matrix(["a blue car", "a green car"])
+    chunks = sorted((tmp_path / "minilm").glob("chunk-*.json"), key=lambda p: p.stat().st_mtime)
+    assert [json.loads(c.read_text()) for c in chunks] == [["a red car", "a blue car"],
+                                                           ["a green car"]]
+    assert (second[0] == first[1]).all()

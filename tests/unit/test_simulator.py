@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from cachemgr.ktable import REFERENCE_TABLE
-from cachemgr.policies import LCBFU, NoCache
-from cachemgr.simulator import (ExactIndex, PredictorConfig, SimConfig, SimRequest, simulate,
-                                top1_similarities)
+from cachemgr.policies import LCBFU, LRU, NoCache
+from cachemgr.simulator import (ExactIndex, PredictorConfig, SimConfig, SimRequest,
+                                earlier_neighbours, simulate)
 
 
 def unit(v) -> np.ndarray:
@@ -90,6 +90,50 @@ def test_top1_similarity_profile_stays_in_partitions():
     requests = [SimRequest("u", "a", 50, "p"), SimRequest("u", "b", 50, "q"),
                 SimRequest("u", "c", 50, "p")]
     embeddings = np.stack([unit([1, 0]), unit([1, 0]), unit([1, 1])])
-    profile = top1_similarities(requests, embeddings)
+    profile = earlier_neighbours(requests, embeddings).top1()
     assert np.isnan(profile[0]) and np.isnan(profile[1])
     assert profile[2] == np.float32(unit([1, 0]) @ unit([1, 1]))
+
+
+def clustered_trace(n=400, seed=0):
+    """Prompts drawn from a few themes with small edits and exact repeats, two partitions."""
+    rng = np.random.default_rng(seed)
+    themes = rng.normal(size=(12, 8))
+    requests, vectors = [], []
+    for i in range(n):
+        if i and rng.random() < 0.3:                       # an exact repeat of an earlier one
+            j = int(rng.integers(i))
+            requests.append(requests[j])
+            vectors.append(vectors[j])
+            continue
+        vectors.append(unit(themes[rng.integers(12)] + rng.normal(scale=0.35, size=8)))
+        requests.append(SimRequest(f"u{i % 3}", f"p{i}", 50, "pq"[i % 2]))
+    return requests, np.stack(vectors), [float(i) for i in range(n)]
+
+
+def test_earlier_neighbours_match_a_brute_force_search():
+    requests, embeddings, _ = clustered_trace()
+    found = earlier_neighbours(requests, embeddings, k=4, block=7)
+    for i, request in enumerate(requests):
+        earlier = {}                                       # key -> similarity, first seen < i
+        for j in range(i):
+            if requests[j].partition == request.partition:
+                earlier.setdefault(requests[j].prompt, float(embeddings[j] @ embeddings[i]))
+        expected = sorted(earlier.values(), reverse=True)[:4]
+        got = found.similarities[i][found.keys[i] >= 0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        assert found.key_of[i] == found.key_of[requests.index(request)]
+
+
+def test_few_neighbours_with_cache_scans_give_the_same_replay_as_many():
+    """k=2 forces the scan of the cache whenever both neighbours were evicted or never
+    cached; the replay must not change."""
+    requests, embeddings, times = clustered_trace()
+    for policy, budget in ((LRU(), 6), (LCBFU(), 0)):
+        config = SimConfig(policy, REFERENCE_TABLE, budget_prompts=budget)
+        few = simulate(requests, embeddings, times, config, earlier_neighbours(requests, embeddings, k=2))
+        many = simulate(requests, embeddings, times, config,
+                        earlier_neighbours(requests, embeddings, k=len(requests)))
+        assert few.hits > 20 and few.evictions == many.evictions
+        assert (few.hit_flags, few.steps_saved, few.k_histogram) == (
+            many.hit_flags, many.steps_saved, many.k_histogram)
