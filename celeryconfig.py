@@ -122,6 +122,12 @@ class Settings:
     visibility_timeout_s: int = _setting("T2I_VISIBILITY_TIMEOUT_S", 7200,
                                          "unacked messages are redelivered after this long; "
                                          "must exceed the longest queue wait plus run time")
+    max_deliveries: int = _setting("T2I_MAX_DELIVERIES", 3,
+                                   "a job whose worker died this many times while generating it "
+                                   "is failed, not retried (a poison job)")
+    store_outage_s: float = _setting("T2I_STORE_OUTAGE_S", 120.0,
+                                     "a finished image waits this long for the object store to "
+                                     "come back before its job fails")
     job_ttl_s: int = _setting("T2I_JOB_TTL_S", 7 * 24 * 3600, "job records expire after this long")
     image_url_ttl_s: int = _setting("T2I_IMAGE_URL_TTL_S", 3600, "presigned image URLs expire after")
 

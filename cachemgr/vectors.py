@@ -7,12 +7,14 @@ download a model). Cosine space; a lookup never leaves the job's partition.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import chromadb
+import httpx
 from chromadb.config import Settings as ChromaSettings
 from chromadb.errors import ChromaError
 
@@ -29,7 +31,7 @@ _BATCH = 1000
 def _chroma_errors() -> Iterator[None]:
     try:
         yield
-    except (ChromaError, ValueError, OSError, ConnectionError) as exc:
+    except (ChromaError, ValueError, OSError, httpx.HTTPError, sqlite3.Error) as exc:
         raise VectorIndexUnavailable(f"Chroma failed: {exc}") from exc
 
 

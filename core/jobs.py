@@ -260,6 +260,7 @@ class JobRecord:
             "error": self.error or None,
             "cancel_requested": self.cancel_requested,
             "deliveries": self.deliveries,
+            "worker": self.worker or None,
         }
         view.update(self.extra)
         return view

@@ -107,3 +107,12 @@ class JobStore:
             return record.transition(record.state, cancel_requested=True)
 
         return self.update(job_id, change)
+
+    def fail(self, job_id: str, error: str, now: float) -> JobRecord:
+        """Mark a job failed with ``error``; a job already finished keeps its outcome."""
+        def change(record: JobRecord) -> JobRecord:
+            if record.state.terminal:
+                return record
+            return record.transition(JobState.FAILED, finished_at=now, error=error)
+
+        return self.update(job_id, change)

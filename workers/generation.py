@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,15 @@ RegisterEntry = Callable[[str, str, str, dict[int, int]], None]
 
 
 @dataclass(frozen=True)
+class Reliability:
+    """How a GPU worker treats faults that are not the job's own."""
+
+    max_deliveries: int = 3          # worker deaths a job may cause before it is failed
+    store_outage_s: float = 120.0    # how long a finished image waits for the object store
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """What a GPU worker needs to know to write and read the cache."""
 
@@ -42,11 +52,20 @@ class CacheConfig:
 
 
 def start_generation(job_id: str, jobs: JobStore, model_label: str, worker: str,
-                     now: Callable[[], float], total_steps: int | None = None) -> JobRecord | None:
-    """Move the job to GENERATING; None when it must not run (finished or cancelled)."""
+                     now: Callable[[], float], reliability: Reliability,
+                     total_steps: int | None = None) -> JobRecord | None:
+    """Move the job to GENERATING; None when it must not run (finished, cancelled, or a
+    poison job: its message came back after it was being generated ``max_deliveries``
+    times, so its workers died, most likely because of the job itself)."""
     record = jobs.get(job_id)
     if record.state.terminal:
         log.info("job %s: generation skipped, job already %s", job_id, record.state)
+        return None
+    if record.state is JobState.GENERATING and record.deliveries >= reliability.max_deliveries:
+        error = (f"its worker died during each of {record.deliveries} deliveries "
+                 f"(last on {record.worker}); not retried")
+        jobs.fail(job_id, error, now())
+        log.error("job %s: failed: %s", job_id, error)
         return None
     if record.cancel_requested:
         jobs.update(job_id, lambda r: r.transition(JobState.CANCELLED, finished_at=now(),
@@ -76,20 +95,32 @@ def finish_cancelled(job_id: str, jobs: JobStore, now: Callable[[], float]) -> d
     return {"job_id": job_id, "state": "cancelled"}
 
 
-def finish_failed(job_id: str, jobs: JobStore, error: str, now: Callable[[], float]) -> dict[str, Any]:
-    try:
-        jobs.update(job_id, lambda r: r.transition(JobState.FAILED, finished_at=now(), error=error))
-    except InvalidTransition:
-        pass  # already finished (e.g. cancelled): keep that outcome
-    log.error("job %s: failed: %s", job_id, error)
-    return {"job_id": job_id, "state": "failed", "error": error}
+def _put_waiting(job_id: str, key: str, png: bytes, objects: ObjectStore,
+                 now: Callable[[], float], reliability: Reliability) -> float:
+    """Put the image, waiting out an object-store outage of up to ``store_outage_s`` rather
+    than losing the work done; returns the seconds waited."""
+    started = now()
+    delay = 0.5
+    while True:
+        try:
+            objects.put(key, png, content_type="image/png")
+            return now() - started
+        except ObjectStoreUnavailable as exc:
+            if now() - started + delay > reliability.store_outage_s:
+                raise
+            log.warning("job %s: image not stored yet (%s); retrying in %.1fs", job_id, exc, delay)
+            reliability.sleep(delay)
+            delay = min(2 * delay, 10.0)
 
 
 def store_image(job_id: str, png: bytes, jobs: JobStore, objects: ObjectStore,
-                now: Callable[[], float], **fields: Any) -> dict[str, Any]:
+                now: Callable[[], float], reliability: Reliability,
+                **fields: Any) -> dict[str, Any]:
     """Write the image under its deterministic key and mark the job succeeded."""
     key = image_key(job_id)
-    objects.put(key, png, content_type="image/png")
+    waited = _put_waiting(job_id, key, png, objects, now, reliability)
+    if waited >= 0.5:
+        fields["waited_for_object_store_s"] = round(waited, 1)
     finished = now()
     jobs.update(job_id, lambda r: r.transition(
         JobState.SUCCEEDED, image_key=key, generation_finished_at=finished, finished_at=finished,
@@ -113,13 +144,13 @@ def _cache_entry(job_id: str, request: JobRequest, captured: dict[int, torch.Ten
 
 def _run_full(job_id: str, request: JobRequest, jobs: JobStore, objects: ObjectStore,
               engine: Engine, now: Callable[[], float], cache: CacheConfig | None,
-              **fields: Any) -> dict[str, Any]:
+              reliability: Reliability, **fields: Any) -> dict[str, Any]:
     capture = cache.table.k_set(request.steps) if cache else frozenset()
     try:
         result: Generation = engine.generate(request, step_reporter(job_id, jobs), capture)
     except JobCancelled:
         return finish_cancelled(job_id, jobs, now)
-    outcome = store_image(job_id, result.image_png, jobs, objects, now,
+    outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
                           unet_calls=result.unet_calls, **fields)
     if cache and result.captured:
         _cache_entry(job_id, request, result.captured, objects, cache)
@@ -127,25 +158,25 @@ def _run_full(job_id: str, request: JobRequest, jobs: JobStore, objects: ObjectS
 
 
 def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Engine,
-                  worker: str, now: Callable[[], float],
-                  cache: CacheConfig | None = None) -> dict[str, Any]:
-    record = start_generation(job_id, jobs, engine.label, worker, now)
+                  worker: str, now: Callable[[], float], cache: CacheConfig | None,
+                  reliability: Reliability) -> dict[str, Any]:
+    record = start_generation(job_id, jobs, engine.label, worker, now, reliability)
     if record is None:
         return {"job_id": job_id, "skipped": True}
-    return _run_full(job_id, record.request, jobs, objects, engine, now, cache)
+    return _run_full(job_id, record.request, jobs, objects, engine, now, cache, reliability)
 
 
 def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Engine,
-                    worker: str, now: Callable[[], float],
-                    cache: CacheConfig | None) -> dict[str, Any]:
+                    worker: str, now: Callable[[], float], cache: CacheConfig | None,
+                    reliability: Reliability) -> dict[str, Any]:
     """Resume from the cached (entry, K) triage chose; an unusable latent falls back to a
     full generation inside the same job."""
     if cache is None:  # the cache was switched off after triage routed this job
-        return generate_full(job_id, jobs, objects, engine, worker, now)
+        return generate_full(job_id, jobs, objects, engine, worker, now, None, reliability)
     record = jobs.get(job_id)
     entry, k, partition = (record.extra["matched_entry"], int(record.extra["k"]),
                            record.extra["partition"])
-    record = start_generation(job_id, jobs, engine.label, worker, now,
+    record = start_generation(job_id, jobs, engine.label, worker, now, reliability,
                               total_steps=record.request.steps - k)
     if record is None:
         return {"job_id": job_id, "skipped": True}
@@ -156,12 +187,13 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
         reason = f"latent {entry}/K={k} unusable: {exc}"
         log.warning("job %s: %s; falling back to full generation", job_id, reason)
         jobs.update(job_id, lambda r: r.transition(r.state, total_steps=request.steps))
-        return _run_full(job_id, request, jobs, objects, engine, now, cache, fallback=reason)
+        return _run_full(job_id, request, jobs, objects, engine, now, cache, reliability,
+                         fallback=reason)
     try:
         result = engine.resume(request, latent, k, step_reporter(job_id, jobs))
     except JobCancelled:
         return finish_cancelled(job_id, jobs, now)
     hits = cache.catalog.record_hit(entry, k, now())
     log.info("job %s: resumed from %s K=%d (hit %s)", job_id, entry, k, hits)
-    return store_image(job_id, result.image_png, jobs, objects, now,
+    return store_image(job_id, result.image_png, jobs, objects, now, reliability,
                        unet_calls=result.unet_calls, resumed_from_k=k)

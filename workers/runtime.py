@@ -108,6 +108,14 @@ def router():
 
 
 @functools.cache
+def reliability():
+    from workers.generation import Reliability
+
+    config = settings()
+    return Reliability(max_deliveries=config.max_deliveries, store_outage_s=config.store_outage_s)
+
+
+@functools.cache
 def cache_config():
     """What GPU workers need to write and read the cache; None when the cache is off."""
     from workers.app import REGISTER_TASK, app, enqueue

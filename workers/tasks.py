@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -43,26 +44,20 @@ def _backoff_s(retries: int) -> float:
     return min(2.0 ** retries, 30.0)
 
 
-@app.task(name=TRIAGE_TASK, bind=True, max_retries=MAX_RETRIES)
-def triage_route(self: Task, job_id: str) -> dict[str, Any]:
-    from workers.triage import triage_job
-
-    try:
-        return triage_job(job_id, runtime.job_store(),
-                          RequestLimits.from_settings(runtime.settings()),
-                          runtime.router(), functools.partial(enqueue, app), runtime.clock)
-    except JobNotFound:
-        log.warning("job %s: no record (expired or never created); dropped", job_id)
-        return {"job_id": job_id, "skipped": "no record"}
-    except TransientError as exc:
-        raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries))
+def _fail(job_id: str, error: str) -> dict[str, Any]:
+    runtime.job_store().fail(job_id, error, runtime.clock())
+    log.error("job %s: failed: %s", job_id, error)
+    return {"job_id": job_id, "state": "failed", "error": error}
 
 
-def _run_generation(task: Task, job_id: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Shared failure handling of the generation tasks."""
-    from workers.generation import finish_failed
+def _worker_name(task: Task) -> str:
+    """Which worker process holds a job: its node name and pool process id."""
+    return f"{task.request.hostname or '?'} pid {os.getpid()}"
 
-    jobs = runtime.job_store()
+
+def _guarded(task: Task, job_id: str, stage: str,
+             work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Shared failure handling of the job tasks: a job is never left stranded mid-stage."""
     try:
         return work()
     except JobNotFound:
@@ -70,33 +65,41 @@ def _run_generation(task: Task, job_id: str, work: Callable[[], dict[str, Any]])
         return {"job_id": job_id, "skipped": "no record"}
     except TransientError as exc:
         if task.request.retries < task.max_retries:
-            log.warning("job %s: %s; retry %d", job_id, exc, task.request.retries + 1)
+            log.warning("job %s: %s: %s; retry %d", job_id, stage, exc, task.request.retries + 1)
             raise task.retry(exc=exc, countdown=_backoff_s(task.request.retries))
-        return finish_failed(job_id, jobs, f"gave up after {task.max_retries} retries: {exc}",
-                             runtime.clock)
+        return _fail(job_id, f"{stage} gave up after {task.max_retries} retries: {exc}")
     except SoftTimeLimitExceeded:
-        return finish_failed(job_id, jobs, "time limit exceeded", runtime.clock)
+        return _fail(job_id, f"{stage} time limit exceeded")
     except Exception as exc:  # noqa: BLE001 - any other error fails this job, not the worker
-        log.exception("job %s: generation error", job_id)
-        return finish_failed(job_id, jobs, f"{type(exc).__name__}: {exc}", runtime.clock)
+        log.exception("job %s: %s error", job_id, stage)
+        return _fail(job_id, f"{stage} error: {type(exc).__name__}: {exc}")
+
+
+@app.task(name=TRIAGE_TASK, bind=True, max_retries=MAX_RETRIES)
+def triage_route(self: Task, job_id: str) -> dict[str, Any]:
+    from workers.triage import triage_job
+
+    return _guarded(self, job_id, "triage", lambda: triage_job(
+        job_id, runtime.job_store(), RequestLimits.from_settings(runtime.settings()),
+        runtime.router(), functools.partial(enqueue, app), runtime.clock))
 
 
 @app.task(name=FULL_TASK, bind=True, max_retries=MAX_RETRIES)
 def gen_full(self: Task, job_id: str) -> dict[str, Any]:
     from workers.generation import generate_full
 
-    return _run_generation(self, job_id, lambda: generate_full(
+    return _guarded(self, job_id, "generation", lambda: generate_full(
         job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
-        self.request.hostname or "", runtime.clock, runtime.cache_config()))
+        _worker_name(self), runtime.clock, runtime.cache_config(), runtime.reliability()))
 
 
 @app.task(name=RESUME_TASK, bind=True, max_retries=MAX_RETRIES)
 def gen_resume(self: Task, job_id: str) -> dict[str, Any]:
     from workers.generation import generate_resume
 
-    return _run_generation(self, job_id, lambda: generate_resume(
+    return _guarded(self, job_id, "generation", lambda: generate_resume(
         job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
-        self.request.hostname or "", runtime.clock, runtime.cache_config()))
+        _worker_name(self), runtime.clock, runtime.cache_config(), runtime.reliability()))
 
 
 @app.task(name=REGISTER_TASK, bind=True, max_retries=MAX_RETRIES)

@@ -1,0 +1,214 @@
+"""Faults against real processes: workers killed mid-job, a poison job, Redis restarted, the
+object store and the vector index down. The module runs its own stack (persistent Redis,
+S3, a Chroma server, a triage/cache worker and a GPU worker) so it can break pieces of it
+without disturbing other tests. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cachemgr.vectors import VectorIndex
+from celeryconfig import Settings
+from core.errors import BrokerUnavailable
+from core.objectstore import ObjectStore
+from infra import servers
+from producer.client import Client
+
+pytestmark = pytest.mark.faults
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+class Stack:
+    """Services started by name, each stoppable and restartable on its ports and data."""
+
+    def __init__(self, config: Settings, base: Path) -> None:
+        self.config, self.base = config, base
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def service(self, name: str) -> servers.Service:
+        port = int(self.config.redis_url.rsplit(":", 1)[1].split("/")[0])
+        chroma_port = int(self.config.chroma_url.rsplit(":", 1)[1])
+        return {
+            "redis": lambda: servers.redis(port, self.base / "redis", persistent=True),
+            "s3": lambda: servers.s3(self.config, self.base / "s3"),
+            "chroma": lambda: servers.chroma(chroma_port, self.base / "chroma"),
+            "triage": lambda: servers.worker("triage-faults", "triage,cache", self.config),
+            "gpu": lambda: servers.worker("gpu-faults", "gen.full,gen.resume", self.config),
+        }[name]()
+
+    def start(self, name: str) -> None:
+        service = self.service(name)
+        log_path = self.base / "logs" / f"{name}.log"
+        self.processes[name] = servers.start(service, log_path)
+        servers.wait_ready(service, self.processes[name], log_path)
+
+    def stop(self, name: str) -> None:
+        servers.stop_pid(self.processes.pop(name).pid)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.stop(name)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[Stack]:
+    base = tmp_path_factory.mktemp("faults")
+    config = dataclasses.replace(
+        settings, redis_url=f"redis://127.0.0.1:{servers.free_port()}/0",
+        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
+        s3_bucket="t2i-faults", chroma_url=f"http://127.0.0.1:{servers.free_port()}",
+        state_dir=str(base / "state"), predictor_enabled=False, max_deliveries=2,
+        store_outage_s=90.0, visibility_timeout_s=15)
+    running = Stack(config, base)
+    try:
+        for name in ("redis", "s3", "chroma", "triage", "gpu"):
+            running.start(name)
+        yield running
+    finally:
+        running.stop_all()
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Client:
+    return Client(stack.config)
+
+
+def wait_until(check, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(BrokerUnavailable):
+            value = check()
+            if value:
+                return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def generating_pid(client: Client, job_id: str, min_step: int = 1) -> int | None:
+    """The pool process generating the job, once it has made some progress."""
+    view = client.status(job_id)
+    if view["state"] == "generating" and view["progress"]["step"] >= min_step and view["worker"]:
+        return int(view["worker"].rsplit(" pid ", 1)[1])
+    return None
+
+
+def finished(client: Client, job_id: str, timeout: float = 180.0) -> dict:
+    return wait_until(lambda: (v := client.status(job_id))["state"] in TERMINAL and v,
+                      timeout, f"job {job_id} to finish")
+
+
+def wait_indexed(stack: Stack, entry: str) -> None:
+    """Registration ends with the vector, so a lookup can find the entry from then on."""
+    index = VectorIndex.open(None, stack.config.chroma_url, stack.config.embedder)
+    wait_until(lambda: any(found == entry for _, found in index.ids()), what=f"{entry} indexed")
+
+
+def keys_of(config: Settings, prefix: str) -> list[str]:
+    return list(ObjectStore.from_settings(config).keys(prefix))
+
+
+def test_pool_process_killed_mid_generation_job_is_redelivered_and_succeeds_once(stack, client):
+    job_id = client.submit("fault test: a lighthouse in a storm", steps=30, seed=3)
+    pid = wait_until(lambda: generating_pid(client, job_id, min_step=3), what="generation")
+    os.kill(pid, signal.SIGKILL)
+    view = finished(client, job_id)
+    assert view["state"] == "succeeded", view
+    assert view["deliveries"] == 2 and view["worker"].rsplit(" pid ", 1)[1] != str(pid)
+    assert keys_of(stack.config, f"images/{job_id}") == [f"images/{job_id}.png"]
+    latents = wait_until(lambda: len(keys_of(stack.config, "cache/")) >= 5 and
+                         [k for k in keys_of(stack.config, "cache/") if f"/{job_id}/" in k],
+                         what="latents")
+    assert len(latents) == 5  # one per K, overwritten not duplicated by the second delivery
+
+
+def test_whole_worker_killed_its_job_comes_back_after_the_visibility_timeout(stack, client):
+    """The machine dies: no process is left to hand the message back, so Redis does once
+    the visibility timeout passes (15 s here, T2I_VISIBILITY_TIMEOUT_S in production)."""
+    job_id = client.submit("fault test: a windmill at night", steps=30, seed=11)
+    wait_until(lambda: generating_pid(client, job_id, min_step=3), what="generation")
+    worker = stack.processes.pop("gpu")
+    os.killpg(worker.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    worker.wait()
+    stack.start("gpu")
+    view = finished(client, job_id)
+    assert view["state"] == "succeeded" and view["deliveries"] == 2, view
+    assert time.monotonic() - killed_at >= stack.config.visibility_timeout_s - 1
+
+
+def test_poison_job_fails_after_bounded_deliveries_and_the_queue_moves_on(stack, client):
+    poison = client.submit("fault test: a job that kills its worker", steps=30, seed=4)
+    killed: list[int] = []
+
+    def kill_whoever_generates_it() -> None:
+        while client.status(poison)["state"] not in TERMINAL:
+            pid = generating_pid(client, poison)
+            if pid and pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_whoever_generates_it, daemon=True)
+    killer.start()
+    view = finished(client, poison)
+    killer.join(10)
+    assert view["state"] == "failed" and "worker died during each of 2 deliveries" in view["error"]
+    assert len(killed) == stack.config.max_deliveries
+    after = client.submit("fault test: an ordinary job after the poison one", steps=5)
+    assert finished(client, after)["state"] == "succeeded"
+
+
+def test_redis_restart_loses_no_accepted_job_and_producers_get_an_error_meanwhile(stack, client):
+    accepted = [client.submit(f"fault test: redis restart job {i}", steps=20, seed=i)
+                for i in range(3)]
+    wait_until(lambda: generating_pid(client, accepted[0]), what="the first job to run")
+    stack.stop("redis")  # SIGTERM: with the append-only file, Redis saves what it acknowledged
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        client.submit("fault test: submitted while redis is down")
+    assert time.monotonic() - started < 10, "a producer must get an error, not hang"
+    stack.start("redis")
+    outcomes = {job_id: finished(client, job_id, timeout=240) for job_id in accepted}
+    for view in outcomes.values():
+        assert view["state"] == "succeeded" or view["error"], view
+    assert sum(v["state"] == "succeeded" for v in outcomes.values()) >= 2, outcomes
+    assert finished(client, client.submit("fault test: after the restart", steps=5))["state"] \
+        == "succeeded"
+
+
+def test_object_store_outage_jobs_wait_for_it_and_caching_resumes(stack, client):
+    prompt = "fault test: a red bicycle leaning on a blue wall"
+    stack.stop("s3")
+    job_id = client.submit(prompt, steps=10, seed=5)
+    wait_until(lambda: client.status(job_id)["progress"]["step"] == 10, what="generation end")
+    time.sleep(2)  # the worker is now retrying the image upload
+    assert client.status(job_id)["state"] == "generating"
+    stack.start("s3")
+    view = finished(client, job_id)
+    assert view["state"] == "succeeded" and view["waited_for_object_store_s"] > 0, view
+    wait_indexed(stack, job_id)
+    again = finished(client, client.submit(prompt, steps=10, seed=6))
+    assert again["state"] == "succeeded" and again["route_reason"] == "hit", again
+
+
+def test_vector_index_down_routes_to_full_generation_and_recovers(stack, client):
+    prompt = "fault test: a paper boat on a puddle"
+    first = finished(client, client.submit(prompt, steps=10, seed=7))
+    wait_indexed(stack, first["id"])
+    stack.stop("chroma")
+    down = finished(client, client.submit(prompt, steps=10, seed=8))
+    assert down["state"] == "succeeded" and down["route_reason"] == "index unavailable", down
+    stack.start("chroma")
+    back = finished(client, client.submit(prompt, steps=10, seed=9))
+    assert back["state"] == "succeeded" and back["route_reason"] == "hit", back
