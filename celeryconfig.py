@@ -9,8 +9,9 @@ variables with their defaults and current values.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,10 +32,10 @@ class Settings:
                                    "Celery result backend; empty means T2I_REDIS_URL")
     s3_endpoint: str = _setting("T2I_S3_ENDPOINT", "127.0.0.1:8333",
                                 "S3 API host:port (MinIO in production, SeaweedFS locally)")
-    s3_access_key: str = _setting("T2I_S3_ACCESS_KEY", "t2i-local",
-                                  "S3 access key (the local default is for the loopback stack only)")
-    s3_secret_key: str = _setting("T2I_S3_SECRET_KEY", "t2i-local-secret",
-                                  "S3 secret key (the local default is for the loopback stack only)")
+    s3_access_key: str = _setting("T2I_S3_ACCESS_KEY", "t2i-local", "S3 access key id")
+    s3_secret_key: str = _setting("T2I_S3_SECRET_KEY", "",
+                                  "S3 secret key; empty: generated at first start into "
+                                  "STATE_DIR/secrets/s3-secret-key (0600)")
     s3_secure: bool = _setting("T2I_S3_SECURE", False, "use HTTPS for S3")
     s3_region: str = _setting("T2I_S3_REGION", "us-east-1", "S3 region (signatures need one)")
     s3_bucket: str = _setting("T2I_S3_BUCKET", "t2i", "bucket for images and cached latents")
@@ -47,6 +48,19 @@ class Settings:
     api_host: str = _setting("T2I_API_HOST", "127.0.0.1", "HTTP API bind address")
     api_port: int = _setting("T2I_API_PORT", 8000, "HTTP API port")
     flower_port: int = _setting("T2I_FLOWER_PORT", 5555, "Flower port")
+    flower_auth: str = _setting("T2I_FLOWER_AUTH", "",
+                                "user:password for Flower's basic auth; empty: admin with a "
+                                "password generated into STATE_DIR/secrets/flower-password")
+
+    # Tenants
+    api_keys: str = _setting("T2I_API_KEYS", "",
+                             "comma-separated tenant:key pairs the HTTP API accepts; empty: "
+                             "tenant 'default' with a key generated into "
+                             "STATE_DIR/secrets/api-key-default")
+    cache_scope: str = _setting("T2I_CACHE_SCOPE", "tenant",
+                                "tenant: a tenant's jobs reuse only its own latents (a shared "
+                                "approximate cache leaks prompts across users); shared: all "
+                                "tenants share one cache, for more savings")
     s3_master_port: int = _setting("T2I_S3_MASTER_PORT", 9333,
                                    "local stack: SeaweedFS master port (S3 port is in T2I_S3_ENDPOINT)")
 
@@ -173,15 +187,56 @@ def _parse(raw: str, kind: type, env: str) -> object:
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build Settings from environment variables (``os.environ`` unless given)."""
+def load_settings(environ: Mapping[str, str] | None = None,
+                  resolve_secrets: bool = True) -> Settings:
+    """Build Settings from environment variables (``os.environ`` unless given); secrets not
+    set there come from the state directory (see ``with_secrets``)."""
     environ = os.environ if environ is None else environ
     values = {}
     for f in fields(Settings):
         env = f.metadata["env"]
         if env in environ:
             values[f.name] = _parse(environ[env], _TYPES[f.type], env)
-    return Settings(**values)
+    config = Settings(**values)
+    if config.cache_scope not in ("tenant", "shared"):
+        raise ValueError(f"T2I_CACHE_SCOPE={config.cache_scope!r}: use tenant or shared")
+    return with_secrets(config) if resolve_secrets else config
+
+
+def _stored_secret(directory: Path, name: str) -> str:
+    """The secret in ``directory/name``, created (random, mode 0600) if it does not exist."""
+    path = directory / name
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+def with_secrets(config: Settings) -> Settings:
+    """Fill the secrets the environment left empty from STATE_DIR/secrets, generating them on
+    first use, so no secret is ever in the repository or a default."""
+    directory = config.state_path / "secrets"
+    return replace(
+        config,
+        s3_secret_key=config.s3_secret_key or _stored_secret(directory, "s3-secret-key"),
+        flower_auth=config.flower_auth or f"admin:{_stored_secret(directory, 'flower-password')}",
+        api_keys=config.api_keys or f"default:{_stored_secret(directory, 'api-key-default')}")
+
+
+def api_key_tenants(config: Settings) -> dict[str, str]:
+    """API key -> tenant, from T2I_API_KEYS ("tenant:key,tenant:key")."""
+    tenants = {}
+    for pair in filter(None, (p.strip() for p in config.api_keys.split(","))):
+        tenant, _, key = pair.partition(":")
+        if not tenant or len(key) < 16:
+            raise ValueError(f"T2I_API_KEYS: {tenant or pair!r} needs tenant:key with a key of "
+                             "at least 16 characters")
+        tenants[key] = tenant
+    return tenants
 
 
 def to_environ(config: Settings) -> dict[str, str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cachemgr.keys import partition_key
+from cachemgr.keys import cache_scope, partition_key
 from cachemgr.ktable import KTable
 from cachemgr.policies import policy_by_name
 from cachemgr.predictor import train_predictor
@@ -56,10 +56,13 @@ def neighbours_for(requests: list[SimRequest], embeddings: np.ndarray, cache_dir
     return found
 
 
-def sim_requests(trace: list[TraceRequest]) -> list[SimRequest]:
+def sim_requests(trace: list[TraceRequest], per_user: bool) -> list[SimRequest]:
+    """Partitions as the live system makes them; ``per_user`` treats each trace user as a
+    tenant (T2I_CACHE_SCOPE=tenant), else one shared cache."""
     return [SimRequest(user=r.user, prompt=r.prompt, steps=r.steps or 50,
                        partition=partition_key("replay", "ddim", r.steps or 50, r.width, r.height,
-                                               r.cfg if r.cfg is not None else 7.5))
+                                               r.cfg if r.cfg is not None else 7.5,
+                                               cache_scope(r.user, shared=not per_user)))
             for r in trace]
 
 
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0", help="comma-separated prompts; 0 = unbounded")
     parser.add_argument("--embedder", default="minilm", help="minilm or clip")
     parser.add_argument("--k-table", default="reference", help="'reference' or a JSON path")
+    parser.add_argument("--cache-scope", choices=["shared", "user"], default="shared",
+                        help="one cache for everyone, or one per trace user (tenant isolation)")
     parser.add_argument("--predictor-eval", action="store_true",
                         help="evaluate the match predictor instead of sweeping policies")
     parser.add_argument("--similarity-profile", action="store_true",
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     trace_path = Path(args.trace)
     trace = (list(read_trace(trace_path, limit=args.limit, channel=args.channel)) if args.channel
              else interleaved(trace_path, args.seed, args.limit))
-    requests = sim_requests(trace)
+    requests = sim_requests(trace, per_user=args.cache_scope == "user")
     cache_dir = Path(args.cache_dir).expanduser()
     embeddings = EmbeddingStore(cache_dir, args.embedder).matrix([r.prompt for r in requests])
     neighbours = neighbours_for(requests, embeddings, cache_dir / "neighbours")
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                            SimConfig(policy_by_name(policy_name), table, budget_prompts=budget,
                                      keep_recent_s=args.keep_recent_s), neighbours)
             rows.append(row(sim, policy_name, budget, args.embedder, table.name)
-                        | {"keep_recent_s": args.keep_recent_s})
+                        | {"keep_recent_s": args.keep_recent_s, "cache_scope": args.cache_scope})
         result["rows"] = rows
         from bench.plots import markdown_table, write_sweep_plots
 

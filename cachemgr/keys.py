@@ -1,8 +1,9 @@
 """Cache partitions and object keys. Pure.
 
 A latent is reusable only by a job that would have computed it the same way: same model,
-scheduler, step count, image size and guidance scale. Those make the partition; a lookup
-never leaves its partition, so a latent from another model or size is never offered.
+scheduler, step count, image size and guidance scale, and (unless the cache is shared) by
+the same tenant. Those make the partition; a lookup never leaves its partition, so a latent
+from another model, size or tenant is never offered.
 """
 
 from __future__ import annotations
@@ -14,16 +15,26 @@ if TYPE_CHECKING:
     from core.jobs import JobRequest
 
 
+SHARED_SCOPE = "shared"
+
+
+def cache_scope(tenant: str, shared: bool) -> str:
+    """Whose latents a job may reuse: its tenant's only, unless the operator shares the
+    cache (a shared approximate cache lets one user's hits reveal another's prompts)."""
+    return SHARED_SCOPE if shared else f"tenant:{tenant}"
+
+
 def partition_key(model: str, scheduler: str, steps: int, width: int, height: int,
-                  guidance: float) -> str:
-    spec = f"{model}|{scheduler}|n={steps}|{width}x{height}|g={guidance:g}"
+                  guidance: float, scope: str) -> str:
+    spec = f"{model}|{scheduler}|n={steps}|{width}x{height}|g={guidance:g}|{scope}"
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def request_partition(model: str, scheduler: str, request: JobRequest) -> str:
+def request_partition(model: str, scheduler: str, request: JobRequest, tenant: str,
+                      shared: bool) -> str:
     """The partition a job's latents belong to (triage looks up, GPU workers write here)."""
     return partition_key(model, scheduler, request.steps, request.width, request.height,
-                         request.guidance)
+                         request.guidance, cache_scope(tenant, shared))
 
 
 def latent_key(partition: str, entry: str, k: int) -> str:

@@ -27,6 +27,10 @@ class JobNotFound(T2IError, KeyError):
         return f"no job {self.job_id!r}"
 
 
+class Unauthorized(T2IError):
+    """No valid API key on a request."""
+
+
 class InvalidTransition(T2IError):
     """A job state change the state machine does not allow."""
 

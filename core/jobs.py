@@ -175,6 +175,7 @@ class JobRecord:
     request: JobRequest
     model: str
     submitted_at: float
+    tenant: str = ""
     route: str = ""
     route_reason: str = ""
     step: int = 0
@@ -242,6 +243,7 @@ class JobRecord:
         """The JSON view given to pollers (no internal bookkeeping)."""
         view = {
             "id": self.id,
+            "tenant": self.tenant,
             "state": str(self.state),
             "request": asdict(self.request),
             "model": self.model,
@@ -260,7 +262,6 @@ class JobRecord:
             "error": self.error or None,
             "cancel_requested": self.cancel_requested,
             "deliveries": self.deliveries,
-            "worker": self.worker or None,
         }
         view.update(self.extra)
         return view

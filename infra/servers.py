@@ -222,9 +222,11 @@ def beat(config: Settings, state_dir: Path) -> Service:
 
 
 def flower(config: Settings) -> Service:
+    """Flower behind basic auth (given in its environment, not argv, which other local users
+    can read)."""
     argv = _celery("flower", f"--address={LOOPBACK}", f"--port={config.flower_port}")
     return Service("flower", argv, lambda _: _http_ok(f"http://{LOOPBACK}:{config.flower_port}/"),
-                   env=to_environ(config))
+                   env={**to_environ(config), "FLOWER_BASIC_AUTH": config.flower_auth})
 
 
 def api(config: Settings) -> Service:

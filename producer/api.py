@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
@@ -9,7 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from core.errors import (InvalidRequest, JobNotFinished, JobNotFound, ObjectMissing,
-                         T2IError, TransientError)
+                         T2IError, TransientError, Unauthorized)
+from celeryconfig import api_key_tenants
 from producer.client import Client
 
 MAX_BODY_BYTES = 64 * 1024
@@ -22,18 +24,45 @@ def _error(status: int, code: str, message: str, field: str | None = None) -> JS
     return JSONResponse({"error": body}, status_code=status)
 
 
+def _presented_key(request: Request) -> str:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip()
+    return request.headers.get("x-api-key", "")
+
+
 def create_app(client: Client | None = None) -> FastAPI:
     api = FastAPI(title="t2i-serve", version="0.1.0",
-                  description="Text-to-image jobs with approximate latent caching.")
-    state: dict[str, Client] = {}
+                  description="Text-to-image jobs with approximate latent caching. Every "
+                              "/v1 call needs an API key (Authorization: Bearer KEY or "
+                              "X-API-Key: KEY); a key belongs to a tenant, which sees only "
+                              "its own jobs.")
+    state: dict[str, Any] = {}
 
     def get_client() -> Client:
         if "client" not in state:
             state["client"] = client or Client()
+            state["tenants"] = api_key_tenants(state["client"].settings)
         return state["client"]
+
+    def tenant_client(request: Request) -> Client:
+        """The client acting for the tenant whose key the request presents."""
+        base = get_client()
+        presented = _presented_key(request).encode()
+        tenant = next((t for key, t in state["tenants"].items()
+                       if hmac.compare_digest(key.encode(), presented)), None)
+        if tenant is None:
+            raise Unauthorized("missing or unknown API key"
+                               if presented else "an API key is required")
+        return base.for_tenant(tenant)
+
 
     @api.exception_handler(T2IError)
     async def on_error(_: Request, exc: T2IError) -> JSONResponse:
+        if isinstance(exc, Unauthorized):
+            response = _error(401, "unauthorized", str(exc))
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         if isinstance(exc, InvalidRequest):
             return _error(422, "invalid_request", str(exc), exc.field)
         if isinstance(exc, JobNotFound):
@@ -46,6 +75,7 @@ def create_app(client: Client | None = None) -> FastAPI:
 
     @api.post("/v1/jobs", status_code=202)
     async def submit(request: Request) -> JSONResponse:
+        acting = tenant_client(request)
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip() != "application/json":
             return _error(415, "unsupported_media_type",
@@ -62,22 +92,22 @@ def create_app(client: Client | None = None) -> FastAPI:
         if "prompt" not in payload:
             raise InvalidRequest("prompt", "is required")
         params = dict(payload)
-        job_id = get_client().submit(params.pop("prompt"), **params)
+        job_id = acting.submit(params.pop("prompt"), **params)
         return JSONResponse({"id": job_id, "state": "queued",
                              "status_url": f"/v1/jobs/{job_id}",
                              "image_url": f"/v1/jobs/{job_id}/image"}, status_code=202)
 
     @api.get("/v1/jobs/{job_id}")
-    def status(job_id: str) -> dict[str, Any]:
-        return get_client().status(job_id)
+    def status(job_id: str, request: Request) -> dict[str, Any]:
+        return tenant_client(request).status(job_id)
 
     @api.get("/v1/jobs/{job_id}/image", response_class=Response)
-    def image(job_id: str) -> Response:
-        return Response(get_client().result(job_id), media_type="image/png")
+    def image(job_id: str, request: Request) -> Response:
+        return Response(tenant_client(request).result(job_id), media_type="image/png")
 
     @api.delete("/v1/jobs/{job_id}")
-    def cancel(job_id: str) -> dict[str, Any]:
-        return get_client().cancel(job_id)
+    def cancel(job_id: str, request: Request) -> dict[str, Any]:
+        return tenant_client(request).cancel(job_id)
 
     @api.get("/healthz")
     def healthz() -> JSONResponse:

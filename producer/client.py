@@ -3,26 +3,46 @@ for images); never imports torch."""
 
 from __future__ import annotations
 
+import copy
 import secrets
 import time
 import uuid
 from typing import Any
 
 from celeryconfig import Settings, load_settings
-from core.errors import BrokerUnavailable, JobNotFinished, Timeout
+from core.errors import BrokerUnavailable, JobNotFinished, JobNotFound, Timeout
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from workers.app import TRIAGE_TASK, enqueue, make_app
 
 
+DEFAULT_TENANT = "default"
+
+
 class Client:
-    def __init__(self, settings: Settings | None = None) -> None:
+    """Acts for one tenant: its jobs are the only ones it can see or cancel (another
+    tenant's job reads as not found). The HTTP API makes one per request with ``for_tenant``."""
+
+    def __init__(self, settings: Settings | None = None, tenant: str = DEFAULT_TENANT) -> None:
         self.settings = settings or load_settings()
+        self.tenant = tenant
         self.limits = RequestLimits.from_settings(self.settings)
         self.jobs = JobStore.from_settings(self.settings)
         self.celery = make_app(self.settings)
         self._objects: ObjectStore | None = None
+
+    def for_tenant(self, tenant: str) -> Client:
+        """The same connections, acting for ``tenant``."""
+        other = copy.copy(self)
+        other.tenant = tenant
+        return other
+
+    def _own(self, job_id: str) -> JobRecord:
+        record = self.jobs.get(job_id)
+        if record.tenant != self.tenant:
+            raise JobNotFound(job_id)  # never confirm that another tenant's job exists
+        return record
 
     @property
     def objects(self) -> ObjectStore:
@@ -37,7 +57,8 @@ class Client:
                                 random_seed=secrets.randbelow(2**32))
         job_id = uuid.uuid4().hex
         self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,
-                                   model=self.settings.model, submitted_at=time.time()))
+                                   model=self.settings.model, submitted_at=time.time(),
+                                   tenant=self.tenant))
         try:
             enqueue(self.celery, TRIAGE_TASK, job_id)
         except BrokerUnavailable as exc:
@@ -49,7 +70,7 @@ class Client:
 
     def status(self, job_id: str) -> dict[str, Any]:
         """The job's public record; a succeeded job also gets a presigned image URL."""
-        record = self.jobs.get(job_id)
+        record = self._own(job_id)
         view = record.public()
         if record.state is JobState.SUCCEEDED:
             view["image_url"] = self.objects.presigned_url(record.image_key,
@@ -60,7 +81,7 @@ class Client:
         """Poll until the job is finished (succeeded, failed or cancelled)."""
         deadline = time.monotonic() + timeout
         while True:
-            record = self.jobs.get(job_id)
+            record = self._own(job_id)
             if record.state.terminal:
                 return self.status(job_id)
             if time.monotonic() >= deadline:
@@ -69,7 +90,7 @@ class Client:
 
     def result(self, job_id: str) -> bytes:
         """The PNG bytes of a succeeded job."""
-        record = self.jobs.get(job_id)
+        record = self._own(job_id)
         if record.state is not JobState.SUCCEEDED:
             raise JobNotFinished(f"job {job_id} is {record.state}, it has no image"
                                  + (f" ({record.error})" if record.error else ""))
@@ -77,4 +98,5 @@ class Client:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job: at once if no worker holds it, else at its next denoising step."""
+        self._own(job_id)
         return self.jobs.request_cancel(job_id, now=time.time()).public()

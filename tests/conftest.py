@@ -13,8 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from celeryconfig import Settings, load_settings
+from celeryconfig import Settings, load_settings, with_secrets
 from infra import servers
+
+
+# Two tenants of the HTTP API (test keys, not secrets).
+TENANT, TENANT_KEY = "acme", "acme-test-key-0123456789"
+OTHER, OTHER_KEY = "globex", "globex-test-key-0123456789"
 
 
 @contextlib.contextmanager
@@ -44,12 +49,13 @@ def redis_url(base_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def settings(base_dir: Path, redis_url: str) -> Settings:
     """Settings for the test session: its own servers, state dir, small defaults."""
-    return dataclasses.replace(
-        load_settings({}), redis_url=redis_url, state_dir=str(base_dir / "state"),
-        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
-        s3_bucket="t2i-test", api_port=servers.free_port(), flower_port=servers.free_port(),
-        default_size=64, default_steps=10, hf_hub_offline=True, predictor_enabled=True,
-    )
+    return with_secrets(dataclasses.replace(
+        load_settings({}, resolve_secrets=False), redis_url=redis_url,
+        state_dir=str(base_dir / "state"), s3_endpoint=f"127.0.0.1:{servers.free_port()}",
+        s3_master_port=servers.free_port(), s3_bucket="t2i-test", api_port=servers.free_port(),
+        flower_port=servers.free_port(), default_size=64, default_steps=10, hf_hub_offline=True,
+        predictor_enabled=True, api_keys=f"{TENANT}:{TENANT_KEY},{OTHER}:{OTHER_KEY}",
+    ))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from cachemgr.keys import request_partition
 from cachemgr.ktable import KTable
 from core.errors import (CorruptLatent, InvalidTransition, JobCancelled, ObjectMissing,
                          ObjectStoreUnavailable, T2IError)
-from core.jobs import JobRecord, JobRequest, JobState, image_key
+from core.jobs import JobRecord, JobState, image_key
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from workers.engine import Engine, Generation
@@ -43,12 +43,14 @@ class CacheConfig:
 
     model: str
     scheduler: str
+    shared: bool                   # one cache for all tenants (T2I_CACHE_SCOPE=shared)
     table: KTable
     catalog: Catalog
     register: RegisterEntry
 
-    def partition(self, request: JobRequest) -> str:
-        return request_partition(self.model, self.scheduler, request)
+    def partition(self, record: JobRecord) -> str:
+        return request_partition(self.model, self.scheduler, record.request, record.tenant,
+                                 self.shared)
 
 
 def start_generation(job_id: str, jobs: JobStore, model_label: str, worker: str,
@@ -129,22 +131,23 @@ def store_image(job_id: str, png: bytes, jobs: JobStore, objects: ObjectStore,
     return {"job_id": job_id, "state": "succeeded", "image_key": key}
 
 
-def _cache_entry(job_id: str, request: JobRequest, captured: dict[int, torch.Tensor],
-                 objects: ObjectStore, cache: CacheConfig) -> None:
+def _cache_entry(record: JobRecord, captured: dict[int, torch.Tensor], objects: ObjectStore,
+                 cache: CacheConfig) -> None:
     """Store a finished generation's latents and register them; never fails the job."""
-    partition = cache.partition(request)
+    job_id, partition = record.id, cache.partition(record)
     sizes = save_latents(objects, partition, job_id, captured)
     if not sizes:
         return
     try:
-        cache.register(job_id, partition, request.prompt, sizes)
+        cache.register(job_id, partition, record.request.prompt, sizes)
     except T2IError as exc:
         log.warning("job %s: entry not registered: %s", job_id, exc)
 
 
-def _run_full(job_id: str, request: JobRequest, jobs: JobStore, objects: ObjectStore,
-              engine: Engine, now: Callable[[], float], cache: CacheConfig | None,
-              reliability: Reliability, **fields: Any) -> dict[str, Any]:
+def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore, engine: Engine,
+              now: Callable[[], float], cache: CacheConfig | None, reliability: Reliability,
+              **fields: Any) -> dict[str, Any]:
+    job_id, request = record.id, record.request
     capture = cache.table.k_set(request.steps) if cache else frozenset()
     try:
         result: Generation = engine.generate(request, step_reporter(job_id, jobs), capture)
@@ -153,7 +156,7 @@ def _run_full(job_id: str, request: JobRequest, jobs: JobStore, objects: ObjectS
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
                           unet_calls=result.unet_calls, **fields)
     if cache and result.captured:
-        _cache_entry(job_id, request, result.captured, objects, cache)
+        _cache_entry(record, result.captured, objects, cache)
     return outcome
 
 
@@ -163,7 +166,7 @@ def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Eng
     record = start_generation(job_id, jobs, engine.label, worker, now, reliability)
     if record is None:
         return {"job_id": job_id, "skipped": True}
-    return _run_full(job_id, record.request, jobs, objects, engine, now, cache, reliability)
+    return _run_full(record, jobs, objects, engine, now, cache, reliability)
 
 
 def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Engine,
@@ -187,8 +190,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
         reason = f"latent {entry}/K={k} unusable: {exc}"
         log.warning("job %s: %s; falling back to full generation", job_id, reason)
         jobs.update(job_id, lambda r: r.transition(r.state, total_steps=request.steps))
-        return _run_full(job_id, request, jobs, objects, engine, now, cache, reliability,
-                         fallback=reason)
+        return _run_full(record, jobs, objects, engine, now, cache, reliability, fallback=reason)
     try:
         result = engine.resume(request, latent, k, step_reporter(job_id, jobs))
     except JobCancelled:

@@ -104,7 +104,7 @@ def router():
         training = {"add_sample": predictor_store().add_sample,
                     "audit_fraction": config.predictor_audit_fraction}
     return CacheRouter(embedder(), vectors(), catalog(), k_table(), predictor, config.model,
-                       config.scheduler, **training)
+                       config.scheduler, config.cache_scope == "shared", **training)
 
 
 @functools.cache
@@ -128,7 +128,8 @@ def cache_config():
     def register(entry: str, partition: str, prompt: str, sizes: dict[int, int]) -> None:
         enqueue(app, REGISTER_TASK, entry, partition=partition, prompt=prompt, sizes=sizes)
 
-    return CacheConfig(config.model, config.scheduler, k_table(), catalog(), register)
+    return CacheConfig(config.model, config.scheduler, config.cache_scope == "shared", k_table(),
+                       catalog(), register)
 
 
 @functools.cache

@@ -54,13 +54,15 @@ class CacheRouter:
     predictor: MatchPredictor
     model: str
     scheduler: str
+    shared: bool                   # one cache for all tenants (T2I_CACHE_SCOPE=shared)
     add_sample: Callable[[np.ndarray], None] = lambda embedding: None
     audit_fraction: float = 0.0
     draw: Callable[[], float] = random.random
 
     def __call__(self, record: JobRecord) -> RouteDecision:
         request = record.request
-        partition = request_partition(self.model, self.scheduler, request)
+        partition = request_partition(self.model, self.scheduler, request, record.tenant,
+                                      self.shared)
         started = time.perf_counter()
         embedding = self.embedder.embed([request.prompt])[0]
         embedded = time.perf_counter()

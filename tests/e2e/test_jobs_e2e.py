@@ -10,6 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from conftest import TENANT, TENANT_KEY
 from core.errors import InvalidRequest
 from core.jobs import image_key
 from core.jobstore import KEY_PREFIX, connect
@@ -21,12 +22,14 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def client(stack) -> Client:
-    return Client(stack)
+    return Client(stack, tenant=TENANT)
 
 
 @pytest.fixture(scope="module")
 def api(stack) -> httpx.Client:
-    with httpx.Client(base_url=f"http://{stack.api_host}:{stack.api_port}", timeout=30) as http:
+    """The HTTP API as the same tenant as ``client``."""
+    with httpx.Client(base_url=f"http://{stack.api_host}:{stack.api_port}", timeout=30,
+                      headers={"Authorization": f"Bearer {TENANT_KEY}"}) as http:
         yield http
 
 

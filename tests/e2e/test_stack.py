@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from celeryconfig import to_environ
@@ -22,6 +23,39 @@ BIN = Path(sys.executable).parent
 def run(command: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / command), *args], env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def listening_addresses(session_leaders: list[int]) -> set[str]:
+    """host:port of every TCP socket listening in the given processes' sessions (each stack
+    service runs in a session of its own), read from /proc."""
+    inodes = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[4])
+            if session in session_leaders:
+                inodes |= {os.readlink(fd)[8:-1] for fd in (proc / "fd").iterdir()
+                           if os.readlink(fd).startswith("socket:[")}
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            columns = line.split()
+            if columns[3] == "0A" and columns[9] in inodes:  # 0A: LISTEN
+                host, port = columns[1].split(":")
+                found.add(f"{_ip(host)}:{int(port, 16)}")
+    return found
+
+
+def _ip(hex_address: str) -> str:
+    raw = bytes.fromhex(hex_address)
+    if len(raw) == 16 and raw[:12] == bytes(10) + b"\xff\xff":  # IPv4-mapped IPv6
+        raw = raw[12:]
+    if len(raw) == 4:
+        return ".".join(str(b) for b in raw[::-1])  # little-endian in /proc
+    return raw.hex()
 
 
 def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings, tmp_path):
@@ -54,6 +88,13 @@ def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings,
         pids = [json.loads(path.read_text())["pid"]
                 for path in (tmp_path / "state" / "pids").glob("*.pid")]
         assert len(pids) == 7
+
+        flower = f"http://127.0.0.1:{config.flower_port}/workers"
+        assert httpx.get(flower).status_code == 401
+        user, password = config.flower_auth.split(":", 1)
+        assert httpx.get(flower, auth=(user, password)).status_code == 200
+        listening = listening_addresses(pids)
+        assert len(listening) >= 7 and all(a.startswith("127.0.0.1:") for a in listening), listening
     finally:
         down = run("t2i-stack", "down", env=env)
     assert down.returncode == 0 and down.stdout.count("stopped") == 7

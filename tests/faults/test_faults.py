@@ -95,11 +95,16 @@ def wait_until(check, timeout: float = 120.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def worker_pid(client: Client, job_id: str) -> int:
+    """The pool process that holds the job (internal: the public view hides it)."""
+    return int(client.jobs.get(job_id).worker.rsplit(" pid ", 1)[1])
+
+
 def generating_pid(client: Client, job_id: str, min_step: int = 1) -> int | None:
     """The pool process generating the job, once it has made some progress."""
-    view = client.status(job_id)
-    if view["state"] == "generating" and view["progress"]["step"] >= min_step and view["worker"]:
-        return int(view["worker"].rsplit(" pid ", 1)[1])
+    record = client.jobs.get(job_id)
+    if record.state == "generating" and record.step >= min_step and record.worker:
+        return worker_pid(client, job_id)
     return None
 
 
@@ -124,7 +129,7 @@ def test_pool_process_killed_mid_generation_job_is_redelivered_and_succeeds_once
     os.kill(pid, signal.SIGKILL)
     view = finished(client, job_id)
     assert view["state"] == "succeeded", view
-    assert view["deliveries"] == 2 and view["worker"].rsplit(" pid ", 1)[1] != str(pid)
+    assert view["deliveries"] == 2 and worker_pid(client, job_id) != pid
     assert keys_of(stack.config, f"images/{job_id}") == [f"images/{job_id}.png"]
     latents = wait_until(lambda: len(keys_of(stack.config, "cache/")) >= 5 and
                          [k for k in keys_of(stack.config, "cache/") if f"/{job_id}/" in k],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cachemgr.keys import latent_key, partition_key
+from cachemgr.keys import cache_scope, latent_key, partition_key
 from cachemgr.ktable import REFERENCE_TABLE, KTable, largest_stored_at_most
 from cachemgr.routing import Reason, decide
 
@@ -50,12 +50,15 @@ def test_hole_fallback_takes_largest_stored_k_at_most():
 
 
 def test_partitions_separate_everything_that_changes_a_latent():
-    base = dict(model="m", scheduler="ddim", steps=50, width=512, height=512, guidance=7.5)
+    base = dict(model="m", scheduler="ddim", steps=50, width=512, height=512, guidance=7.5,
+                scope=cache_scope("acme", shared=False))
     key = partition_key(**base)
     assert partition_key(**base) == key
     for field, other in [("model", "m2"), ("scheduler", "euler"), ("steps", 30),
-                         ("width", 256), ("height", 768), ("guidance", 7.0)]:
+                         ("width", 256), ("height", 768), ("guidance", 7.0),
+                         ("scope", cache_scope("globex", shared=False))]:
         assert partition_key(**{**base, field: other}) != key, field
+    assert cache_scope("acme", shared=True) == cache_scope("globex", shared=True)
     assert latent_key(key, "e1", 5) == f"cache/{key}/e1/k005.safetensors"
 
 

@@ -120,7 +120,7 @@ RECORD = JobRecord(id="j", state=JobState.TRIAGE, model="m", submitted_at=0.0,
 
 def router(predictor, index, samples, draw=lambda: 0.99, audit=0.1) -> CacheRouter:
     return CacheRouter(FakeEmbedder(CENTRES[0]), index, FakeCatalog(), REFERENCE_TABLE,
-                       predictor, "m", "ddim", add_sample=samples.append, audit_fraction=audit,
+                       predictor, "m", "ddim", False, add_sample=samples.append, audit_fraction=audit,
                        draw=draw)
 
 
