@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,9 +60,12 @@ def free_port() -> int:
 
 
 def _http_ok(url: str) -> bool:
+    """Is something answering HTTP there (a 401 from an authenticating server counts)?"""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
     except OSError:
         return False
 

@@ -33,7 +33,7 @@ def listening_addresses(session_leaders: list[int]) -> set[str]:
         if not proc.name.isdigit():
             continue
         try:
-            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[4])
+            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
             if session in session_leaders:
                 inodes |= {os.readlink(fd)[8:-1] for fd in (proc / "fd").iterdir()
                            if os.readlink(fd).startswith("socket:[")}
@@ -94,7 +94,7 @@ def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings,
         user, password = config.flower_auth.split(":", 1)
         assert httpx.get(flower, auth=(user, password)).status_code == 200
         listening = listening_addresses(pids)
-        assert len(listening) >= 7 and all(a.startswith("127.0.0.1:") for a in listening), listening
+        assert len(listening) >= 4 and all(a.startswith("127.0.0.1:") for a in listening), listening
     finally:
         down = run("t2i-stack", "down", env=env)
     assert down.returncode == 0 and down.stdout.count("stopped") == 7
