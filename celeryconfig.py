@@ -17,8 +17,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
-def _setting(env: str, default: object, doc: str) -> object:
-    return field(default=default, metadata={"env": env, "doc": doc})
+def _setting(env: str, default: object, doc: str, secret: bool = False) -> object:
+    # Secrets stay out of repr, so a logged or asserted Settings never shows them.
+    return field(default=default, repr=not secret, metadata={"env": env, "doc": doc})
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Settings:
     s3_access_key: str = _setting("T2I_S3_ACCESS_KEY", "t2i-local", "S3 access key id")
     s3_secret_key: str = _setting("T2I_S3_SECRET_KEY", "",
                                   "S3 secret key; empty: generated at first start into "
-                                  "STATE_DIR/secrets/s3-secret-key (0600)")
+                                  "STATE_DIR/secrets/s3-secret-key (0600)", secret=True)
     s3_secure: bool = _setting("T2I_S3_SECURE", False, "use HTTPS for S3")
     s3_region: str = _setting("T2I_S3_REGION", "us-east-1", "S3 region (signatures need one)")
     s3_bucket: str = _setting("T2I_S3_BUCKET", "t2i", "bucket for images and cached latents")
@@ -50,13 +51,14 @@ class Settings:
     flower_port: int = _setting("T2I_FLOWER_PORT", 5555, "Flower port")
     flower_auth: str = _setting("T2I_FLOWER_AUTH", "",
                                 "user:password for Flower's basic auth; empty: admin with a "
-                                "password generated into STATE_DIR/secrets/flower-password")
+                                "password generated into STATE_DIR/secrets/flower-password",
+                                secret=True)
 
     # Tenants
     api_keys: str = _setting("T2I_API_KEYS", "",
                              "comma-separated tenant:key pairs the HTTP API accepts; empty: "
                              "tenant 'default' with a key generated into "
-                             "STATE_DIR/secrets/api-key-default")
+                             "STATE_DIR/secrets/api-key-default", secret=True)
     cache_scope: str = _setting("T2I_CACHE_SCOPE", "tenant",
                                 "tenant: a tenant's jobs reuse only its own latents (a shared "
                                 "approximate cache leaks prompts across users); shared: all "
@@ -247,6 +249,11 @@ def to_environ(config: Settings) -> dict[str, str]:
         value = getattr(config, f.name)
         environ[f.metadata["env"]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     return environ
+
+
+def secret_variables() -> frozenset[str]:
+    """The variables holding secrets: never printed."""
+    return frozenset(f.metadata["env"] for f in fields(Settings) if not f.repr)
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -117,7 +117,8 @@ def parse_request(payload: Any, limits: RequestLimits, random_seed: int) -> JobR
         raise InvalidRequest("body", f"must be an object, got {type(payload).__name__}")
     unknown = sorted(str(key) for key in payload if key not in REQUEST_FIELDS)
     if unknown:
-        raise InvalidRequest(unknown[0], f"unknown field (allowed: {', '.join(REQUEST_FIELDS)})")
+        raise InvalidRequest(unknown[0], f"unknown field {unknown[0]!r} "
+                                         f"(allowed: {', '.join(REQUEST_FIELDS)})")
     if "prompt" not in payload:
         raise InvalidRequest("prompt", "is required")
 

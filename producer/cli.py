@@ -65,8 +65,10 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_config(_: Client, __: argparse.Namespace) -> int:
     current = celeryconfig.to_environ(celeryconfig.load_settings())
+    hidden = celeryconfig.secret_variables()
     for env, default, doc in celeryconfig.describe():
-        print(f"{env:26} default {default:28} now {current[env]!r}\n{'':26} {doc}")
+        now = "(secret, set)" if env in hidden else repr(current[env])
+        print(f"{env:26} default {default:28} now {now}\n{'':26} {doc}")
     return 0
 
 

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cachemgr.catalog import Catalog
@@ -18,6 +19,7 @@ from core.jobstore import connect
 from core.objectstore import ObjectStore
 from producer.client import Client
 from workers.embedder import MiniLMEmbedder
+from workers.latents import encode_latent
 
 pytestmark = pytest.mark.e2e
 
@@ -110,8 +112,24 @@ def test_other_size_is_another_partition_and_never_offered(original, client):
     assert view["partition"] != original["partition"]
 
 
-def test_latent_deleted_between_triage_and_generation_falls_back_to_full(
-        original, client, stack):
+def _truncate(objects: ObjectStore, key: str) -> None:
+    objects.put(key, objects.get(key)[:100])
+
+
+def _from_another_model(objects: ObjectStore, key: str) -> None:
+    objects.put(key, encode_latent(torch.randn(1, 4, 8, 8), "another-model-partition"))
+
+
+def _wrong_shape(objects: ObjectStore, key: str) -> None:
+    partition = key.split("/")[1]
+    objects.put(key, encode_latent(torch.randn(1, 4, 16, 16), partition))
+
+
+@pytest.mark.parametrize("spoil", [ObjectStore.delete, _truncate, _from_another_model,
+                                   _wrong_shape], ids=["deleted", "truncated",
+                                                       "another-model", "wrong-shape"])
+def test_latent_spoiled_between_triage_and_generation_falls_back_to_full(
+        original, client, stack, spoil):
     busy = client.submit("keeps the GPU worker busy", steps=150, width=128, height=128)
     job_id = client.submit(ORIGINAL, steps=STEPS, seed=2)
     deadline = time.monotonic() + 60
@@ -119,8 +137,8 @@ def test_latent_deleted_between_triage_and_generation_falls_back_to_full(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert view["route"] == "gen.resume" and view["state"] == "queued"
-    ObjectStore.from_settings(stack).delete(
-        latent_key(view["partition"], view["matched_entry"], view["k"]))
+    spoil(ObjectStore.from_settings(stack),
+          latent_key(view["partition"], view["matched_entry"], view["k"]))
     client.cancel(busy)
     view = client.wait(job_id, timeout=180)
     assert view["state"] == "succeeded"

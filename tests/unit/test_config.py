@@ -65,3 +65,11 @@ def test_api_keys_map_to_tenants_and_short_keys_are_refused():
         celeryconfig.api_key_tenants(Settings(api_keys="acme:short"))
     with pytest.raises(ValueError, match="T2I_CACHE_SCOPE='everyone'"):
         load_settings({"T2I_CACHE_SCOPE": "everyone"}, resolve_secrets=False)
+
+
+def test_secrets_never_show_in_repr():
+    config = Settings(s3_secret_key="s3-secret-value", flower_auth="admin:flower-secret",
+                      api_keys="acme:" + "k" * 20)
+    assert not any(secret in repr(config) for secret in ("s3-secret-value", "flower-secret", "kkkk"))
+    assert celeryconfig.secret_variables() == {"T2I_S3_SECRET_KEY", "T2I_FLOWER_AUTH",
+                                               "T2I_API_KEYS"}
