@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from bench import load
 from cachemgr.vectors import VectorIndex
-from celeryconfig import Settings
+from celeryconfig import Settings, api_key_tenants
 from core.errors import BrokerUnavailable
 from core.objectstore import ObjectStore
 from infra import servers
@@ -45,6 +46,7 @@ class Stack:
             "chroma": lambda: servers.chroma(chroma_port, self.base / "chroma"),
             "triage": lambda: servers.worker("triage-faults", "triage,cache", self.config),
             "gpu": lambda: servers.worker("gpu-faults", "gen.full,gen.resume", self.config),
+            "api": lambda: servers.api(self.config),
         }[name]()
 
     def start(self, name: str) -> None:
@@ -69,10 +71,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Itera
         s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
         s3_bucket="t2i-faults", chroma_url=f"http://127.0.0.1:{servers.free_port()}",
         state_dir=str(base / "state"), predictor_enabled=False, max_deliveries=2,
-        store_outage_s=90.0, visibility_timeout_s=15)
+        store_outage_s=90.0, visibility_timeout_s=15, api_port=servers.free_port())
     running = Stack(config, base)
     try:
-        for name in ("redis", "s3", "chroma", "triage", "gpu"):
+        for name in ("redis", "s3", "chroma", "triage", "gpu", "api"):
             running.start(name)
         yield running
     finally:
@@ -217,3 +219,34 @@ def test_vector_index_down_routes_to_full_generation_and_recovers(stack, client)
     stack.start("chroma")
     back = finished(client, client.submit(prompt, steps=10, seed=9))
     assert back["state"] == "succeeded" and back["route_reason"] == "hit", back
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_burst_of_2000_submissions_loses_no_job_and_keeps_the_api_small(stack):
+    """Four producers submit 2,000 jobs through the HTTP API at once; the API's memory stays
+    bounded. Then every job is cancelled (one CPU-bound GPU worker here would need most of
+    an hour to generate them all) and each must end succeeded, failed with a reason, or
+    cancelled: none lost, none stuck."""
+    url = f"http://{stack.config.api_host}:{stack.config.api_port}"
+    key = api_key_tenants(stack.config).popitem()[0]
+    api_pid = stack.processes["api"].pid
+    warm = load.burst(url, key, 200, producers=4)
+    warm_mb = resident_mb(api_pid)
+    report = load.burst(url, key, 2000, producers=4)
+    grown_mb = resident_mb(api_pid) - warm_mb
+    print(f"accepted {report.accepted} in {report.seconds:.1f}s: {report.accepted_per_s:.0f}/s; "
+          f"API resident memory grew {grown_mb:.1f} MB")
+    assert report.accepted == 2000 and not report.refused
+    assert grown_mb < 100, f"the API grew by {grown_mb:.0f} MB over 2000 submissions"
+    everything = warm.job_ids + report.job_ids
+    load.cancel_all(url, key, everything, producers=4)
+    outcomes = load.follow(url, key, everything, timeout_s=300)
+    print(f"outcomes: {dict(outcomes)}")
+    assert outcomes["succeeded"] + outcomes["cancelled"] == 2200, outcomes
+    assert outcomes["cancelled"] > 0 and not outcomes["lost"] and not outcomes["unfinished"]
