@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
+import os
 import platform
 import sys
 import tempfile
@@ -184,6 +186,17 @@ def predictor_eval(requests, embeddings, neighbours, times, table, embedder, arg
     }
 
 
+# What the sweep's worker processes read: set before the fork, so they share it unpickled.
+_SWEEP: dict = {}
+
+
+def _simulate_one(config: tuple[str, int]) -> SimResult:
+    policy_name, budget = config
+    return simulate(_SWEEP["requests"], _SWEEP["embeddings"], _SWEEP["times"],
+                    SimConfig(policy_by_name(policy_name), _SWEEP["table"], budget_prompts=budget,
+                              keep_recent_s=_SWEEP["keep_recent_s"]), _SWEEP["neighbours"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictor-min-samples", type=int, default=200)
     parser.add_argument("--predictor-retrain-every", type=int, default=1000)
     parser.add_argument("--predictor-nu", type=float, default=0.1)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="configurations simulated in parallel (processes)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
                         help="where prompt embeddings are cached between runs")
     parser.add_argument("--out", default="bench/results/replay", help="output path, no extension")
@@ -236,14 +251,15 @@ def main(argv: list[str] | None = None) -> int:
                                                   table, args.embedder, args)
         print(json.dumps(result["predictor_eval"], indent=2))
     else:
-        rows = []
         configs = [(p, int(b)) for p in args.policies.split(",") for b in args.budgets.split(",")]
-        for policy_name, budget in tqdm(configs, desc="simulating", unit="config"):
-            sim = simulate(requests, embeddings, times,
-                           SimConfig(policy_by_name(policy_name), table, budget_prompts=budget,
-                                     keep_recent_s=args.keep_recent_s), neighbours)
-            rows.append(row(sim, policy_name, budget, args.embedder, table.name)
-                        | {"keep_recent_s": args.keep_recent_s, "cache_scope": args.cache_scope})
+        _SWEEP.update(requests=requests, embeddings=embeddings, times=times, table=table,
+                      neighbours=neighbours, keep_recent_s=args.keep_recent_s)
+        with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
+            sims = list(tqdm(pool.imap(_simulate_one, configs), total=len(configs),
+                             desc="simulating", unit="config"))
+        rows = [row(sim, policy_name, budget, args.embedder, table.name)
+                | {"keep_recent_s": args.keep_recent_s, "cache_scope": args.cache_scope}
+                for (policy_name, budget), sim in zip(configs, sims)]
         result["rows"] = rows
         from bench.plots import markdown_table, write_sweep_plots
 
