@@ -24,11 +24,13 @@ PREFIX = "t2i:cache:"
 SCORES = PREFIX + "scores"
 BYTES = PREFIX + "bytes"
 
-# KEYS: item, entry set, scores, bytes. ARGV: entry, k, partition, size, created_at.
+# KEYS: item, entry set, scores, bytes. ARGV: entry, k, partition, size, created_at, prompt.
+# The prompt is kept so the vector index can be rebuilt from the catalog.
 _REGISTER = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'entry', ARGV[1], 'k', ARGV[2], 'partition', ARGV[3],
-           'size', ARGV[4], 'created_at', ARGV[5], 'hits', 0, 'last_used_at', ARGV[5])
+           'size', ARGV[4], 'created_at', ARGV[5], 'hits', 0, 'last_used_at', ARGV[5],
+           'prompt', ARGV[6])
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[1] .. ':' .. ARGV[2])
 redis.call('INCRBY', KEYS[4], ARGV[4])
@@ -66,12 +68,14 @@ class CacheItem:
     created_at: float
     hits: int
     last_used_at: float
+    prompt: str = ""
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> CacheItem:
         return cls(entry=raw["entry"], k=int(raw["k"]), partition=raw["partition"],
                    size=int(raw["size"]), created_at=float(raw["created_at"]),
-                   hits=int(raw["hits"]), last_used_at=float(raw["last_used_at"]))
+                   hits=int(raw["hits"]), last_used_at=float(raw["last_used_at"]),
+                   prompt=raw.get("prompt", ""))
 
     def stats(self) -> ItemStats:
         """The policy's view of this item."""
@@ -94,13 +98,14 @@ class Catalog:
         self._hit = client.register_script(_HIT)
         self._remove = client.register_script(_REMOVE)
 
-    def register(self, entry: str, partition: str, sizes: dict[int, int], now: float) -> int:
+    def register(self, entry: str, partition: str, sizes: dict[int, int], now: float,
+                 prompt: str = "") -> int:
         """Record the items of a new entry; returns how many were new."""
         added = 0
         with redis_errors():
             for k, size in sorted(sizes.items()):
                 added += self._register(keys=[item_key(entry, k), entry_key(entry), SCORES, BYTES],
-                                        args=[entry, k, partition, size, now])
+                                        args=[entry, k, partition, size, now, prompt])
         return added
 
     def stored_ks(self, entry: str) -> frozenset[int]:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from redis.exceptions import LockError
 
@@ -42,6 +45,7 @@ class SweepReport:
     orphan_objects: int = 0
     missing_objects: int = 0
     orphan_vectors: int = 0
+    reindexed: int = 0           # cataloged entries whose vector was lost, added back
 
 
 class Evictor:
@@ -98,12 +102,15 @@ class Evictor:
 
 
 def sweep(catalog: Catalog, objects: ObjectStore, vectors: VectorIndex, now: float,
-          grace_s: float) -> SweepReport:
-    """Repair what a crash between stores left behind. Objects and records younger than
-    ``grace_s`` are left alone: a generation uploads its latents before it registers them."""
+          grace_s: float, embed: Callable[[list[str]], np.ndarray]) -> SweepReport:
+    """Repair what a crash between stores left behind, and rebuild the vector index from
+    the catalog where it lost entries (a Chroma wiped or restored from an old backup).
+    Objects and records younger than ``grace_s`` are left alone: a generation uploads its
+    latents before it registers them, and registers items before their vector."""
     report = SweepReport()
     stored = objects.modified_times("cache/")
-    cataloged = {latent_key(i.partition, i.entry, i.k): i for i in catalog.snapshot()}
+    items = catalog.snapshot()
+    cataloged = {latent_key(i.partition, i.entry, i.k): i for i in items}
     for key, modified in stored.items():
         if key not in cataloged and now - modified > grace_s:
             objects.delete(key)
@@ -112,10 +119,18 @@ def sweep(catalog: Catalog, objects: ObjectStore, vectors: VectorIndex, now: flo
         if key not in stored and now - item.created_at > grace_s:
             catalog.remove_item(item.entry, item.k)
             report.missing_objects += 1
+    indexed = set()
     for partition, entry in vectors.ids():
+        indexed.add(entry)
         if not catalog.stored_ks(entry):
             vectors.delete(entry, partition)
             report.orphan_vectors += 1
-    if report.orphan_objects or report.missing_objects or report.orphan_vectors:
+    lost = {i.entry: i for i in items
+            if i.entry not in indexed and i.prompt and now - i.created_at > grace_s}
+    for item in lost.values():
+        vectors.add(item.entry, embed([item.prompt])[0], item.partition, item.prompt,
+                    item.created_at)
+        report.reindexed += 1
+    if any(asdict(report).values()):
         log.info("sweep: %s", report)
     return report

@@ -72,10 +72,21 @@ class VectorIndex:
                     embedding_function=None)
         return self._collections[partition]
 
+    @contextlib.contextmanager
+    def _using(self, partition: str) -> Iterator[Any]:
+        """The partition's collection; a failure forgets the handle, so a Chroma that was
+        restarted or wiped meanwhile is asked again (and the collection made anew)."""
+        try:
+            with _chroma_errors():
+                yield self._collection(partition)
+        except VectorIndexUnavailable:
+            self._collections.pop(partition, None)
+            raise
+
     def add(self, entry: str, embedding: Sequence[float], partition: str, prompt: str,
             created_at: float) -> None:
-        with _chroma_errors():
-            self._collection(partition).upsert(
+        with self._using(partition) as collection:
+            collection.upsert(
                 ids=[entry], embeddings=[list(map(float, embedding))],
                 metadatas=[{"created_at": created_at, "prompt": prompt[:500]}])
 
@@ -83,18 +94,18 @@ class VectorIndex:
                  partition: str, created_at: float) -> None:
         """Bulk insert (rebuilding an index, benchmarks), in chunks Chroma accepts."""
         entries = list(entries)
-        with _chroma_errors():
+        with self._using(partition) as collection:
             for start in range(0, len(entries), _BATCH):
                 chunk = entries[start:start + _BATCH]
-                self._collection(partition).upsert(
+                collection.upsert(
                     ids=chunk,
                     embeddings=[list(map(float, e)) for e in embeddings[start:start + _BATCH]],
                     metadatas=[{"created_at": created_at}] * len(chunk))
 
     def nearest(self, embedding: Sequence[float], partition: str) -> tuple[str, float] | None:
         """The closest entry in ``partition`` and its cosine similarity, or None if empty."""
-        with _chroma_errors():
-            result = self._collection(partition).query(query_embeddings=[list(map(float, embedding))],
+        with self._using(partition) as collection:
+            result = collection.query(query_embeddings=[list(map(float, embedding))],
                                       n_results=1, include=["distances"])
         ids, distances = result["ids"][0], result["distances"][0]
         if not ids:
@@ -102,8 +113,8 @@ class VectorIndex:
         return ids[0], 1.0 - float(distances[0])
 
     def delete(self, entry: str, partition: str) -> None:
-        with _chroma_errors():
-            self._collection(partition).delete(ids=[entry])
+        with self._using(partition) as collection:
+            collection.delete(ids=[entry])
 
     def ids(self) -> list[tuple[str, str]]:
         """(partition, entry) of every vector of this embedder."""

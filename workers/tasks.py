@@ -133,7 +133,8 @@ def cache_sweep() -> dict[str, Any]:
     if not runtime.settings().cache_enabled:
         return {}
     return asdict(sweep(runtime.catalog(), runtime.object_store(), runtime.vectors(),
-                        runtime.clock(), runtime.settings().sweep_grace_s))
+                        runtime.clock(), runtime.settings().sweep_grace_s,
+                        runtime.embedder().embed))
 
 
 @app.task(name=TRAIN_PREDICTOR_TASK)

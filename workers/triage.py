@@ -131,7 +131,7 @@ def register_entry(entry: str, partition: str, prompt: str, sizes: dict[int, int
     """Make a finished generation findable: items in the catalog first, then the vector, so a
     lookup that finds the vector also finds its items. Safe to redeliver."""
     created = now()
-    added = catalog.register(entry, partition, sizes, created)
+    added = catalog.register(entry, partition, sizes, created, prompt)
     vectors.add(entry, embedder.embed([prompt])[0], partition, prompt, created)
     log.info("job %s: cached %d latents (K %s)", entry, added, sorted(sizes))
     return {"entry": entry, "items": sorted(sizes), "new": added}

@@ -153,6 +153,7 @@ def test_maintenance_tasks_run_on_the_cache_worker(stack, original):
     evict = celery.send_task("cache.evict").get(timeout=120)
     assert evict["ran"] is False and evict["evicted"] == 0  # well within the default budget
     sweep = celery.send_task("cache.sweep").get(timeout=120)
-    assert sweep == {"orphan_objects": 0, "missing_objects": 0, "orphan_vectors": 0}
+    assert sweep == {"orphan_objects": 0, "missing_objects": 0, "orphan_vectors": 0,
+                     "reindexed": 0}
     train = celery.send_task("cache.train_predictor").get(timeout=120)
     assert train["trained"] is False and train["samples"] >= 1  # the hits above were samples

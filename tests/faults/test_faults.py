@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -24,6 +25,7 @@ from core.errors import BrokerUnavailable
 from core.objectstore import ObjectStore
 from infra import servers
 from producer.client import Client
+from workers.app import make_app
 
 pytestmark = pytest.mark.faults
 
@@ -71,7 +73,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Itera
         s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
         s3_bucket="t2i-faults", chroma_url=f"http://127.0.0.1:{servers.free_port()}",
         state_dir=str(base / "state"), predictor_enabled=False, max_deliveries=2,
-        store_outage_s=90.0, visibility_timeout_s=15, api_port=servers.free_port())
+        store_outage_s=90.0, visibility_timeout_s=15, api_port=servers.free_port(),
+        sweep_grace_s=2.0)
     running = Stack(config, base)
     try:
         for name in ("redis", "s3", "chroma", "triage", "gpu", "api"):
@@ -219,6 +222,24 @@ def test_vector_index_down_routes_to_full_generation_and_recovers(stack, client)
     stack.start("chroma")
     back = finished(client, client.submit(prompt, steps=10, seed=9))
     assert back["state"] == "succeeded" and back["route_reason"] == "hit", back
+
+
+def test_a_wiped_vector_index_is_rebuilt_from_the_catalog_by_the_sweep(stack, client):
+    prompt = "fault test: a glass jar of fireflies"
+    first = finished(client, client.submit(prompt, steps=10, seed=12))
+    wait_indexed(stack, first["id"])
+    stack.stop("chroma")
+    shutil.rmtree(stack.base / "chroma")  # the index is lost; the catalog is not
+    stack.start("chroma")
+    lost = finished(client, client.submit(prompt, steps=10, seed=13))
+    # the worker's collection handle is stale at first (index unavailable), then made anew
+    assert lost["state"] == "succeeded", lost
+    assert lost["route_reason"] in ("miss", "index unavailable"), lost
+    time.sleep(stack.config.sweep_grace_s)
+    report = make_app(stack.config).send_task("cache.sweep").get(timeout=120)
+    assert report["reindexed"] >= 1, report
+    back = finished(client, client.submit(prompt, steps=10, seed=14))
+    assert back["route_reason"] == "hit" and back["matched_entry"] in (first["id"], lost["id"])
 
 
 def resident_mb(pid: int) -> float:

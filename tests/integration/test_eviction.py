@@ -56,6 +56,10 @@ def assert_stores_agree(stores) -> None:
     assert catalog.total_bytes() == ITEM_BYTES * len(items) == sum(i.size for i in items)
 
 
+def no_embedding(prompts: list[str]) -> np.ndarray:
+    raise AssertionError(f"nothing to re-index here, yet asked to embed {prompts}")
+
+
 def test_fill_past_budget_then_evict_to_low_water(stores):
     catalog, objects, vectors = stores
     fill(stores, 20)                                   # 100 items, 10,000 bytes
@@ -118,10 +122,11 @@ def test_crash_between_deletes_leaves_holes_and_the_sweep_repairs(stores):
     assert catalog.stored_ks("entry000") == frozenset() and (PARTITION, "entry000") in vectors.ids()
     # Vectors without items go at once; young objects are spared (a generation uploads its
     # latents before it registers them) ...
-    first = sweep(catalog, objects, vectors, now=time.time(), grace_s=3600)
+    first = sweep(catalog, objects, vectors, now=time.time(), grace_s=3600, embed=no_embedding)
     assert (first.orphan_vectors, first.orphan_objects) == (1, 0)
     # ... and removed once old, and then the stores agree again.
-    assert sweep(catalog, objects, vectors, now=time.time() + 7200, grace_s=3600).orphan_objects == 1
+    assert sweep(catalog, objects, vectors, now=time.time() + 7200, grace_s=3600,
+                 embed=no_embedding).orphan_objects == 1
     assert_stores_agree(stores)
 
 
@@ -129,7 +134,7 @@ def test_sweep_drops_records_whose_object_is_gone(stores):
     catalog, objects, vectors = stores
     fill(stores, 2)
     objects.delete(latent_key(PARTITION, "entry001", 10))
-    report = sweep(catalog, objects, vectors, now=10_000.0, grace_s=60)
+    report = sweep(catalog, objects, vectors, now=10_000.0, grace_s=60, embed=no_embedding)
     assert report.missing_objects == 1 and catalog.stored_ks("entry001") == {5, 15, 20, 25}
     assert_stores_agree(stores)
 
@@ -168,3 +173,22 @@ def test_a_dead_evictors_lock_expires(stores):
     assert evictor.run(now=1.0).locked_out
     time.sleep(0.6)
     assert evictor.run(now=2.0).evicted == 5
+
+
+def test_sweep_rebuilds_a_lost_vector_index_from_the_catalog(stores, tmp_path):
+    from workers.embedder import MiniLMEmbedder
+
+    catalog, objects, _ = stores
+    embedder = MiniLMEmbedder()
+    prompts = {"old1": "a fox in the snow", "old2": "a boat at sea", "young": "a red kite"}
+    for created, (entry, prompt) in enumerate(prompts.items()):
+        for k in KS:
+            objects.put(latent_key(PARTITION, entry, k), b"x" * ITEM_BYTES)
+        catalog.register(entry, PARTITION, {k: ITEM_BYTES for k in KS}, now=100.0 * created,
+                         prompt=prompt)
+    wiped = VectorIndex.open(tmp_path / "fresh-chroma", "", "evict")  # the old index is gone
+    report = sweep(catalog, objects, wiped, now=250.0, grace_s=60, embed=embedder.embed)
+    assert report.reindexed == 2 and set(wiped.ids()) == {(PARTITION, "old1"), (PARTITION, "old2")}
+    entry, similarity = wiped.nearest(embedder.embed(["a fox in the snow"])[0], PARTITION)
+    assert entry == "old1" and similarity > 0.999
+    assert sweep(catalog, objects, wiped, now=1000.0, grace_s=60, embed=embedder.embed).reindexed == 1
