@@ -4,7 +4,8 @@
 
 Both stacks (Redis, S3, API, Celery triage/cache and GPU workers, beat, Flower; fresh state
 in a temporary directory) run side by side on this machine and get the same requests in the
-same order, one job in flight per stack (closed loop), so machine noise hits both alike.
+same order and arrival times, so machine noise hits both alike: one job in flight per stack
+(closed loop, the default) or Poisson arrivals at --rate jobs/s (open loop).
 Image sizes are the trace's divided by --size-divisor (partitions stay distinct; the CPU
 test model stays fast); guidance comes from the trace (default 7.5), seeds too.
 Writes a JSON and a Markdown summary to bench/results/.
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -52,16 +54,37 @@ def job_params(request: TraceRequest, steps: int, divisor: int) -> dict[str, Any
             "height": side(request.height), "guidance": request.cfg if request.cfg else 7.5}
 
 
+def _submit(client: Client, request: TraceRequest, steps: int, divisor: int,
+            views: list[dict]) -> str | None:
+    try:
+        return client.submit(request.prompt[:client.settings.max_prompt_chars],
+                             **job_params(request, steps, divisor))
+    except InvalidRequest as exc:  # the trace has a few (e.g. guidance 100): refused
+        views.append({"state": "refused", "error": str(exc)})
+        return None
+
+
 def drive(client: Client, requests: list[TraceRequest], steps: int, divisor: int,
-          views: list[dict], progress: tqdm) -> None:
+          views: list[dict], progress: tqdm, rate: float, seed: int) -> None:
+    """Closed loop (rate 0): one job in flight. Open loop: Poisson arrivals at ``rate`` per
+    second whatever the stack's backlog (the same seeded times for both arms), then every
+    job awaited."""
+    if not rate:
+        for request in requests:
+            if job_id := _submit(client, request, steps, divisor, views):
+                views.append(client.wait(job_id, timeout=900))
+            progress.update()
+        return
+    arrivals, due, submitted = random.Random(seed), time.monotonic(), []
     for request in requests:
-        try:
-            job_id = client.submit(request.prompt[:client.settings.max_prompt_chars],
-                                   **job_params(request, steps, divisor))
-        except InvalidRequest as exc:  # the trace has a few (e.g. guidance 100): refused
-            views.append({"state": "refused", "error": str(exc)})
+        due += arrivals.expovariate(rate)
+        time.sleep(max(0.0, due - time.monotonic()))
+        if job_id := _submit(client, request, steps, divisor, views):
+            submitted.append(job_id)
         else:
-            views.append(client.wait(job_id, timeout=900))
+            progress.update()
+    for job_id in submitted:
+        views.append(client.wait(job_id, timeout=3600))
         progress.update()
 
 
@@ -96,8 +119,10 @@ def summarise(views: list[dict]) -> dict[str, Any]:
         "latency_mean_s": statistics.fmean(latencies),
         "latency_p50_s": statistics.median(latencies),
         "latency_p95_s": statistics.quantiles(latencies, n=20)[-1],
+        "latency_p99_s": statistics.quantiles(latencies, n=100)[-1],
         "generation_mean_s": statistics.fmean(generation),
-        "embed_ms_mean": mean_of("embed_ms"), "lookup_ms_mean": mean_of("lookup_ms"),
+        "embed_ms_mean": mean_of("embed_ms"), "predict_ms_mean": mean_of("predict_ms"),
+        "lookup_ms_mean": mean_of("lookup_ms"), "latent_fetch_ms_mean": mean_of("latent_fetch_ms"),
         "throughput_jobs_per_s": len(done) / (max(v["timings"]["finished_at"] for v in done)
                                               - min(v["timings"]["submitted_at"] for v in done)),
     }
@@ -112,14 +137,19 @@ def markdown(result: dict[str, Any]) -> str:
         ("mean K on hits (of 50)", f"{on['mean_k_on_hit_of_50'] or 0:.1f}", "-"),
         ("denoising steps saved", f"{on['steps_saved_frac']:.1%}", f"{off['steps_saved_frac']:.1%}"),
         ("mean latency (s)", f"{on['latency_mean_s']:.3f}", f"{off['latency_mean_s']:.3f}"),
-        ("p50 / p95 latency (s)", f"{on['latency_p50_s']:.3f} / {on['latency_p95_s']:.3f}",
-         f"{off['latency_p50_s']:.3f} / {off['latency_p95_s']:.3f}"),
+        ("p50 / p95 / p99 latency (s)",
+         f"{on['latency_p50_s']:.3f} / {on['latency_p95_s']:.3f} / {on['latency_p99_s']:.3f}",
+         f"{off['latency_p50_s']:.3f} / {off['latency_p95_s']:.3f} / {off['latency_p99_s']:.3f}"),
         ("mean generation (s)", f"{on['generation_mean_s']:.3f}", f"{off['generation_mean_s']:.3f}"),
-        ("triage embed / lookup (ms)", f"{on['embed_ms_mean'] or 0:.1f} / {on['lookup_ms_mean'] or 0:.1f}", "-"),
+        ("triage embed / predict / lookup (ms)",
+         f"{on['embed_ms_mean'] or 0:.1f} / {on['predict_ms_mean'] or 0:.2f} / "
+         f"{on['lookup_ms_mean'] or 0:.1f}", "-"),
+        ("latent fetch on resume (ms)", f"{on['latent_fetch_ms_mean'] or 0:.1f}", "-"),
         ("throughput (jobs/s)", f"{on['throughput_jobs_per_s']:.2f}", f"{off['throughput_jobs_per_s']:.2f}"),
     ]
     lines = [f"# Live replay: {result['requests']} requests of {result['channel']}", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
+             f"Arrivals: {result.get('arrivals', 'closed loop')}  ",
              f"Model: {result['model']}, {result['steps']} steps per 50-step request, "
              f"K table {result['k_table']}, "
              f"embedder {result['embedder']}", "",
@@ -144,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="untimed jobs per stack first (model and embedder load)")
     parser.add_argument("--size-divisor", type=int, default=8,
                         help="trace image side / this = job image side (at least 64)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop: Poisson arrivals per second (0: closed loop, one job "
+                             "in flight per stack)")
+    parser.add_argument("--seed", type=int, default=0, help="arrival times seed")
     parser.add_argument("--out", default="bench/results/live-replay",
                         help="output path without extension (.json and .md are written)")
     args = parser.parse_args(argv)
@@ -168,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.time()
             threads = [threading.Thread(target=drive, args=(Client(config), requests, args.steps,
                                                             args.size_divisor, views[name],
-                                                            bars[name]))
+                                                            bars[name], args.rate, args.seed))
                        for name, config in arms.items()]
             for thread in threads:
                 thread.start()
@@ -185,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()}: {platform.machine()}, CPU only, two stacks side by side",
         "model": views["cache_on"][0]["model"], "channel": args.channel,
         "requests": len(requests), "steps": args.steps, "k_table": base.k_table,
+        "arrivals": f"Poisson {args.rate}/s" if args.rate else "closed loop",
         "embedder": base.embedder, "wall_s": wall,
         **summary,
         "latency_ratio_on_off": summary["cache_on"]["latency_mean_s"] / summary["cache_off"]["latency_mean_s"],

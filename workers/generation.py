@@ -184,6 +184,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
     if record is None:
         return {"job_id": job_id, "skipped": True}
     request = record.request
+    fetch_started = time.perf_counter()
     try:
         latent = load_latent(objects, partition, entry, k, engine.latent_shape(request))
     except (ObjectMissing, CorruptLatent, ObjectStoreUnavailable) as exc:
@@ -191,6 +192,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
         log.warning("job %s: %s; falling back to full generation", job_id, reason)
         jobs.update(job_id, lambda r: r.transition(r.state, total_steps=request.steps))
         return _run_full(record, jobs, objects, engine, now, cache, reliability, fallback=reason)
+    fetched = time.perf_counter()
     try:
         result = engine.resume(request, latent, k, step_reporter(job_id, jobs))
     except JobCancelled:
@@ -198,4 +200,5 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
     hits = cache.catalog.record_hit(entry, k, now())
     log.info("job %s: resumed from %s K=%d (hit %s)", job_id, entry, k, hits)
     return store_image(job_id, result.image_png, jobs, objects, now, reliability,
-                       unet_calls=result.unet_calls, resumed_from_k=k)
+                       unet_calls=result.unet_calls, resumed_from_k=k,
+                       latent_fetch_ms=round((fetched - fetch_started) * 1e3, 3))
