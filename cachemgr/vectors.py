@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import chromadb
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 
 _BATCH = 1000
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -72,59 +73,59 @@ class VectorIndex:
                     embedding_function=None)
         return self._collections[partition]
 
-    @contextlib.contextmanager
-    def _using(self, partition: str) -> Iterator[Any]:
-        """The partition's collection; a failure forgets the handle, so a Chroma that was
-        restarted or wiped meanwhile is asked again (and the collection made anew)."""
+    def _call(self, partition: str, operation: Callable[[Any], T]) -> T:
+        """Run ``operation`` on the partition's collection. A handle cached before a Chroma
+        restart or wipe fails once; it is then dropped and the collection looked up (or
+        made) anew, so the caller never sees a stale handle's error."""
+        was_cached = partition in self._collections
         try:
             with _chroma_errors():
-                yield self._collection(partition)
+                return operation(self._collection(partition))
         except VectorIndexUnavailable:
             self._collections.pop(partition, None)
-            raise
+            if not was_cached:
+                raise
+        with _chroma_errors():
+            return operation(self._collection(partition))
 
     def add(self, entry: str, embedding: Sequence[float], partition: str, prompt: str,
             created_at: float) -> None:
-        with self._using(partition) as collection:
-            collection.upsert(
-                ids=[entry], embeddings=[list(map(float, embedding))],
-                metadatas=[{"created_at": created_at, "prompt": prompt[:500]}])
+        self._call(partition, lambda collection: collection.upsert(
+            ids=[entry], embeddings=[list(map(float, embedding))],
+            metadatas=[{"created_at": created_at, "prompt": prompt[:500]}]))
 
     def add_many(self, entries: Sequence[str], embeddings: Sequence[Sequence[float]],
                  partition: str, created_at: float) -> None:
         """Bulk insert (rebuilding an index, benchmarks), in chunks Chroma accepts."""
         entries = list(entries)
-        with self._using(partition) as collection:
-            for start in range(0, len(entries), _BATCH):
-                chunk = entries[start:start + _BATCH]
-                collection.upsert(
-                    ids=chunk,
-                    embeddings=[list(map(float, e)) for e in embeddings[start:start + _BATCH]],
-                    metadatas=[{"created_at": created_at}] * len(chunk))
+        for start in range(0, len(entries), _BATCH):
+            chunk = entries[start:start + _BATCH]
+            vectors = [list(map(float, e)) for e in embeddings[start:start + _BATCH]]
+            self._call(partition, lambda collection: collection.upsert(
+                ids=chunk, embeddings=vectors, metadatas=[{"created_at": created_at}] * len(chunk)))
 
     def nearest(self, embedding: Sequence[float], partition: str) -> tuple[str, float] | None:
         """The closest entry in ``partition`` and its cosine similarity, or None if empty."""
-        with self._using(partition) as collection:
-            result = collection.query(query_embeddings=[list(map(float, embedding))],
-                                      n_results=1, include=["distances"])
+        result = self._call(partition, lambda collection: collection.query(
+            query_embeddings=[list(map(float, embedding))], n_results=1, include=["distances"]))
         ids, distances = result["ids"][0], result["distances"][0]
         if not ids:
             return None
         return ids[0], 1.0 - float(distances[0])
 
     def delete(self, entry: str, partition: str) -> None:
-        with self._using(partition) as collection:
-            collection.delete(ids=[entry])
+        self._call(partition, lambda collection: collection.delete(ids=[entry]))
 
     def ids(self) -> list[tuple[str, str]]:
         """(partition, entry) of every vector of this embedder."""
         found: list[tuple[str, str]] = []
         with _chroma_errors():
-            for collection in self._client.list_collections():
-                if collection.name.startswith(self._prefix):
-                    partition = collection.name[len(self._prefix):]
-                    found += [(partition, entry) for entry in
-                              self._collection(partition).get(include=[])["ids"]]
+            names = [c.name for c in self._client.list_collections()]
+        for name in names:
+            if name.startswith(self._prefix):
+                partition = name[len(self._prefix):]
+                found += [(partition, entry) for entry in self._call(
+                    partition, lambda collection: collection.get(include=[])["ids"])]
         return found
 
     def count(self) -> int:
