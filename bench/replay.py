@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bench.embeddings import DEFAULT_CACHE_DIR, EmbeddingStore
 from cachemgr.keys import cache_scope, partition_key
 from cachemgr.ktable import KTable
 from cachemgr.policies import policy_by_name
 from cachemgr.predictor import train_predictor
-from bench.embeddings import DEFAULT_CACHE_DIR, EmbeddingStore
 from cachemgr.simulator import (Neighbours, PredictorConfig, SimConfig, SimRequest, SimResult,
                                 earlier_neighbours, simulate)
 from producer.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace

@@ -9,9 +9,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from celeryconfig import api_key_tenants
 from core.errors import (InvalidRequest, JobNotFinished, JobNotFound, ObjectMissing,
                          T2IError, TransientError, Unauthorized)
-from celeryconfig import api_key_tenants
 from producer.client import Client
 
 MAX_BODY_BYTES = 64 * 1024
@@ -55,7 +55,6 @@ def create_app(client: Client | None = None) -> FastAPI:
             raise Unauthorized("missing or unknown API key"
                                if presented else "an API key is required")
         return base.for_tenant(tenant)
-
 
     @api.exception_handler(T2IError)
     async def on_error(_: Request, exc: T2IError) -> JSONResponse:

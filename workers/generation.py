@@ -121,7 +121,7 @@ def store_image(job_id: str, png: bytes, jobs: JobStore, objects: ObjectStore,
     """Write the image under its deterministic key and mark the job succeeded."""
     key = image_key(job_id)
     waited = _put_waiting(job_id, key, png, objects, now, reliability)
-    if waited >= 0.5:
+    if waited >= 0.5:  # at least one retry (the first waits 0.5 s): tell the poller
         fields["waited_for_object_store_s"] = round(waited, 1)
     finished = now()
     jobs.update(job_id, lambda r: r.transition(
