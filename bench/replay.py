@@ -60,12 +60,14 @@ def neighbours_for(requests: list[SimRequest], embeddings: np.ndarray, cache_dir
 
 def sim_requests(trace: list[TraceRequest], per_user: bool) -> list[SimRequest]:
     """Partitions as the live system makes them; ``per_user`` treats each trace user as a
-    tenant (T2I_CACHE_SCOPE=tenant), else one shared cache."""
+    tenant (T2I_CACHE_SCOPE=tenant), else one shared cache. A request without a user id is
+    then a tenant of its own (it reuses nothing), so isolation's cost is not understated."""
     return [SimRequest(user=r.user, prompt=r.prompt, steps=r.steps or 50,
                        partition=partition_key("replay", "ddim", r.steps or 50, r.width, r.height,
                                                r.cfg if r.cfg is not None else 7.5,
-                                               cache_scope(r.user, shared=not per_user)))
-            for r in trace]
+                                               cache_scope(r.user or f"no-user-{index}",
+                                                           shared=not per_user)))
+            for index, r in enumerate(trace)]
 
 
 def row(result: SimResult, policy: str, budget: int, embedder: str, table: str) -> dict:
