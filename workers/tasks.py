@@ -1,14 +1,16 @@
 """Celery tasks: thin glue that unpacks ids, calls one function and returns a small dict.
 
-Failures: a transient one (a store briefly down) is retried with backoff; anything else
-fails the job with its reason, so the worker moves on and the poller learns why.
+Failures: a transient one (a store briefly down) is retried in place with backoff; anything
+else fails the job with its reason, so the worker moves on and the poller learns why.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,22 +59,28 @@ def _worker_name(task: Task) -> str:
 
 def _guarded(task: Task, job_id: str, stage: str,
              work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Shared failure handling of the job tasks: a job is never left stranded mid-stage."""
-    try:
-        return work()
-    except JobNotFound:
-        log.warning("job %s: no record (expired or never created); dropped", job_id)
-        return {"job_id": job_id, "skipped": "no record"}
-    except TransientError as exc:
-        if task.request.retries < task.max_retries:
-            log.warning("job %s: %s: %s; retry %d", job_id, stage, exc, task.request.retries + 1)
-            raise task.retry(exc=exc, countdown=_backoff_s(task.request.retries))
-        return _fail(job_id, f"{stage} gave up after {task.max_retries} retries: {exc}")
-    except SoftTimeLimitExceeded:
-        return _fail(job_id, f"{stage} time limit exceeded")
-    except Exception as exc:  # noqa: BLE001 - any other error fails this job, not the worker
-        log.exception("job %s: %s error", job_id, stage)
-        return _fail(job_id, f"{stage} error: {type(exc).__name__}: {exc}")
+    """Shared failure handling of the job tasks: a job is never left stranded mid-stage.
+
+    A transient failure is retried here, in the same task, with backoff: Celery's own
+    ``retry`` publishes a new message, and when the store that failed is Redis, that
+    publish fails too and Celery drops the message (a lost job, seen in the fault tests).
+    """
+    for attempt in itertools.count():
+        try:
+            return work()
+        except JobNotFound:
+            log.warning("job %s: no record (expired or never created); dropped", job_id)
+            return {"job_id": job_id, "skipped": "no record"}
+        except TransientError as exc:
+            if attempt == task.max_retries:
+                return _fail(job_id, f"{stage} gave up after {attempt} retries: {exc}")
+            log.warning("job %s: %s: %s; retry %d", job_id, stage, exc, attempt + 1)
+            time.sleep(_backoff_s(attempt))
+        except SoftTimeLimitExceeded:
+            return _fail(job_id, f"{stage} time limit exceeded")
+        except Exception as exc:  # noqa: BLE001 - any other error fails this job, not the worker
+            log.exception("job %s: %s error", job_id, stage)
+            return _fail(job_id, f"{stage} error: {type(exc).__name__}: {exc}")
 
 
 @app.task(name=TRIAGE_TASK, bind=True, max_retries=MAX_RETRIES)
