@@ -11,9 +11,11 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from celeryconfig import Settings, load_settings, with_secrets
+from core.jobstore import KEY_PREFIX, connect
 from infra import servers
 
 
@@ -79,3 +81,16 @@ def stack(s3_server: Settings, base_dir: Path) -> Iterator[Settings]:
                  servers.worker("gpu-test", "gen.full,gen.resume", config),
                  servers.api(config), log_dir=base_dir / "logs"):
         yield config
+
+
+@pytest.fixture(scope="module")
+def api(stack: Settings) -> Iterator[httpx.Client]:
+    """The HTTP API of ``stack``, as tenant TENANT."""
+    with httpx.Client(base_url=f"http://{stack.api_host}:{stack.api_port}", timeout=30,
+                      headers={"Authorization": f"Bearer {TENANT_KEY}"}) as http:
+        yield http
+
+
+def job_count(config: Settings) -> int:
+    """Job records in Redis: what a refused request must not change."""
+    return sum(1 for _ in connect(config.redis_url).scan_iter(f"{KEY_PREFIX}*"))

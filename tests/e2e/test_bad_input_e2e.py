@@ -7,27 +7,14 @@ from __future__ import annotations
 import json
 import time
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import TENANT_KEY
-from core.jobstore import KEY_PREFIX, connect
+from conftest import job_count
 
 pytestmark = pytest.mark.e2e
 
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def api(stack) -> httpx.Client:
-    with httpx.Client(base_url=f"http://{stack.api_host}:{stack.api_port}", timeout=30,
-                      headers={"Authorization": f"Bearer {TENANT_KEY}"}) as http:
-        yield http
-
-
-def job_count(stack) -> int:
-    return sum(1 for _ in connect(stack.redis_url).scan_iter(f"{KEY_PREFIX}*"))
 
 
 @pytest.mark.parametrize("body, status, names", [

@@ -10,10 +10,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import TENANT, TENANT_KEY
+from conftest import TENANT, job_count
 from core.errors import InvalidRequest
 from core.jobs import image_key
-from core.jobstore import KEY_PREFIX, connect
 from core.objectstore import ObjectStore
 from producer.client import Client
 
@@ -23,18 +22,6 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def client(stack) -> Client:
     return Client(stack, tenant=TENANT)
-
-
-@pytest.fixture(scope="module")
-def api(stack) -> httpx.Client:
-    """The HTTP API as the same tenant as ``client``."""
-    with httpx.Client(base_url=f"http://{stack.api_host}:{stack.api_port}", timeout=30,
-                      headers={"Authorization": f"Bearer {TENANT_KEY}"}) as http:
-        yield http
-
-
-def job_count(stack) -> int:
-    return sum(1 for _ in connect(stack.redis_url).scan_iter(f"{KEY_PREFIX}*"))
 
 
 def wait_for(predicate, timeout: float = 120.0, every: float = 0.05):

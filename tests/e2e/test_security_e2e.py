@@ -8,8 +8,7 @@ import time
 import httpx
 import pytest
 
-from conftest import OTHER_KEY, TENANT_KEY
-from core.jobstore import KEY_PREFIX, connect
+from conftest import OTHER_KEY, TENANT_KEY, job_count
 from core.objectstore import ObjectStore
 
 pytestmark = pytest.mark.e2e
@@ -22,10 +21,6 @@ def base_url(stack) -> str:
 
 def as_tenant(base_url: str, key: str) -> httpx.Client:
     return httpx.Client(base_url=base_url, timeout=30, headers={"X-API-Key": key})
-
-
-def job_count(stack) -> int:
-    return sum(1 for _ in connect(stack.redis_url).scan_iter(f"{KEY_PREFIX}*"))
 
 
 def finished(http: httpx.Client, job_id: str, timeout: float = 180) -> dict:

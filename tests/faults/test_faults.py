@@ -100,16 +100,20 @@ def wait_until(check, timeout: float = 120.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _pid(worker: str) -> int:
+    return int(worker.rsplit(" pid ", 1)[1])  # "node@host pid N", set by the GPU task
+
+
 def worker_pid(client: Client, job_id: str) -> int:
     """The pool process that holds the job (internal: the public view hides it)."""
-    return int(client.jobs.get(job_id).worker.rsplit(" pid ", 1)[1])
+    return _pid(client.jobs.get(job_id).worker)
 
 
 def generating_pid(client: Client, job_id: str, min_step: int = 1) -> int | None:
     """The pool process generating the job, once it has made some progress."""
     record = client.jobs.get(job_id)
     if record.state == "generating" and record.step >= min_step and record.worker:
-        return worker_pid(client, job_id)
+        return _pid(record.worker)
     return None
 
 
