@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
@@ -26,6 +26,7 @@ from workers.app import (EVICT_TASK, FULL_TASK, REGISTER_TASK, RESUME_TASK, SWEE
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
+T = TypeVar("T")
 
 
 @signals.worker_process_init.connect
@@ -57,30 +58,36 @@ def _worker_name(task: Task) -> str:
     return f"{task.request.hostname or '?'} pid {os.getpid()}"
 
 
-def _guarded(task: Task, job_id: str, stage: str,
-             work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Shared failure handling of the job tasks: a job is never left stranded mid-stage.
-
-    A transient failure is retried here, in the same task, with backoff: Celery's own
-    ``retry`` publishes a new message, and when the store that failed is Redis, that
-    publish fails too and Celery drops the message (a lost job, seen in the fault tests).
-    """
+def _retried_in_place(task: Task, what: str, work: Callable[[], T]) -> T:
+    """Run ``work``, retrying a transient failure here, in the same task, with backoff; the
+    last one is raised. Not Celery's ``retry``: that publishes a new message, and when the
+    store that failed is Redis the publish fails too and Celery drops the message (a lost
+    job, seen in the fault tests)."""
     for attempt in itertools.count():
         try:
             return work()
-        except JobNotFound:
-            log.warning("job %s: no record (expired or never created); dropped", job_id)
-            return {"job_id": job_id, "skipped": "no record"}
         except TransientError as exc:
             if attempt == task.max_retries:
-                return _fail(job_id, f"{stage} gave up after {attempt} retries: {exc}")
-            log.warning("job %s: %s: %s; retry %d", job_id, stage, exc, attempt + 1)
+                raise
+            log.warning("%s: %s; retry %d", what, exc, attempt + 1)
             time.sleep(_backoff_s(attempt))
-        except SoftTimeLimitExceeded:
-            return _fail(job_id, f"{stage} time limit exceeded")
-        except Exception as exc:  # noqa: BLE001 - any other error fails this job, not the worker
-            log.exception("job %s: %s error", job_id, stage)
-            return _fail(job_id, f"{stage} error: {type(exc).__name__}: {exc}")
+
+
+def _guarded(task: Task, job_id: str, stage: str,
+             work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Shared failure handling of the job tasks: a job is never left stranded mid-stage."""
+    try:
+        return _retried_in_place(task, f"job {job_id}: {stage}", work)
+    except JobNotFound:
+        log.warning("job %s: no record (expired or never created); dropped", job_id)
+        return {"job_id": job_id, "skipped": "no record"}
+    except TransientError as exc:
+        return _fail(job_id, f"{stage} gave up after {task.max_retries} retries: {exc}")
+    except SoftTimeLimitExceeded:
+        return _fail(job_id, f"{stage} time limit exceeded")
+    except Exception as exc:  # noqa: BLE001 - any other error fails this job, not the worker
+        log.exception("job %s: %s error", job_id, stage)
+        return _fail(job_id, f"{stage} error: {type(exc).__name__}: {exc}")
 
 
 @app.task(name=TRIAGE_TASK, bind=True, max_retries=MAX_RETRIES)
@@ -115,12 +122,9 @@ def cache_register(self: Task, entry: str, partition: str, prompt: str,
                    sizes: dict[str, int]) -> dict[str, Any]:
     from workers.triage import register_entry
 
-    try:
-        return register_entry(entry, partition, prompt, {int(k): v for k, v in sizes.items()},
-                              runtime.embedder(), runtime.vectors(), runtime.catalog(),
-                              runtime.clock)
-    except TransientError as exc:
-        raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries))
+    return _retried_in_place(self, f"entry {entry}: register", lambda: register_entry(
+        entry, partition, prompt, {int(k): v for k, v in sizes.items()}, runtime.embedder(),
+        runtime.vectors(), runtime.catalog(), runtime.clock))
 
 
 @app.task(name=EVICT_TASK)
