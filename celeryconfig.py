@@ -144,6 +144,19 @@ class Settings:
     store_outage_s: float = _setting("T2I_STORE_OUTAGE_S", 120.0,
                                      "a finished image waits this long for the object store to "
                                      "come back before its job fails")
+    webhook_secret: str = _setting("T2I_WEBHOOK_SECRET", "",
+                                   "master key of the webhook signatures (each tenant's is "
+                                   "derived from it); empty: generated into "
+                                   "STATE_DIR/secrets/webhook-secret", secret=True)
+    webhook_interval_s: float = _setting("T2I_WEBHOOK_INTERVAL_S", 1.0,
+                                         "beat: how often due webhook deliveries are sent")
+    webhook_max_attempts: int = _setting("T2I_WEBHOOK_MAX_ATTEMPTS", 8,
+                                         "a webhook is given up after this many failed POSTs "
+                                         "(retries back off 1, 2, 4 ... s, at most 10 min)")
+    webhook_timeout_s: float = _setting("T2I_WEBHOOK_TIMEOUT_S", 5.0,
+                                        "a receiver must answer a POST within this")
+    log_format: str = _setting("T2I_LOG_FORMAT", "json",
+                               "json: one JSON object per line with the job id; text: plain")
     job_ttl_s: int = _setting("T2I_JOB_TTL_S", 7 * 24 * 3600, "job records expire after this long")
     image_url_ttl_s: int = _setting("T2I_IMAGE_URL_TTL_S", 3600, "presigned image URLs expire after")
 
@@ -226,7 +239,8 @@ def with_secrets(config: Settings) -> Settings:
         config,
         s3_secret_key=config.s3_secret_key or _stored_secret(directory, "s3-secret-key"),
         flower_auth=config.flower_auth or f"admin:{_stored_secret(directory, 'flower-password')}",
-        api_keys=config.api_keys or f"default:{_stored_secret(directory, 'api-key-default')}")
+        api_keys=config.api_keys or f"default:{_stored_secret(directory, 'api-key-default')}",
+        webhook_secret=config.webhook_secret or _stored_secret(directory, "webhook-secret"))
 
 
 def api_key_tenants(config: Settings) -> dict[str, str]:
@@ -294,6 +308,7 @@ def celery_options(config: Settings) -> dict[str, Any]:
             "gen.full": {"queue": "gen.full"},
             "gen.resume": {"queue": "gen.resume"},
             "cache.*": {"queue": "cache"},
+            "webhooks.*": {"queue": "cache"},
         },
         # Periodic cache maintenance; a message not started within its period expires, so
         # a stopped cache worker does not come back to a pile of stale runs.
@@ -305,6 +320,8 @@ def celery_options(config: Settings) -> dict[str, Any]:
             "cache-train-predictor": {"task": "cache.train_predictor",
                                       "schedule": config.predictor_train_interval_s,
                                       "options": {"expires": config.predictor_train_interval_s}},
+            "webhooks-deliver": {"task": "webhooks.deliver", "schedule": config.webhook_interval_s,
+                                 "options": {"expires": config.webhook_interval_s}},
         },
     }
 

@@ -77,3 +77,15 @@ class VectorIndexUnavailable(TransientError):
 
 class CorruptLatent(T2IError):
     """A cached latent that cannot be used: truncated, wrong dtype or shape, another model."""
+
+
+class DeliveryFailed(T2IError):
+    """A webhook receiver could not be reached or did not answer in time."""
+
+
+class IdempotencyConflict(T2IError):
+    """An idempotency key reused with a different request."""
+
+
+class ApiUnavailable(TransientError):
+    """The HTTP API cannot be reached, or answered that it cannot serve now (503)."""

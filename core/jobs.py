@@ -191,6 +191,7 @@ class JobRecord:
     cancel_requested: bool = False
     deliveries: int = 0
     worker: str = ""
+    webhook_url: str = ""        # POSTed the finished job (see core.webhooks)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def transition(self, new_state: JobState, **changes: Any) -> JobRecord:
@@ -263,6 +264,7 @@ class JobRecord:
             "error": self.error or None,
             "cancel_requested": self.cancel_requested,
             "deliveries": self.deliveries,
+            "webhook_url": self.webhook_url or None,
         }
         view.update(self.extra)
         return view

@@ -1,20 +1,26 @@
-"""Job records in Redis, one hash per job. Polling reads only these."""
+"""Job records in Redis, one hash per job (polling reads only these), and the service's
+counters in one more hash, moved in the same transactions (see core.metrics)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import redis
 
-from core.errors import BrokerUnavailable, JobNotFound
+from core.errors import BrokerUnavailable, IdempotencyConflict, JobNotFound
 from core.jobs import JobRecord, JobState
+from core.metrics import Sample, merged, sample, transition_samples
 
 if TYPE_CHECKING:
     from celeryconfig import Settings
 
 KEY_PREFIX = "t2i:job:"
+METRICS_KEY = "t2i:metrics"
+IDEMPOTENCY_PREFIX = "t2i:idem:"          # + tenant:key -> "<job id> <request fingerprint>"
+WEBHOOK_OUTBOX = "t2i:webhooks"          # sorted set: job id -> when its POST is due
+WEBHOOK_ATTEMPTS = "t2i:webhook-attempts"  # hash: job id -> failed POSTs so far
 
 
 @contextlib.contextmanager
@@ -30,6 +36,29 @@ def connect(url: str) -> redis.Redis:
     """A Redis client that fails fast (seconds, not minutes) when the server is down."""
     return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3,
                                 socket_timeout=10, health_check_interval=30)
+
+
+def add_to(pipe: redis.client.Pipeline, samples: Iterable[Sample]) -> None:
+    """Queue counter additions on ``pipe``, inside the caller's transaction."""
+    for field, amount in merged(samples).items():
+        pipe.hincrbyfloat(METRICS_KEY, field, amount)
+
+
+class MetricsStore:
+    """The counters as one hash: workers add, the API's /metrics reads."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+
+    def add(self, samples: Iterable[Sample]) -> None:
+        with redis_errors():
+            pipe = self._redis.pipeline(transaction=True)
+            add_to(pipe, samples)
+            pipe.execute()
+
+    def read(self) -> dict[str, float]:
+        with redis_errors():
+            return {k: float(v) for k, v in self._redis.hgetall(METRICS_KEY).items()}
 
 
 class JobStore:
@@ -49,12 +78,47 @@ class JobStore:
         with redis_errors():
             self._redis.ping()
 
-    def create(self, record: JobRecord) -> None:
+    def _queue_create(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
+        pipe.hset(self.key(record.id), mapping=record.to_fields())
+        pipe.expire(self.key(record.id), self._ttl_s)
+        add_to(pipe, [sample("t2i_jobs_submitted_total")])
+
+    def create(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> str:
+        """Store a new job; returns its id. With ``idempotency`` = (slot, request fingerprint)
+        and the slot already taken by the same request, nothing is stored and the earlier
+        job's id is returned; taken by another request, IdempotencyConflict."""
         with redis_errors():
-            pipe = self._redis.pipeline()
-            pipe.hset(self.key(record.id), mapping=record.to_fields())
-            pipe.expire(self.key(record.id), self._ttl_s)
-            pipe.execute()
+            if idempotency is None:
+                pipe = self._redis.pipeline()
+                self._queue_create(pipe, record)
+                pipe.execute()
+                return record.id
+            slot, fingerprint = idempotency
+            key = IDEMPOTENCY_PREFIX + slot
+            while True:
+                with self._redis.pipeline() as pipe:
+                    try:
+                        pipe.watch(key)
+                        held = pipe.get(key)
+                        if held:
+                            earlier_id, _, earlier = held.partition(" ")
+                            if earlier != fingerprint:
+                                raise IdempotencyConflict(
+                                    f"idempotency key {slot.partition(':')[2]!r} was used for "
+                                    f"job {earlier_id} with a different request")
+                            return earlier_id
+                        pipe.multi()
+                        pipe.set(key, f"{record.id} {fingerprint}", ex=self._ttl_s)
+                        self._queue_create(pipe, record)
+                        pipe.execute()
+                        return record.id
+                    except redis.WatchError:
+                        continue
+
+    def release_idempotency(self, slot: str) -> None:
+        """Free a key whose job never got enqueued, so the client's retry makes a new one."""
+        with redis_errors():
+            self._redis.delete(IDEMPOTENCY_PREFIX + slot)
 
     def get(self, job_id: str) -> JobRecord:
         with redis_errors():
@@ -65,6 +129,8 @@ class JobStore:
 
     def update(self, job_id: str, change: Callable[[JobRecord], JobRecord]) -> JobRecord:
         """Apply ``change`` atomically (optimistic WATCH/MULTI, retried on a concurrent write).
+        In the same transaction: the metrics it moves (so a retry never counts twice) and, when
+        the job finishes and has a webhook, its delivery (an outbox: it cannot be lost).
 
         ``change`` may raise (e.g. InvalidTransition); then nothing is written.
         """
@@ -77,9 +143,13 @@ class JobStore:
                         raw = pipe.hgetall(key)
                         if not raw:
                             raise JobNotFound(job_id)
-                        new = change(JobRecord.from_fields(raw))
+                        old = JobRecord.from_fields(raw)
+                        new = change(old)
                         pipe.multi()
                         pipe.hset(key, mapping=new.to_fields())
+                        add_to(pipe, transition_samples(old, new))
+                        if new.webhook_url and new.state.terminal and not old.state.terminal:
+                            pipe.zadd(WEBHOOK_OUTBOX, {job_id: 0})  # due at once
                         pipe.execute()
                         return new
                     except redis.WatchError:

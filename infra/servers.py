@@ -221,6 +221,7 @@ def worker(name: str, queues: str, config: Settings, concurrency: int = 1) -> Se
 
 
 def beat(config: Settings, state_dir: Path) -> Service:
+    state_dir.mkdir(parents=True, exist_ok=True)  # its schedule file lives there
     argv = _celery("beat", "--loglevel", "INFO", "-s", str(state_dir / "celerybeat-schedule"))
     return Service("beat", argv, _log_contains("beat: Starting"), env=to_environ(config))
 

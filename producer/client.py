@@ -4,20 +4,31 @@ for images); never imports torch."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import re
 import secrets
 import time
 import uuid
 from typing import Any
 
 from celeryconfig import Settings, load_settings
-from core.errors import BrokerUnavailable, JobNotFinished, JobNotFound, Timeout
+from core.errors import BrokerUnavailable, InvalidRequest, JobNotFinished, JobNotFound, Timeout
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
+from core.webhooks import check_url
 from workers.app import TRIAGE_TASK, enqueue, make_app
 
 
 DEFAULT_TENANT = "default"
+_IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
+
+
+def _fingerprint(submission: dict[str, Any]) -> str:
+    """The same submission gives the same fingerprint (key order aside)."""
+    text = json.dumps(submission, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class Client:
@@ -50,21 +61,38 @@ class Client:
             self._objects = ObjectStore.from_settings(self.settings)
         return self._objects
 
-    def submit(self, prompt: str, **params: Any) -> str:
+    def submit(self, prompt: str, *, idempotency_key: str | None = None,
+               webhook_url: str | None = None, **params: Any) -> str:
         """Validate and enqueue a job; return its id. Bad input raises InvalidRequest and
-        enqueues nothing."""
+        enqueues nothing. A repeated ``idempotency_key`` (per tenant, kept as long as job
+        records) returns the first job's id instead of making another; reused with a
+        different request it raises IdempotencyConflict. ``webhook_url`` is POSTed the job
+        when it finishes."""
         request = parse_request({"prompt": prompt, **params}, self.limits,
                                 random_seed=secrets.randbelow(2**32))
+        hook = "" if webhook_url is None else check_url(webhook_url)
+        idempotency = None
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY.fullmatch(
+                    idempotency_key):
+                raise InvalidRequest("Idempotency-Key", f"{idempotency_key!r} must be 1 to 128 "
+                                     "printable ASCII characters without spaces")
+            idempotency = (f"{self.tenant}:{idempotency_key}", _fingerprint(
+                {"prompt": prompt, "webhook_url": webhook_url, **params}))
         job_id = uuid.uuid4().hex
-        self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,
-                                   model=self.settings.model, submitted_at=time.time(),
-                                   tenant=self.tenant))
+        holder = self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,
+                                            model=self.settings.model, submitted_at=time.time(),
+                                            tenant=self.tenant, webhook_url=hook), idempotency)
+        if holder != job_id:
+            return holder
         try:
             enqueue(self.celery, TRIAGE_TASK, job_id)
         except BrokerUnavailable as exc:
-            # The record must not promise a job that no queue holds.
+            # The record must not promise a job that no queue holds, nor the key hold it.
             self.jobs.update(job_id, lambda r: r.transition(
                 JobState.FAILED, error=f"not enqueued: {exc}", finished_at=time.time()))
+            if idempotency:
+                self.jobs.release_idempotency(idempotency[0])
             raise
         return job_id
 

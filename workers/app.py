@@ -26,6 +26,7 @@ REGISTER_TASK = "cache.register"
 EVICT_TASK = "cache.evict"
 SWEEP_TASK = "cache.sweep"
 TRAIN_PREDICTOR_TASK = "cache.train_predictor"
+WEBHOOK_TASK = "webhooks.deliver"
 
 
 def enqueue(celery: Celery, task_name: str, job_id: str, **kwargs: object) -> None:

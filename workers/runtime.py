@@ -9,7 +9,7 @@ import time
 from cachemgr.catalog import Catalog
 from cachemgr.ktable import KTable
 from celeryconfig import Settings, load_settings
-from core.jobstore import JobStore, connect
+from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
 
 clock = time.time
@@ -29,6 +29,11 @@ def redis_client():
 @functools.cache
 def job_store() -> JobStore:
     return JobStore(redis_client(), settings().job_ttl_s)
+
+
+@functools.cache
+def metrics() -> MetricsStore:
+    return MetricsStore(redis_client())
 
 
 @functools.cache

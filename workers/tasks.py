@@ -6,6 +6,7 @@ else fails the job with its reason, so the worker moves on and the poller learns
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -20,8 +21,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.errors import JobNotFound, T2IError, TransientError
 from core.jobs import RequestLimits
 from workers import runtime
+from core.logs import install as install_log_format, job_context
+from core.metrics import sample
 from workers.app import (EVICT_TASK, FULL_TASK, REGISTER_TASK, RESUME_TASK, SWEEP_TASK,
-                         TRAIN_PREDICTOR_TASK, TRIAGE_TASK, app, enqueue)
+                         TRAIN_PREDICTOR_TASK, TRIAGE_TASK, WEBHOOK_TASK, app, enqueue)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,32 @@ def load_models_in_pool_process(**_: Any) -> None:
             runtime.router()
     except T2IError:
         log.exception("preloading failed; jobs will report the error")
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def structured_logs(logger: logging.Logger, **_: Any) -> None:
+    install_log_format(logger.handlers, runtime.settings().log_format)
+
+
+_JOB_TASKS = {TRIAGE_TASK, FULL_TASK, RESUME_TASK, REGISTER_TASK}  # first argument: a job id
+_task_contexts: dict[str, contextlib.AbstractContextManager] = {}
+
+
+@signals.task_prerun.connect
+def enter_job_context(task_id: str, task: Task, args: tuple = (), **_: Any) -> None:
+    """Every log line of a job task, Celery's own included, names the job (core.logs)."""
+    if task.name in _JOB_TASKS and args:
+        context = job_context(str(args[0]), task.name)
+        context.__enter__()
+        _task_contexts[task_id] = context
+
+
+@signals.task_postrun.connect
+def leave_job_context(task_id: str, **_: Any) -> None:
+    context = _task_contexts.pop(task_id, None)
+    if context is not None:
+        context.__exit__(None, None, None)
 
 
 def _backoff_s(retries: int) -> float:
@@ -132,6 +161,9 @@ def cache_evict() -> dict[str, Any]:
     if not runtime.settings().cache_enabled:
         return {"ran": False}
     report = runtime.evictor().run(runtime.clock())
+    if report.evicted:
+        runtime.metrics().add([sample("t2i_cache_evictions_total", report.evicted),
+                               sample("t2i_cache_evicted_bytes_total", report.freed_bytes)])
     return {"ran": report.ran, "locked_out": report.locked_out, "evicted": report.evicted,
             "freed_bytes": report.freed_bytes, "seconds": round(report.seconds, 4)}
 
@@ -158,3 +190,16 @@ def cache_train_predictor() -> dict[str, Any]:
         return {"trained": False}
     return train_and_publish(runtime.predictor_store(), str(int(runtime.clock() * 1000)),
                              config.predictor_nu, config.predictor_min_samples)
+
+
+@app.task(name=WEBHOOK_TASK)
+def webhooks_deliver() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from workers.webhooks import WebhookOutbox, deliver_due, http_post
+
+    config = runtime.settings()
+    return asdict(deliver_due(WebhookOutbox(runtime.redis_client()), runtime.job_store(),
+                              http_post(config.webhook_timeout_s), config.webhook_secret,
+                              runtime.clock, config.webhook_max_attempts,
+                              config.webhook_timeout_s))

@@ -49,7 +49,7 @@ def test_celery_options_suit_long_gpu_tasks():
 def test_missing_secrets_are_generated_once_into_the_state_directory(tmp_path):
     config = load_settings({"T2I_STATE_DIR": str(tmp_path)})
     files = sorted(p.name for p in (tmp_path / "secrets").iterdir())
-    assert files == ["api-key-default", "flower-password", "s3-secret-key"]
+    assert files == ["api-key-default", "flower-password", "s3-secret-key", "webhook-secret"]
     assert all((tmp_path / "secrets" / f).stat().st_mode & 0o777 == 0o600 for f in files)
     assert (tmp_path / "secrets").stat().st_mode & 0o777 == 0o700
     assert len(config.s3_secret_key) >= 32 and config.flower_auth.startswith("admin:")
@@ -69,7 +69,8 @@ def test_api_keys_map_to_tenants_and_short_keys_are_refused():
 
 def test_secrets_never_show_in_repr():
     config = Settings(s3_secret_key="s3-secret-value", flower_auth="admin:flower-secret",
-                      api_keys="acme:" + "k" * 20)
-    assert not any(secret in repr(config) for secret in ("s3-secret-value", "flower-secret", "kkkk"))
+                      api_keys="acme:" + "k" * 20, webhook_secret="hook-secret")
+    assert not any(secret in repr(config)
+                   for secret in ("s3-secret-value", "flower-secret", "kkkk", "hook-secret"))
     assert celeryconfig.secret_variables() == {"T2I_S3_SECRET_KEY", "T2I_FLOWER_AUTH",
-                                               "T2I_API_KEYS"}
+                                               "T2I_API_KEYS", "T2I_WEBHOOK_SECRET"}

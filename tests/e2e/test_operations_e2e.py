@@ -1,0 +1,218 @@
+"""What operators and web-backend developers touch: /metrics, structured logs, idempotent
+submission, long-poll and server-sent events, the asyncio client, webhooks and the OpenAPI
+document, against the real stack (Redis, S3, Celery workers, uvicorn)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http.server
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import TENANT_KEY, job_count, running
+from core.jobs import REQUEST_FIELDS
+from core.webhooks import SIGNATURE_HEADER, verify
+from infra import servers
+from producer.aio import AsyncClient
+from core.errors import IdempotencyConflict, InvalidRequest
+
+pytestmark = pytest.mark.e2e
+
+SMALL = {"steps": 4, "width": 64, "height": 64}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a Prometheus text exposition (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, value = line.rsplit(" ", 1)
+        found = dict(re.findall(r'(\w+)="([^"]*)"', series))
+        if series.split("{")[0] == name and found == labels:
+            return float(value)
+    return 0.0
+
+
+def finished(api: httpx.Client, job_id: str) -> dict:
+    view = api.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+    assert view["state"] == "succeeded", view
+    return view
+
+
+def test_metrics_move_with_a_job(api: httpx.Client) -> None:
+    before = api.get("/metrics").text
+    job_id = api.post("/v1/jobs", json={"prompt": "a metric lighthouse", **SMALL}).json()["id"]
+    finished(api, job_id)
+    after = api.get("/metrics")
+    assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    done = {"route": "gen.full", "outcome": "succeeded"}
+    assert metric(text, "t2i_up") == 1
+    assert metric(text, "t2i_jobs_finished_total", **done) == \
+        metric(before, "t2i_jobs_finished_total", **done) + 1
+    assert metric(text, "t2i_jobs_submitted_total") >= metric(before, "t2i_jobs_submitted_total") + 1
+    assert metric(text, "t2i_steps_requested_total") >= metric(before, "t2i_steps_requested_total") + 4
+    for stage in ("triage", "wait", "generate", "total"):
+        assert metric(text, "t2i_stage_seconds_count", stage=stage) >= 1
+        assert metric(text, "t2i_stage_seconds_bucket", stage=stage, le="+Inf") == \
+            metric(text, "t2i_stage_seconds_count", stage=stage)
+    assert metric(text, "t2i_queue_depth", queue="gen.full") >= 0
+    assert "t2i_cache_items " in text and "t2i_cache_hit_ratio " in text
+    assert metric(text, "t2i_api_requests_total", method="POST", route="/v1/jobs",
+                  status="202") >= 1
+
+
+def test_worker_logs_are_json_lines_naming_the_job(api: httpx.Client, base_dir: Path) -> None:
+    job_id = api.post("/v1/jobs", json={"prompt": "a logged heron", **SMALL}).json()["id"]
+    finished(api, job_id)
+    expected = {"triage.route", "gen.full", "cache.register"}  # registering comes after
+    deadline, stages = time.monotonic() + 30, set()
+    while not expected <= stages and time.monotonic() < deadline:
+        time.sleep(0.2)
+        for name in ("triage-test", "gpu-test"):
+            for line in (base_dir / "logs" / f"{name}.log").read_text().splitlines():
+                entry = json.loads(line) if line.startswith("{") else {}
+                if entry.get("job_id") == job_id:
+                    assert {"ts", "level", "logger", "pid", "message"} <= entry.keys()
+                    stages.add(entry["stage"])
+                elif job_id in entry.get("message", "") and entry["logger"].startswith("workers."):
+                    pytest.fail(f"a line of ours names the job but has no job_id: {line}")
+    assert expected <= stages, stages
+
+
+def test_idempotent_submission(api: httpx.Client, stack) -> None:
+    body = {"prompt": "an idempotent otter", **SMALL}
+    count = job_count(stack)
+    first = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "req-42"})
+    again = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "req-42"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    assert job_count(stack) == count + 1
+    changed = api.post("/v1/jobs", json={**body, "seed": 9}, headers={"Idempotency-Key": "req-42"})
+    assert changed.status_code == 409
+    assert changed.json()["error"]["code"] == "idempotency_conflict"
+    bad = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "has space"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "Idempotency-Key"
+    assert job_count(stack) == count + 1
+
+
+def test_long_poll_answers_when_the_job_finishes(api: httpx.Client) -> None:
+    job_id = api.post("/v1/jobs", json={"prompt": "a patient snail", **SMALL}).json()["id"]
+    started = time.monotonic()
+    view = api.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+    assert view["state"] == "succeeded" and time.monotonic() - started < 60
+    bad = api.get(f"/v1/jobs/{job_id}", params={"wait": "soon"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "wait"
+    assert api.get(f"/v1/jobs/{job_id}", params={"wait": 61}).status_code == 422
+
+
+def test_async_client_streams_progress_then_the_result(stack) -> None:
+    async def scenario() -> tuple[list[tuple[str, dict]], bytes, str]:
+        url = f"http://{stack.api_host}:{stack.api_port}"
+        async with AsyncClient(url, TENANT_KEY) as t2i:
+            job_id = await t2i.submit("an async kingfisher", steps=6, width=64, height=64,
+                                      idempotency_key="async-1")
+            assert await t2i.submit("an async kingfisher", steps=6, width=64, height=64,
+                                    idempotency_key="async-1") == job_id
+            with pytest.raises(IdempotencyConflict):
+                await t2i.submit("another bird", idempotency_key="async-1")
+            with pytest.raises(InvalidRequest) as caught:
+                await t2i.submit("x", steps=0)
+            assert caught.value.field == "steps"
+            events = [item async for item in t2i.events(job_id)]
+            png = await t2i.result(job_id)
+            return events, png, (await t2i.wait(job_id))["state"]
+
+    events, png, state = asyncio.run(scenario())
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "finished" and set(kinds[:-1]) == {"progress"}
+    assert events[-1][1]["state"] == "succeeded" and state == "succeeded"
+    steps = [job["progress"]["step"] for kind, job in events if job["state"] == "generating"]
+    assert steps == sorted(steps)
+    assert png.startswith(b"\x89PNG")
+
+
+def test_openapi_document_describes_the_api(api: httpx.Client) -> None:
+    document = httpx.get(api.base_url.join("/openapi.json")).json()  # served without a key
+    assert document["openapi"].startswith("3.")
+    paths = document["paths"]
+    expected = {("/v1/jobs", "post"), ("/v1/jobs/{job_id}", "get"), ("/v1/jobs/{job_id}", "delete"),
+                ("/v1/jobs/{job_id}/image", "get"), ("/v1/jobs/{job_id}/events", "get"),
+                ("/v1/webhook-secret", "get"), ("/metrics", "get"), ("/healthz", "get")}
+    assert expected <= {(path, method) for path, ops in paths.items() for method in ops}
+    body = paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {*REQUEST_FIELDS, "webhook_url"}
+    assert body["required"] == ["prompt"]
+    schemes = document["components"]["securitySchemes"]
+    for path, method in expected:
+        if path.startswith("/v1/"):
+            assert {next(iter(s)) for s in paths[path][method]["security"]} == set(schemes)
+    assert "wait" in {p["name"] for p in paths["/v1/jobs/{job_id}"]["get"]["parameters"]}
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """A web backend's webhook endpoint that fails its first ``failures`` POSTs."""
+
+    failures = 2
+    received: list[tuple[int, dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        status = 500 if len(self.received) < self.failures else 204
+        self.received.append((status, dict(self.headers), body))
+        self.send_response(status)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def beat(stack, base_dir: Path) -> Iterator[None]:
+    """Celery beat, which schedules webhook deliveries (every 0.5 s here)."""
+    config = dataclasses.replace(stack, webhook_interval_s=0.5)
+    with running(servers.beat(config, base_dir / "beat"), log_dir=base_dir / "logs"):
+        yield
+
+
+def test_webhook_is_signed_and_retried_until_delivered(api: httpx.Client, receiver: str,
+                                                        beat, stack) -> None:
+    count = job_count(stack)
+    refused = api.post("/v1/jobs", json={"prompt": "x", "webhook_url": "ftp://example.com"})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "webhook_url"
+    assert job_count(stack) == count
+    job_id = api.post("/v1/jobs", json={"prompt": "a hooked trout", **SMALL,
+                                        "webhook_url": receiver}).json()["id"]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        view = api.get(f"/v1/jobs/{job_id}").json()
+        if view.get("webhook", "").startswith("delivered"):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"webhook not delivered: {view.get('webhook')}, got {Receiver.received}")
+    assert [status for status, _, _ in Receiver.received] == [500, 500, 204]
+    secret = api.get("/v1/webhook-secret").json()["secret"]
+    for _, headers, body in Receiver.received:
+        assert headers["X-T2I-Delivery"] == job_id
+        assert verify(secret, headers[SIGNATURE_HEADER], body, now=time.time())
+        assert json.loads(body)["job"]["state"] == "succeeded"
+    first, last = (float(h[SIGNATURE_HEADER].split(",")[0][2:]) for _, h, _ in
+                   (Receiver.received[0], Receiver.received[-1]))
+    assert last - first >= 2  # backed off 1 s, then 2 s
