@@ -1,0 +1,138 @@
+"""The deployment files, checked with the tools that run here (no Docker daemon, no
+cluster): docker-compose's own validation, Kubernetes' published schemas (strict), and
+cross-checks against the code: every variable they set is one the code reads, every queue a
+worker consumes is one a task is routed to, and KEDA watches the GPU queues."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import celeryconfig
+from celeryconfig import Settings
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+K8S = INFRA / "k8s"
+KUBERNETES_VERSION = "1.31.0"
+# Read by the programs we run, not by our code: Flower's auth, Hugging Face's offline switch.
+THIRD_PARTY_VARIABLES = {"FLOWER_BASIC_AUTH", "HF_HUB_OFFLINE", "POD_NAME"}
+APP_IMAGE = "t2i-serve:latest"
+
+
+def code_variables() -> set[str]:
+    return {env for env, _, _ in celeryconfig.describe()} | THIRD_PARTY_VARIABLES
+
+
+def routed_queues() -> set[str]:
+    return {route["queue"] for route in celeryconfig.celery_options(Settings())["task_routes"]
+            .values()}
+
+
+def consumed_queues(command: list[str]) -> set[str]:
+    return set(command[command.index("-Q") + 1].split(",")) if "-Q" in command else set()
+
+
+def k8s_documents() -> list[dict]:
+    return [doc for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml"
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def app_containers() -> list[dict]:
+    return [container for doc in k8s_documents() if doc["kind"] in ("Deployment", "StatefulSet")
+            for container in doc["spec"]["template"]["spec"]["containers"]
+            if container["image"] == APP_IMAGE]
+
+
+def compose() -> dict:
+    return yaml.safe_load((INFRA / "compose.yaml").read_text())
+
+
+def test_compose_file_validates_and_demands_its_secrets(tmp_path: Path) -> None:
+    tool = shutil.which("docker-compose")
+    assert tool, "docker-compose is not installed (scripts/test.sh installs it with apt)"
+    base = [tool, "-f", str(INFRA / "compose.yaml")]
+    checked = subprocess.run([*base, "--env-file", str(INFRA / "compose.env.example"), "config",
+                              "-q"], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    (tmp_path / "empty.env").write_text("")
+    unset = subprocess.run([*base, "--env-file", str(tmp_path / "empty.env"), "config", "-q"],
+                           capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin"})
+    assert unset.returncode != 0 and "T2I_S3_SECRET_KEY" in unset.stderr  # no default secret
+
+
+def test_compose_services_set_only_variables_the_code_reads() -> None:
+    services = compose()["services"]
+    app = {name: s for name, s in services.items() if s.get("image") == APP_IMAGE}
+    assert set(app) == {"api", "triage-worker", "gpu-worker", "beat", "flower"}
+    for name, service in app.items():
+        assert set(service["environment"]) <= code_variables(), name
+    example = {line.split("=")[0] for line in (INFRA / "compose.env.example").read_text()
+               .splitlines() if line and not line.startswith("#")}
+    assert example <= code_variables()
+    consumed = set().union(*(consumed_queues(s["command"]) for s in app.values()))
+    assert consumed == routed_queues()
+    gpu = services["gpu-worker"]
+    assert consumed_queues(gpu["command"]) == {"gen.full", "gen.resume"}
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    published = [port for s in services.values() for port in s.get("ports", [])]
+    assert published and all(port.startswith("127.0.0.1:") for port in published)
+
+
+def test_kubernetes_manifests_pass_the_schemas_strictly() -> None:
+    documents = k8s_documents()
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml")
+                                    if p.name != "kustomization.yaml")
+    checked = 0
+    for doc in documents:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD: checked against the code below
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        checked += 1
+    assert checked >= 10
+
+
+def test_kubernetes_apps_read_known_variables_and_have_probes() -> None:
+    documents = k8s_documents()
+    config = next(d for d in documents if d["kind"] == "ConfigMap")
+    assert set(config["data"]) <= code_variables()
+    consumed = set()
+    for container in app_containers():
+        assert {e["name"] for e in container.get("env", [])} <= code_variables()
+        if container["name"] != "beat":  # beat is the container's process: no more to probe
+            assert "livenessProbe" in container, container["name"]
+        consumed |= consumed_queues(container["command"])
+    assert consumed == routed_queues()
+    api = next(d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == "api")
+    assert api["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"][
+        "path"] == "/healthz"
+
+
+def test_keda_scales_the_gpu_workers_on_their_queue_lengths() -> None:
+    documents = k8s_documents()
+    scaled = next(d for d in documents if d["kind"] == "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    target = scaled["spec"]["scaleTargetRef"]["name"]
+    deployment = next(d for d in documents
+                      if d["kind"] == "Deployment" and d["metadata"]["name"] == target)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    watched = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"]
+               if t["type"] == "redis"}
+    assert watched == consumed_queues(container["command"]) == {"gen.full", "gen.resume"}
+    redis_url = next(d for d in documents if d["kind"] == "ConfigMap")["data"]["T2I_REDIS_URL"]
+    assert all(t["metadata"]["address"] in redis_url for t in scaled["spec"]["triggers"])
+
+
+@pytest.mark.parametrize("path", sorted(INFRA.glob("**/*.yaml")), ids=lambda p: p.name)
+def test_no_secret_values_are_committed(path: Path) -> None:
+    text = path.read_text()
+    assert "kind: Secret" not in text
+    for line in text.splitlines():
+        if "SECRET" in line and ":" in line and "${" not in line:
+            assert "secretKeyRef" in line or line.lstrip().startswith("#"), line
