@@ -70,6 +70,26 @@ def test_metrics_move_with_a_job(api: httpx.Client) -> None:
                   status="202") >= 1
 
 
+def test_metrics_count_a_resume_its_k_and_the_steps_saved(api: httpx.Client) -> None:
+    body = {"prompt": "a metric windmill by a canal", **SMALL, "steps": 10, "seed": 5}
+    before = api.get("/metrics").text
+    finished(api, api.post("/v1/jobs", json=body).json()["id"])
+    deadline = time.monotonic() + 60  # its latents are registered after the job finished
+    while metric(api.get("/metrics").text, "t2i_cache_items") <= metric(before, "t2i_cache_items"):
+        assert time.monotonic() < deadline, "the first job's latents were never cached"
+        time.sleep(0.2)
+    again = finished(api, api.post("/v1/jobs", json=body).json()["id"])
+    assert again["route"] == "gen.resume", again
+    after = api.get("/metrics").text
+    k = str(again["k"])
+    assert metric(after, "t2i_cache_resumes_total", k=k) == \
+        metric(before, "t2i_cache_resumes_total", k=k) + 1
+    assert metric(after, "t2i_steps_saved_total") == \
+        metric(before, "t2i_steps_saved_total") + again["k"]
+    assert metric(after, "t2i_triage_decisions_total", route="gen.resume", reason="hit") >= 1
+    assert 0 < metric(after, "t2i_cache_hit_ratio") <= 1
+
+
 def test_worker_logs_are_json_lines_naming_the_job(api: httpx.Client, base_dir: Path) -> None:
     job_id = api.post("/v1/jobs", json={"prompt": "a logged heron", **SMALL}).json()["id"]
     finished(api, job_id)
