@@ -31,8 +31,9 @@ from producer.trace import DEFAULT_TRACE, TraceRequest, read_trace
 
 
 def timed_batch(client: Client, requests: list[TraceRequest], steps: int, divisor: int,
-                label: str) -> float:
-    """Submit all at once; seconds until the last one finished (all must succeed)."""
+                label: str) -> tuple[float, int]:
+    """Submit all at once; seconds until the last one finished (all must succeed), and how
+    many worker processes generated them."""
     started = time.monotonic()
     ids = [client.submit(r.prompt[:client.settings.max_prompt_chars],
                          **job_params(r, steps, divisor)) for r in requests]
@@ -40,7 +41,8 @@ def timed_batch(client: Client, requests: list[TraceRequest], steps: int, diviso
         view = client.wait(job_id, timeout=3600)
         if view["state"] != "succeeded":
             raise RuntimeError(f"job {job_id} {view['state']}: {view['error']}")
-    return time.monotonic() - started
+    elapsed = time.monotonic() - started
+    return elapsed, len({client.jobs.get(job_id).worker for job_id in ids})
 
 
 def second_worker(config: Settings, log_dir: Path) -> int:
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                       channel=args.channel) if 0 < (r.cfg or 7.5) <= 50]
     requests = requests[:args.limit]
     seconds: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
+    workers_used: dict[str, list[int]] = {"1 worker": [], "2 workers": []}
     with tempfile.TemporaryDirectory(prefix="t2i-scaling-") as tmp:
         config = arm_settings(load_settings(), Path(tmp), cache_on=False)
         try:
@@ -74,14 +77,16 @@ def main(argv: list[str] | None = None) -> int:
             client = Client(config)
             client.wait(client.submit("warm-up", steps=args.steps, width=64, height=64), 600)
             for round_ in range(args.rounds):
-                seconds["1 worker"].append(timed_batch(client, requests, args.steps,
-                                                       args.size_divisor, f"round {round_} x1"))
-                pid = second_worker(config, Path(tmp) / "logs")
-                try:
-                    seconds["2 workers"].append(timed_batch(
-                        client, requests, args.steps, args.size_divisor, f"round {round_} x2"))
-                finally:
-                    servers.stop_pid(pid)
+                for arm in seconds:
+                    pid = second_worker(config, Path(tmp) / "logs") if arm == "2 workers" else 0
+                    try:
+                        elapsed, used = timed_batch(client, requests, args.steps,
+                                                    args.size_divisor, f"round {round_} {arm}")
+                    finally:
+                        if pid:
+                            servers.stop_pid(pid)
+                    seconds[arm].append(elapsed)
+                    workers_used[arm].append(used)
         finally:
             stack.down(config)
 
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.scaling " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
         "jobs_per_batch": len(requests), "steps": args.steps, "seconds": seconds,
+        "worker_processes_used": workers_used,
         "throughput_jobs_per_s": throughput, "ratio_2_over_1_per_round": ratios,
         "ratio_2_over_1_median": statistics.median(ratios),
     }
