@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python -m bench.replay_live " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.node()}: {platform.machine()}, CPU only, two stacks side by side",
-        "model": views["cache_on"][0]["model"], "channel": args.channel,
+        "model": next(v["model"] for v in views["cache_on"] if v["state"] != "refused"),
+        "channel": args.channel,
         "requests": len(requests), "steps": args.steps, "k_table": base.k_table,
         "arrivals": f"Poisson {args.rate}/s" if args.rate else "closed loop",
         "embedder": base.embedder, "wall_s": wall,
