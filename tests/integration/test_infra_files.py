@@ -136,3 +136,12 @@ def test_no_secret_values_are_committed(path: Path) -> None:
     for line in text.splitlines():
         if "SECRET" in line and ":" in line and "${" not in line:
             assert "secretKeyRef" in line or line.lstrip().startswith("#"), line
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    import tomllib
+
+    project = tomllib.loads((INFRA.parent / "pyproject.toml").read_text())
+    copied = {line.split()[1] for line in (INFRA / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ")}
+    assert set(project["tool"]["setuptools"]["packages"]) <= copied
