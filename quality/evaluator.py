@@ -66,7 +66,7 @@ class Evaluator(nn.Module):
         def block(inputs: int, outputs: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs),
                                  nn.ReLU(), nn.MaxPool2d(2))
-        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 96), block(96, 128),
+        self.features = nn.Sequential(block(3, 16), block(16, 32), block(32, 64), block(64, 128),
                                       nn.Flatten())  # 128 x 4 x 4
         self.heads = nn.ModuleDict({name.replace(".", "_"): nn.Linear(128 * 16, n)
                                     for name, n in HEADS.items()})
