@@ -141,6 +141,9 @@ def create_app(client: Client | None = None) -> FastAPI:
             raise InvalidRequest("body", f"must be a JSON object, got {type(payload).__name__}")
         if "prompt" not in payload:
             raise InvalidRequest("prompt", "is required")
+        if "idempotency_key" in payload:  # a header, never a body field
+            raise InvalidRequest("idempotency_key", "unknown field; send the Idempotency-Key "
+                                                    "header instead")
         params = dict(payload)
         job_id = await asyncio.to_thread(
             acting.submit, params.pop("prompt"),

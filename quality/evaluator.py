@@ -57,7 +57,7 @@ def degraded(image: np.ndarray, rng: random.Random) -> np.ndarray:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """N x H x W x 3 uint8 -> N x 3 x H x W floats in [-1, 1] (the pipelines' range)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 class Evaluator(nn.Module):

@@ -30,6 +30,8 @@ JSON = {"content-type": "application/json"}
     ({"prompt": "x", "seed": -1}, 422, "seed"),
     ({"prompt": "x", "guidance": "high"}, 422, "guidance"),
     ({"prompt": "x", "tenant": "globex"}, 422, "tenant"),
+    ({"prompt": "x", "idempotency_key": "k1"}, 422, "Idempotency-Key header"),
+    ({"prompt": "x", "webhook_url": "javascript:alert(1)"}, 422, "webhook_url"),
     ({"prompt": ["a", "list"]}, 422, "prompt"),
     ({"prompt": None}, 422, "prompt"),
     ("just a string", 422, "body"),
