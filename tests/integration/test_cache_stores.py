@@ -94,3 +94,35 @@ def test_unreachable_server_raises_vector_index_unavailable():
 
     with pytest.raises(VectorIndexUnavailable, match="Chroma"):
         VectorIndex.open(None, f"http://127.0.0.1:{free_port()}", "e")
+
+
+def test_concurrent_registrations_of_one_entry_store_it_once(catalog: Catalog, tmp_path):
+    """A generation redelivered while its first registration still runs: two cache.register
+    tasks for the same entry at once, against real Redis and real (embedded) Chroma."""
+    from workers.triage import register_entry
+
+    class Embedder:
+        name = "test"
+
+        def embed(self, prompts: list[str]) -> np.ndarray:
+            return np.stack([unit([1, 2, 3])] * len(prompts))
+
+    index = VectorIndex.open(tmp_path / "chroma", "", "test-embedder")
+    sizes = {5: 100, 10: 100, 15: 100}
+    barrier = threading.Barrier(4)
+    results: list[dict] = []
+
+    def register() -> None:
+        barrier.wait()
+        results.append(register_entry("e9", "p", "a red fox", sizes, Embedder(), index, catalog,
+                                      lambda: 1.0))
+
+    threads = [threading.Thread(target=register) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(r["new"] for r in results) == 3  # each item new exactly once
+    assert catalog.stored_ks("e9") == {5, 10, 15}
+    assert catalog.item_count() == 3 and catalog.total_bytes() == 300
+    assert index.ids() == [("p", "e9")]
