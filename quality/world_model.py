@@ -1,0 +1,226 @@
+"""Train a Stable-Diffusion-architecture text-to-image model on the scene world, on a CPU.
+
+    python -m quality.world_model --out ~/.cache/t2i/models/scene-sd
+
+The same component classes as SD 1.5 at a small width: a CLIP text encoder (word-level
+tokenizer over the world's vocabulary), a cross-attention UNet2DConditionModel, a KL
+autoencoder (64x64 images, 16x16x4 latents) and the SD noise schedule. Stage 1 trains the
+autoencoder, stage 2 the UNet and text encoder on its latents (captions dropped 10% of the
+time, for classifier-free guidance). Checkpoints are kept in the output folder, so an
+interrupted run resumes. The result is an ordinary diffusers model directory: set
+``T2I_MODEL`` to it and the workers load it like any model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from quality.scenes import (BACKGROUND_TEMPLATES, COLOURS, POSITION_WORDS, SHAPE_WORDS,
+                            SIZE_WORDS, caption, render, sample_scene)
+
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+TEXT_WIDTH = 64
+MAX_TOKENS = 40   # the longest caption is 34 tokens
+
+
+def world_words() -> list[str]:
+    """Every word a caption can use."""
+    phrases = [*COLOURS, "a", "and", *BACKGROUND_TEMPLATES,
+               *(w for words in (*SHAPE_WORDS.values(), *SIZE_WORDS.values(),
+                                 *POSITION_WORDS.values()) for w in words)]
+    return sorted({word for phrase in phrases for word in re.findall(r"[a-z]+", phrase)})
+
+
+def world_tokenizer():
+    """A CLIP tokenizer that knows the world's words as whole tokens: byte symbols, plus BPE
+    merges that build each word left to right. Any other text still tokenizes, by bytes."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab_list = [*symbols, *(s + "</w>" for s in symbols), *SPECIAL]
+    merges: list[tuple[str, str]] = []
+    for word in world_words():
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        built = pieces[0]
+        for piece in pieces[1:]:
+            merges.append((built, piece))
+            built += piece
+            vocab_list.append(built)
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_list))}
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), bos_token=SPECIAL[0],
+                         eos_token=SPECIAL[1], unk_token=SPECIAL[1], pad_token=SPECIAL[1],
+                         model_max_length=MAX_TOKENS)
+
+
+def build_components(seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = world_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                        down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
+                                block_out_channels=(32, 64), layers_per_block=1,
+                                cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
+                                norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    return tokenizer, vae, unet, text_encoder
+
+
+def noise_schedule():
+    """The SD 1.x schedule: DDPM for training, DDIM for sampling (the serving default)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "num_train_timesteps": 1000}
+    return DDPMScheduler(**common), DDIMScheduler(**common, clip_sample=False,
+                                                  set_alpha_to_one=False, steps_offset=1)
+
+
+def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
+    scenes = [sample_scene(rng) for _ in range(size)]
+    images = np.stack([render(scene, jitter=rng) for scene in scenes])
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels, [caption(scene, rng) for scene in scenes]
+
+
+def train_autoencoder(vae, steps: int, rng: random.Random, progress: bool) -> None:
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    vae.train()
+    for _ in tqdm(range(steps), desc="stage 1: autoencoder", disable=not progress):
+        pixels, _ = batch(rng, 16)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    vae.eval()
+
+
+@torch.no_grad()
+def latent_scale(vae, rng: random.Random) -> float:
+    """SD's scaling factor: latents times it have unit variance."""
+    pixels, _ = batch(rng, 256)
+    return float(1.0 / vae.encode(pixels).latent_dist.sample().std())
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_denoiser(vae, unet, text_encoder, tokenizer, steps: int, start: int, rng: random.Random,
+                   checkpoint, progress: bool, batch_size: int = 32) -> None:
+    scheduler, _ = noise_schedule()
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimiser = torch.optim.AdamW(parameters, lr=5e-4)
+    unet.train()
+    text_encoder.train()
+    scale = vae.config.scaling_factor
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="stage 2: denoiser",
+                     disable=not progress):
+        pixels, captions = batch(rng, batch_size)
+        captions = ["" if rng.random() < 0.1 else text for text in captions]
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * scale
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        predicted = unet(noisy, timesteps, encode_text(tokenizer, text_encoder, captions)).sample
+        loss = torch.nn.functional.mse_loss(predicted, noise)
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimiser.step()
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            checkpoint(step + 1)
+    unet.eval()
+    text_encoder.eval()
+
+
+def assemble(tokenizer, vae, unet, text_encoder):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=noise_schedule()[1], safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def train(out: Path, autoencoder_steps: int, denoiser_steps: int, seed: int,
+          progress: bool = True) -> Path:
+    """Train (or resume) into ``out``/{stage1.pt, stage2.pt}, then write the diffusers model
+    to ``out``/model; returns that directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, vae, unet, text_encoder = build_components(seed)
+    rng = random.Random(seed)
+    stage1 = out / "stage1.pt"
+    if stage1.exists():
+        vae.load_state_dict(torch.load(stage1, weights_only=True))
+    else:
+        train_autoencoder(vae, autoencoder_steps, rng, progress)
+        vae.register_to_config(scaling_factor=latent_scale(vae, rng))
+        torch.save(vae.state_dict(), stage1)
+        (out / "scale.json").write_text(json.dumps(vae.config.scaling_factor))
+    vae.register_to_config(scaling_factor=json.loads((out / "scale.json").read_text()))
+    vae.eval().requires_grad_(False)
+    stage2, start = out / "stage2.pt", 0
+    if stage2.exists():
+        saved = torch.load(stage2, weights_only=True)
+        unet.load_state_dict(saved["unet"])
+        text_encoder.load_state_dict(saved["text_encoder"])
+        start = saved["step"]
+        rng = random.Random(seed + start)  # new scenes after a resume, not a replay
+
+    def checkpoint(step: int) -> None:
+        torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                    "step": step}, stage2.with_suffix(".tmp"))
+        stage2.with_suffix(".tmp").replace(stage2)
+
+    if start < denoiser_steps:
+        train_denoiser(vae, unet, text_encoder, tokenizer, denoiser_steps, start, rng,
+                       checkpoint, progress)
+    model_dir = out / "model"
+    assemble(tokenizer, vae, unet.eval(), text_encoder.eval()).save_pretrained(model_dir)
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path.home() / ".cache/t2i/models/scene-sd"),
+                        help="training folder (checkpoints; the model goes to OUT/model)")
+    parser.add_argument("--autoencoder-steps", type=int, default=1500)
+    parser.add_argument("--denoiser-steps", type=int, default=6000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    model_dir = train(Path(args.out).expanduser(), args.autoencoder_steps, args.denoiser_steps,
+                      args.seed)
+    print(f"model written to {model_dir} in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The scene-world model's training code path: a few steps of each stage, a checkpoint
+resume, and the result loaded by the serving engine like any diffusers model (a test of the
+code, not of image quality)."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image
+
+from core.jobs import JobRequest
+from quality.world_model import train, world_tokenizer
+from workers.engine import Engine
+
+
+def test_world_words_are_whole_tokens() -> None:
+    tokens = world_tokenizer().tokenize("blue backdrop: a huge red disc at left")
+    assert tokens == ["blue</w>", "backdrop</w>", ":</w>", "a</w>", "huge</w>", "red</w>",
+                      "disc</w>", "at</w>", "left</w>"]
+
+
+def test_a_few_training_steps_give_a_model_the_engine_serves(tmp_path) -> None:
+    out = tmp_path / "scene-sd"
+    train(out, autoencoder_steps=2, denoiser_steps=1, seed=0, progress=False)
+    first = torch.load(out / "stage2.pt", weights_only=True)
+    assert first["step"] == 1
+    model_dir = train(out, autoencoder_steps=2, denoiser_steps=2, seed=0, progress=False)
+    assert torch.load(out / "stage2.pt", weights_only=True)["step"] == 2  # resumed, not restarted
+    engine = Engine.load(str(model_dir), "ddim", "cpu", tmp_path / "models", True)
+    request = JobRequest("a big red circle on the left, blue background", "", 10, 7.5, 1, 64, 64)
+    assert engine.latent_shape(request) == (1, 4, 16, 16)
+    full = engine.generate(request, lambda step, total: None, frozenset({4}))
+    assert Image.open(io.BytesIO(full.image_png)).size == (64, 64)
+    resumed = engine.resume(request, full.captured[4], 4, lambda step, total: None)
+    assert resumed.unet_calls == full.unet_calls * 6 // 10
