@@ -75,9 +75,12 @@ class Evaluator(nn.Module):
         features = self.features(images)
         return {name: self.heads[name.replace(".", "_")](features) for name in HEADS}
 
+    @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Features for an FID-style distance between sets of images."""
-        return self.features(images)
+        """128 features per image (the last block, averaged over its 4x4 positions) for an
+        FID-style distance between sets of images."""
+        self.eval()
+        return self.features(images).view(images.shape[0], 128, 16).mean(2)
 
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> list[frozenset[str]]:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from core.jobs import JobRequest
+from quality import assess, evaluator
 from quality.world_model import train, world_tokenizer
 from workers.engine import Engine
 
@@ -34,3 +35,10 @@ def test_a_few_training_steps_give_a_model_the_engine_serves(tmp_path) -> None:
     assert Image.open(io.BytesIO(full.image_png)).size == (64, 64)
     resumed = engine.resume(request, full.captured[4], 4, lambda step, total: None)
     assert resumed.unet_calls == full.unet_calls * 6 // 10
+
+    judge = evaluator.train(scenes=128, epochs=1, seed=0, progress=False)
+    report, pairs = assess.assess(engine, judge, count=6, seed=5, steps=3, guidance=4.0,
+                                  progress=False)
+    assert 0 <= report["adherence_generated"] <= 1 and 0 <= report["adherence_true_scenes"] <= 1
+    assert report["fid_evaluator_features"] >= 0
+    assert len(report["samples"]) == 6 and pairs[0].shape == (64, 128, 3)

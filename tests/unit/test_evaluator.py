@@ -29,4 +29,4 @@ def test_a_briefly_trained_evaluator_reads_background_colours(tmp_path) -> None:
     image = evaluator.to_tensor(render(Scene("green", ()), random.Random(0))[None])
     found = loaded.read(image)[0]
     assert any(item.startswith("bg=") for item in found)
-    assert loaded.embed(image).shape == (1, 128 * 16)
+    assert loaded.embed(image).shape == (1, 128)
