@@ -144,6 +144,10 @@ class Settings:
     store_outage_s: float = _setting("T2I_STORE_OUTAGE_S", 120.0,
                                      "a finished image waits this long for the object store to "
                                      "come back before its job fails")
+    job_ttl_s: int = _setting("T2I_JOB_TTL_S", 7 * 24 * 3600, "job records expire after this long")
+    image_url_ttl_s: int = _setting("T2I_IMAGE_URL_TTL_S", 3600, "presigned image URLs expire after")
+
+    # Webhooks and logs
     webhook_secret: str = _setting("T2I_WEBHOOK_SECRET", "",
                                    "master key of the webhook signatures (each tenant's is "
                                    "derived from it); empty: generated into "
@@ -157,8 +161,6 @@ class Settings:
                                         "a receiver must answer a POST within this")
     log_format: str = _setting("T2I_LOG_FORMAT", "json",
                                "json: one JSON object per line with the job id; text: plain")
-    job_ttl_s: int = _setting("T2I_JOB_TTL_S", 7 * 24 * 3600, "job records expire after this long")
-    image_url_ttl_s: int = _setting("T2I_IMAGE_URL_TTL_S", 3600, "presigned image URLs expire after")
 
     @property
     def broker(self) -> str:

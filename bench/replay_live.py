@@ -54,11 +54,17 @@ def job_params(request: TraceRequest, steps: int, divisor: int) -> dict[str, Any
             "height": side(request.height), "guidance": request.cfg if request.cfg else 7.5}
 
 
+def trace_job(request: TraceRequest, steps: int, divisor: int,
+              max_prompt_chars: int) -> dict[str, Any]:
+    """The job a trace request becomes: its prompt (cut to the allowed length) and params."""
+    return {"prompt": request.prompt[:max_prompt_chars], **job_params(request, steps, divisor)}
+
+
 def _submit(client: Client, request: TraceRequest, steps: int, divisor: int,
             views: list[dict]) -> str | None:
     try:
-        return client.submit(request.prompt[:client.settings.max_prompt_chars],
-                             **job_params(request, steps, divisor))
+        return client.submit(**trace_job(request, steps, divisor,
+                                         client.settings.max_prompt_chars))
     except InvalidRequest as exc:  # the trace has a few (e.g. guidance 100): refused
         views.append({"state": "refused", "error": str(exc)})
         return None

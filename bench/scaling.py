@@ -23,8 +23,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.replay_live import arm_settings, job_params
+from bench.replay_live import arm_settings, trace_job
 from celeryconfig import Settings, load_settings
+from core.errors import InvalidRequest
+from core.jobs import RequestLimits, parse_request
 from infra import servers, stack
 from producer.client import Client
 from producer.trace import DEFAULT_TRACE, TraceRequest, read_trace
@@ -35,8 +37,8 @@ def timed_batch(client: Client, requests: list[TraceRequest], steps: int, diviso
     """Submit all at once; seconds until the last one finished (all must succeed), and how
     many worker processes generated them."""
     started = time.monotonic()
-    ids = [client.submit(r.prompt[:client.settings.max_prompt_chars],
-                         **job_params(r, steps, divisor)) for r in requests]
+    ids = [client.submit(**trace_job(r, steps, divisor, client.settings.max_prompt_chars))
+           for r in requests]
     for job_id in tqdm(ids, desc=label, unit="job", leave=False):
         view = client.wait(job_id, timeout=3600)
         if view["state"] != "succeeded":
@@ -65,13 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/scaling", help="output path, no suffix")
     args = parser.parse_args(argv)
 
+    base = load_settings()
+    limits = RequestLimits.from_settings(base)
+
+    def accepted(request: TraceRequest) -> bool:
+        """Every job must run: leave out the few trace requests the API refuses."""
+        try:
+            parse_request(trace_job(request, args.steps, args.size_divisor,
+                                    limits.max_prompt_chars), limits, random_seed=0)
+        except InvalidRequest:
+            return False
+        return True
+
     requests = [r for r in read_trace(Path(args.trace), limit=args.limit * 2,
-                                      channel=args.channel) if 0 < (r.cfg or 7.5) <= 50]
-    requests = requests[:args.limit]
+                                      channel=args.channel) if accepted(r)][:args.limit]
     seconds: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
     workers_used: dict[str, list[int]] = {"1 worker": [], "2 workers": []}
     with tempfile.TemporaryDirectory(prefix="t2i-scaling-") as tmp:
-        config = arm_settings(load_settings(), Path(tmp), cache_on=False)
+        config = arm_settings(base, Path(tmp), cache_on=False)
         try:
             stack.up(config)
             client = Client(config)

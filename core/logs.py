@@ -1,6 +1,6 @@
 """Structured logs: one JSON object per line, carrying the id of the job being worked on.
 
-The job id travels in a context variable set around each job task (``job_context``), so
+The job id travels in a context variable set around each job task (``enter_job``), so
 every line logged inside, by our code or a library, names the job without each call
 passing it. ``T2I_LOG_FORMAT=text`` keeps plain lines (with the id too) for a terminal.
 """
@@ -19,13 +19,22 @@ _job: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("t
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [job %(job_id)s %(stage)s] %(message)s"
 
 
+def enter_job(job_id: str, stage: str) -> contextvars.Token:
+    """Name the job in every line logged from here until ``leave_job(token)``."""
+    return _job.set((job_id, stage))
+
+
+def leave_job(token: contextvars.Token) -> None:
+    _job.reset(token)
+
+
 @contextlib.contextmanager
 def job_context(job_id: str, stage: str) -> Iterator[None]:
-    token = _job.set((job_id, stage))
+    token = enter_job(job_id, stage)
     try:
         yield
     finally:
-        _job.reset(token)
+        leave_job(token)
 
 
 class JobContextFilter(logging.Filter):

@@ -67,9 +67,9 @@ class ServiceCollector(Collector):
     """Reads Redis at each scrape; an unreachable Redis gives ``t2i_up 0`` and no others."""
 
     def __init__(self, redis_url: str, broker_url: str) -> None:
-        self.store = MetricsStore(connect(redis_url))
-        self.catalog = Catalog(connect(redis_url))
-        self.broker = connect(broker_url)
+        client = connect(redis_url)
+        self.store, self.catalog = MetricsStore(client), Catalog(client)
+        self.broker = client if broker_url == redis_url else connect(broker_url)
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("t2i_up", "1 when Redis answered this scrape")

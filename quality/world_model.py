@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from quality.evaluator import to_tensor
 from quality.scenes import (BACKGROUND_TEMPLATES, COLOURS, POSITION_WORDS, SHAPE_WORDS,
                             SIZE_WORDS, caption, render, sample_scene)
 
@@ -100,8 +101,7 @@ def noise_schedule():
 def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
     scenes = [sample_scene(rng) for _ in range(size)]
     images = np.stack([render(scene, jitter=rng) for scene in scenes])
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, [caption(scene, rng) for scene in scenes]
+    return to_tensor(images), [caption(scene, rng) for scene in scenes]
 
 
 def train_autoencoder(vae, steps: int, rng: random.Random, progress: bool) -> None:

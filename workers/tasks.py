@@ -6,7 +6,7 @@ else fails the job with its reason, so the worker moves on and the poller learns
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import functools
 import itertools
 import logging
@@ -21,7 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.errors import JobNotFound, T2IError, TransientError
 from core.jobs import RequestLimits
 from workers import runtime
-from core.logs import install as install_log_format, job_context
+from core.logs import enter_job, install as install_log_format, leave_job
 from core.metrics import sample
 from workers.app import (EVICT_TASK, FULL_TASK, REGISTER_TASK, RESUME_TASK, SWEEP_TASK,
                          TRAIN_PREDICTOR_TASK, TRIAGE_TASK, WEBHOOK_TASK, app, enqueue)
@@ -53,23 +53,21 @@ def structured_logs(logger: logging.Logger, **_: Any) -> None:
 
 
 _JOB_TASKS = {TRIAGE_TASK, FULL_TASK, RESUME_TASK, REGISTER_TASK}  # first argument: a job id
-_task_contexts: dict[str, contextlib.AbstractContextManager] = {}
+_job_log_tokens: dict[str, contextvars.Token] = {}
 
 
 @signals.task_prerun.connect
 def enter_job_context(task_id: str, task: Task, args: tuple = (), **_: Any) -> None:
     """Every log line of a job task, Celery's own included, names the job (core.logs)."""
     if task.name in _JOB_TASKS and args:
-        context = job_context(str(args[0]), task.name)
-        context.__enter__()
-        _task_contexts[task_id] = context
+        _job_log_tokens[task_id] = enter_job(str(args[0]), task.name)
 
 
 @signals.task_postrun.connect
 def leave_job_context(task_id: str, **_: Any) -> None:
-    context = _task_contexts.pop(task_id, None)
-    if context is not None:
-        context.__exit__(None, None, None)
+    token = _job_log_tokens.pop(task_id, None)
+    if token is not None:
+        leave_job(token)
 
 
 def _backoff_s(retries: int) -> float:
