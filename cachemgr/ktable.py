@@ -59,6 +59,34 @@ class KTable:
         return cls.from_json(Path(spec).expanduser().read_text())
 
 
+def derive_table(name: str, steps: int, ratios: dict[float, dict[int, float]],
+                 tolerance: float) -> KTable:
+    """A table from a quality profile: ``ratios[lower similarity edge][K]`` is the score of
+    images resumed at K (out of ``steps``) over the score from scratch, for prompt pairs
+    whose similarity falls in that bin. Each bin gets the largest K such that it and every
+    smaller profiled K keep ``tolerance`` of the from-scratch score; a less similar bin never
+    gets a larger K than a more similar one. Bins that keep no K end the table (a miss)."""
+    rows: list[tuple[float, int]] = []
+    cap = steps - 1
+    for edge in sorted(ratios, reverse=True):
+        safe = 0
+        for k in sorted(ratios[edge]):
+            if ratios[edge][k] < tolerance:
+                break
+            safe = k
+        cap = min(cap, safe)
+        if cap == 0:
+            break
+        if rows and rows[-1][1] == cap:
+            rows[-1] = (edge, cap)  # the same K reaches down to this bin's edge
+        else:
+            rows.append((edge, cap))
+    if not rows:
+        raise ValueError(f"no similarity bin keeps {tolerance:.0%} of the from-scratch score "
+                         "at any profiled K: no table to derive")
+    return KTable(name=name, thresholds=tuple(rows), reference_steps=steps)
+
+
 # NIRVANA's table, profiled for CLIP text embeddings (another embedder needs its own profile).
 REFERENCE_TABLE = KTable(name="reference", thresholds=(
     (0.95, 25), (0.90, 20), (0.85, 15), (0.75, 10), (0.65, 5)))

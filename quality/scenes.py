@@ -10,6 +10,7 @@ users' edits do; ``attributes`` is the ground truth an evaluator reads back.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,3 +108,52 @@ def caption(scene: Scene, rng: random.Random) -> str:
 def adherence(asked: frozenset[str], found: frozenset[str]) -> float:
     """The fraction of the prompt's attributes found in the image."""
     return len(asked & found) / len(asked)
+
+
+def _find(text: str, words_by_value: dict[str, list[str]]) -> list[str]:
+    """Values whose phrase occurs in ``text`` as whole words."""
+    return [value for value, words in words_by_value.items()
+            if any(re.search(rf"\b{re.escape(word)}\b", text) for word in words)]
+
+
+def parse_caption(text: str) -> Scene:
+    """The scene a caption describes (the inverse of ``caption``), so a scorer needs only the
+    prompt. Raises ValueError naming the text when it is not a scene-world caption."""
+    background = re.search(r"\bagainst (\w+)\b|\b(\w+) (?:background|backdrop)\b", text)
+    if not background or (colour := background.group(1) or background.group(2)) not in COLOURS:
+        raise ValueError(f"not a scene caption (no background colour): {text!r}")
+    rest = text[:background.start()] + text[background.end():]
+    objects = []
+    for part in re.split(r"\band\b", rest):
+        if not part.strip(" ,:"):
+            continue
+        found = (_find(part, SHAPE_WORDS), [c for c in COLOURS if re.search(rf"\b{c}\b", part)],
+                 _find(part, SIZE_WORDS), _find(part, POSITION_WORDS))
+        if any(len(values) != 1 for values in found):
+            raise ValueError(f"not a scene caption (object {part.strip()!r}): {text!r}")
+        objects.append(SceneObject(*(values[0] for values in found)))
+    if not objects:
+        raise ValueError(f"not a scene caption (no object): {text!r}")
+    return Scene(colour, tuple(sorted(objects, key=lambda o: POSITIONS[o.position])))
+
+
+def edit(scene: Scene, rng: random.Random) -> Scene:
+    """One small user edit: another background, or one object's shape, colour or size."""
+    choice = rng.randrange(1 + 3 * len(scene.objects))
+    if choice == 0:
+        taken = {item.colour for item in scene.objects}
+        return Scene(rng.choice([c for c in COLOURS if c not in taken | {scene.background}]),
+                     scene.objects)
+    index, field = divmod(choice - 1, 3)
+    item = scene.objects[index]
+    if field == 0:
+        item = SceneObject(rng.choice([s for s in SHAPES if s != item.shape]), item.colour,
+                           item.size, item.position)
+    elif field == 1:
+        item = SceneObject(item.shape, rng.choice([c for c in COLOURS if c not in
+                                                   (item.colour, scene.background)]),
+                           item.size, item.position)
+    else:
+        item = SceneObject(item.shape, item.colour,
+                           next(s for s in SIZES if s != item.size), item.position)
+    return Scene(scene.background, scene.objects[:index] + (item,) + scene.objects[index + 1:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cachemgr.keys import cache_scope, latent_key, partition_key
-from cachemgr.ktable import REFERENCE_TABLE, KTable, largest_stored_at_most
+from cachemgr.ktable import REFERENCE_TABLE, KTable, derive_table, largest_stored_at_most
 from cachemgr.routing import Reason, decide
 
 
@@ -40,6 +40,29 @@ def test_table_round_trips_as_data_and_rejects_bad_rows(tmp_path):
         KTable("bad", ((0.5, 5), (0.9, 20)))
     with pytest.raises(ValueError, match="bad row"):
         KTable("bad", ((0.9, 50),))
+
+
+def test_a_profiled_table_keeps_the_largest_k_within_tolerance():
+    ratios = {
+        0.95: {4: 1.0, 8: 0.99, 12: 0.97, 16: 0.90},
+        0.90: {4: 1.0, 8: 0.96, 12: 0.93, 16: 0.97},   # 16 passes, but 12 fails first
+        0.80: {4: 0.98, 8: 0.97, 12: 0.96, 16: 0.50},  # would allow 12; capped by 0.90's 8
+        0.70: {4: 0.96, 8: 0.80, 12: 0.70, 16: 0.60},
+        0.60: {4: 0.90, 8: 0.80, 12: 0.70, 16: 0.60},  # nothing kept: a miss from here down
+        0.50: {4: 0.99, 8: 0.99, 12: 0.99, 16: 0.99},  # below a miss: stays a miss
+    }
+    table = derive_table("profiled", 20, ratios, tolerance=0.95)
+    assert table.thresholds == ((0.95, 12), (0.80, 8), (0.70, 4))
+    assert table.reference_steps == 20
+    assert table.k_for(0.97, 20) == 12 and table.k_for(0.85, 20) == 8
+    assert table.k_for(0.65, 20) is None
+    assert table.k_for(0.97, 40) == 24  # scales with the job's steps like any table
+    assert KTable.from_json(table.to_json()) == table
+
+
+def test_a_profile_where_nothing_keeps_quality_derives_no_table():
+    with pytest.raises(ValueError, match="no similarity bin keeps 95%"):
+        derive_table("profiled", 20, {0.9: {4: 0.5}}, tolerance=0.95)
 
 
 def test_hole_fallback_takes_largest_stored_k_at_most():

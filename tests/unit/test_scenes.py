@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
 from quality.scenes import (COLOURS, POSITION_WORDS, POSITIONS, SHAPE_WORDS, SIZE, SIZE_WORDS,
-                            Scene, SceneObject, adherence, caption, render, sample_scene)
+                            Scene, SceneObject, adherence, caption, edit, parse_caption, render,
+                            sample_scene)
 
 
 def test_scenes_and_captions_are_seeded() -> None:
@@ -60,3 +62,27 @@ def test_adherence_is_the_share_of_asked_attributes_found() -> None:
     assert len(asked) == 4 and adherence(asked, asked) == 1.0
     wrong_colour = Scene("blue", (SceneObject("circle", "green", "big", "left"),)).attributes()
     assert adherence(asked, wrong_colour) == 0.75
+
+
+def test_parse_caption_inverts_caption() -> None:
+    rng = random.Random(11)
+    for _ in range(2000):
+        scene = sample_scene(rng)
+        assert parse_caption(caption(scene, rng)) == scene
+
+
+@pytest.mark.parametrize("text", ["a photo of a cat", "a big red circle on the left",
+                                  "blue background", "a big red circle and a box, blue background"])
+def test_parse_caption_names_what_is_not_a_scene_caption(text: str) -> None:
+    with pytest.raises(ValueError, match="not a scene caption"):
+        parse_caption(text)
+
+
+def test_an_edit_changes_exactly_one_attribute() -> None:
+    rng = random.Random(4)
+    for _ in range(500):
+        scene = sample_scene(rng)
+        edited = edit(scene, rng)
+        changed = scene.attributes() ^ edited.attributes()
+        assert len(changed) == 2  # one value out, one in
+        assert all(item.colour != edited.background for item in edited.objects)
