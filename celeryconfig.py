@@ -69,7 +69,8 @@ class Settings:
     # Model
     model: str = _setting("T2I_MODEL", "tiny",
                           "'tiny' (a random-weight SD-architecture TEST model built here), "
-                          "a local diffusers directory, or a hub id")
+                          "'scene' (the scene-world model trained by quality.world_model, "
+                          "committed), a local diffusers directory, or a hub id")
     scheduler: str = _setting("T2I_SCHEDULER", "ddim", "ddim or euler")
     device: str = _setting("T2I_DEVICE", "auto", "auto, cpu, cuda, cuda:N")
     torch_threads: int = _setting("T2I_TORCH_THREADS", 0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import platform
 import random
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from celeryconfig import Settings, load_settings
@@ -33,6 +36,7 @@ from infra import servers, stack
 from core.errors import InvalidRequest
 from producer.client import Client
 from producer.trace import DEFAULT_TRACE, TraceRequest, read_trace
+from quality.scoring import load_scorer
 
 
 def arm_settings(base: Settings, state_dir: Path, cache_on: bool) -> Settings:
@@ -134,6 +138,63 @@ def summarise(views: list[dict]) -> dict[str, Any]:
     }
 
 
+def fetch_images(client: Client, views: list[dict]) -> dict[str, np.ndarray]:
+    """Job id -> RGB pixels of every succeeded job."""
+    return {v["id"]: np.asarray(Image.open(io.BytesIO(client.result(v["id"]))).convert("RGB"))
+            for v in views if v["state"] == "succeeded"}
+
+
+def score_arms(scorer_spec: str, views: dict[str, list[dict]],
+               images: dict[str, dict[str, np.ndarray]], grid_path: Path,
+               grid_size: int = 8) -> dict[str, Any]:
+    """Image scores of both arms; resumed jobs are also compared with the very same requests
+    (prompt and seed) generated from scratch by the cache-off arm. Writes a grid of resumed
+    (left) vs from-scratch (right) images for the first resumed jobs."""
+    scorer = load_scorer(scorer_spec)
+    scores: dict[str, dict[str, float]] = {}
+    for name, arm_images in images.items():
+        ids = list(arm_images)
+        prompts = {v["id"]: v["request"]["prompt"] for v in views[name] if v.get("id")}
+        values = scorer.score([prompts[i] for i in ids], np.stack([arm_images[i] for i in ids]))
+        scores[name] = dict(zip(ids, values.tolist()))
+
+    def key(view: dict) -> tuple[str, int]:
+        return view["request"]["prompt"], view["request"]["seed"]
+
+    scratch = {key(v): v["id"] for v in views["cache_off"] if v["state"] == "succeeded"}
+    resumed = [v for v in views["cache_on"] if v["state"] == "succeeded"
+               and v["route"] == "gen.resume" and not v.get("fallback") and key(v) in scratch]
+    full = [v for v in views["cache_on"] if v["state"] == "succeeded" and v not in resumed]
+    pairs = [(v["id"], scratch[key(v)]) for v in resumed]
+    if pairs:
+        rows = [np.concatenate([images["cache_on"][a], images["cache_off"][b]], 1)
+                for a, b in pairs[:grid_size]]
+        grid = np.concatenate(rows, 0)
+        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3),
+                                     Image.NEAREST).save(grid_path)
+
+    def mean(values: list[float]) -> float | None:
+        return statistics.fmean(values) if values else None
+
+    resumed_on = mean([scores["cache_on"][a] for a, _ in pairs])
+    same_off = mean([scores["cache_off"][b] for _, b in pairs])
+    return {
+        "scorer": scorer.name,
+        "score_mean_cache_on": mean(list(scores["cache_on"].values())),
+        "score_mean_cache_off": mean(list(scores["cache_off"].values())),
+        "score_mean_resumed": resumed_on,
+        "score_mean_resumed_same_requests_from_scratch": same_off,
+        "score_ratio_resumed_vs_scratch": resumed_on / same_off if same_off else None,
+        "score_mean_full_cache_on": mean([scores["cache_on"][v["id"]] for v in full]),
+        "resumed_compared": len(pairs),
+        "samples": [{"prompt": v["request"]["prompt"], "k": v["k"],
+                     "similarity": v.get("similarity"),
+                     "score_resumed": scores["cache_on"][a],
+                     "score_from_scratch": scores["cache_off"][b]}
+                    for v, (a, b) in zip(resumed[:grid_size], pairs[:grid_size])],
+    }
+
+
 def markdown(result: dict[str, Any]) -> str:
     on, off = result["cache_on"], result["cache_off"]
     rows = [
@@ -164,6 +225,18 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Mean latency ratio on/off: **{result['latency_ratio_on_off']:.3f}**; "
               f"throughput ratio on/off: **{result['throughput_ratio_on_off']:.3f}**.",
               f"Route reasons (cache on): {on['route_reasons']}"]
+    if quality := result.get("quality"):
+        def show(value: float | None) -> str:
+            return "-" if value is None else f"{value:.3f}"
+        lines += ["", f"Image scores ({quality['scorer']}):", "",
+                  "| | cache on | cache off |", "|---|---|---|",
+                  f"| all jobs | {show(quality['score_mean_cache_on'])} | "
+                  f"{show(quality['score_mean_cache_off'])} |",
+                  f"| the {quality['resumed_compared']} resumed requests | "
+                  f"{show(quality['score_mean_resumed'])} | "
+                  f"{show(quality['score_mean_resumed_same_requests_from_scratch'])} |",
+                  "", f"Resumed vs the same requests from scratch: "
+                  f"**{show(quality['score_ratio_resumed_vs_scratch'])}**."]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="open loop: Poisson arrivals per second (0: closed loop, one job "
                              "in flight per stack)")
     parser.add_argument("--seed", type=int, default=0, help="arrival times seed")
+    parser.add_argument("--scorer", default="",
+                        help="also score every image ('scene', 'scene:WEIGHTS' or 'clip:PATH', "
+                             "see quality.scoring) and write a grid of resumed vs from-scratch "
+                             "images (OUT-samples.png)")
     parser.add_argument("--out", default="bench/results/live-replay",
                         help="output path without extension (.json and .md are written)")
     args = parser.parse_args(argv)
@@ -215,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             for thread in threads:
                 thread.join()
             wall = time.time() - started
+            images = ({name: fetch_images(Client(config), views[name])
+                       for name, config in arms.items()} if args.scorer else {})
         finally:
             for config in arms.values():
                 stack.down(config)
@@ -235,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.scorer:
+        result["quality"] = score_arms(args.scorer, views, images,
+                                       out.with_name(out.name + "-samples.png"))
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))

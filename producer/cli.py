@@ -20,6 +20,7 @@ import celeryconfig
 from core.errors import T2IError
 from producer.client import Client
 from producer.trace import DEFAULT_TRACE, read_trace
+from quality.toy_trace import Behaviour, toy_trace
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,17 +80,28 @@ def _seconds(view: dict[str, Any], start: str, end: str) -> float | None:
     return timings[end] - timings[start]
 
 
+def demo_jobs(source: str, count: int, steps: int, size: int | None) -> list[dict[str, Any]]:
+    """The demo's jobs: a scene-world session (one user editing and re-rolling prompts, for
+    the scene model) or the first prompts of a trace."""
+    if source == "scene":
+        rows = toy_trace(count, users=1, behaviour=Behaviour(), guidance=4.0, seed=7)
+        return [{"prompt": row["prompt"], "seed": row["seed"], "steps": steps,
+                 "guidance": row["cfg"], "width": size or 64, "height": size or 64}
+                for row in rows]
+    return [{"prompt": req.prompt, "seed": req.seed, "steps": steps, "width": size or 256,
+             "height": size or 256} for req in read_trace(Path(source), limit=count)]
+
+
 def cmd_demo(client: Client, args: argparse.Namespace) -> int:
-    """Submit the first N prompts of the trace, wait for all, print a table."""
-    requests = list(read_trace(Path(args.trace), limit=args.count))
+    """Run the demo's jobs one after another (so each can reuse the ones before it), print a
+    table and write the images and a contact sheet."""
     out_dir = Path(args.output or client.settings.state_path / "demo")
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(req.prompt, client.submit(req.prompt, seed=req.seed, steps=args.steps,
-                                       width=args.size, height=args.size))
-            for req in tqdm(requests, desc="submitting", unit="job")]
-    views = []
-    for _, job_id in tqdm(jobs, desc="waiting", unit="job"):
-        views.append(client.wait(job_id, timeout=args.timeout))
+    jobs, views = [], []
+    for params in tqdm(demo_jobs(args.trace, args.count, args.steps, args.size), desc="jobs",
+                       unit="job"):
+        jobs.append((params["prompt"], client.submit(**params)))
+        views.append(client.wait(jobs[-1][1], timeout=args.timeout))
     print(f"\nmodel: {views[0]['model'] if views else '-'}")
     print(f"{'job':10} {'state':10} {'route':24} {'total s':>8} {'gen s':>7}  image / prompt")
     for (prompt, job_id), view in zip(jobs, views):
@@ -109,7 +121,25 @@ def cmd_demo(client: Client, args: argparse.Namespace) -> int:
     if totals:
         print(f"\n{len(views)} jobs, median end-to-end {statistics.median(totals):.2f}s; "
               f"images in {out_dir}")
+    finished = [path for _, job_id in jobs if (path := out_dir / f"{job_id}.png").exists()]
+    if sheet := contact_sheet(finished):
+        sheet.save(out_dir / "sheet.png")
+        print(f"contact sheet (in submission order, left to right): {out_dir / 'sheet.png'}")
     return 0 if all(v["state"] == "succeeded" for v in views) else 1
+
+
+def contact_sheet(paths: list[Path], columns: int = 6):
+    """The images side by side, ``columns`` per row, each scaled to 128 px."""
+    from PIL import Image
+
+    if not paths:
+        return None
+    tiles = [Image.open(path).convert("RGB").resize((128, 128), Image.NEAREST) for path in paths]
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (128 * min(columns, len(tiles)), 128 * rows), "white")
+    for index, tile in enumerate(tiles):
+        sheet.paste(tile, (128 * (index % columns), 128 * (index // columns)))
+    return sheet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,12 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "result":
             command.add_argument("-o", "--output", help="file to write (default JOB_ID.png)")
 
-    demo = sub.add_parser("demo", help="submit the first prompts of the trace and report")
-    demo.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace CSV(.gz) path")
-    demo.add_argument("-n", "--count", type=int, default=8, help="number of prompts")
-    demo.add_argument("--size", type=int, default=256,
-                      help="width and height (the CPU test model is slow at 512)")
-    demo.add_argument("--steps", type=int, default=50, help="denoising steps")
+    demo = sub.add_parser("demo", help="run a short session of prompts and report")
+    demo.add_argument("--trace", default="scene",
+                      help="'scene': one user editing and re-rolling scene-world prompts (for "
+                           "the scene model, T2I_MODEL=scene); or a trace CSV(.gz) path: its "
+                           f"first prompts (e.g. {DEFAULT_TRACE})")
+    demo.add_argument("-n", "--count", type=int, default=12, help="number of prompts")
+    demo.add_argument("--size", type=int,
+                      help="width and height (default 64 for scene prompts, 256 for a trace)")
+    demo.add_argument("--steps", type=int, default=25, help="denoising steps")
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait per job")
     demo.add_argument("-o", "--output", help="directory for the PNGs (default STATE_DIR/demo)")
     demo.set_defaults(run=cmd_demo)

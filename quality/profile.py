@@ -32,7 +32,7 @@ from cachemgr.ktable import derive_table
 from celeryconfig import load_settings
 from core.jobs import JobRequest
 from quality.scenes import caption, edit, sample_scene
-from quality.scoring import DEFAULT_EVALUATOR, Scorer, load_scorer
+from quality.scoring import Scorer, load_scorer
 from workers.embedder import Embedder, load_embedder
 from workers.engine import Engine
 
@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a diffusers model directory (or 'tiny')")
-    parser.add_argument("--scorer", default="scene", help="'scene' or 'clip:PATH' (CLIPScore)")
-    parser.add_argument("--evaluator", default=str(DEFAULT_EVALUATOR),
-                        help="scene evaluator weights (for --scorer scene)")
+    parser.add_argument("--scorer", default="scene",
+                        help="'scene' (evaluator adherence; 'scene:WEIGHTS' for other weights) "
+                             "or 'clip:PATH' (CLIPScore with a local CLIP model)")
     parser.add_argument("--embedder", default="minilm",
                         help="the triage embedder whose similarities the table keys on")
     parser.add_argument("--prompts", default="",
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     models_dir = load_settings().state_path / "models"  # where 'tiny' is built
     engine = Engine.load(model, "ddim", "cpu", models_dir, True)
     embedder = load_embedder(args.embedder, model, models_dir)
-    scorer = load_scorer(args.scorer, Path(args.evaluator).expanduser())
+    scorer = load_scorer(args.scorer)
     cells = measure(engine, scorer, stratify(candidates, embedder, edges, args.pairs_per_bin),
                     args.steps, ks, args.guidance, args.size, args.seed)
 

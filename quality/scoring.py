@@ -3,8 +3,9 @@
 The profiling and replay commands take any scorer, so operators profile their real model
 with CLIPScore while this project measures its scene world with the evaluator:
 
-- ``scene``: prompt adherence read by the scene-world evaluator (the prompt's attributes
-  come from ``parse_caption``, so only scene-world prompts can be scored);
+- ``scene`` (or ``scene:WEIGHTS``): prompt adherence read by the scene-world evaluator
+  (default weights: those ``python -m quality.evaluator`` writes); the prompt's attributes
+  come from ``parse_caption``, so only scene-world prompts can be scored;
 - ``clip:PATH``: CLIPScore, 100 x max(cosine(image, text), 0), with a local CLIP model
   directory (transformers ``CLIPModel`` + its processor).
 """
@@ -66,10 +67,11 @@ class ClipScore:
         return (100 * (text * image).sum(-1).clamp(min=0)).numpy()
 
 
-def load_scorer(spec: str, evaluator_weights: Path = DEFAULT_EVALUATOR) -> Scorer:
-    """'scene' or 'clip:PATH'."""
-    if spec == "scene":
-        return SceneAdherence(evaluator_weights)
-    if spec.startswith("clip:"):
-        return ClipScore(str(Path(spec[5:]).expanduser()))
-    raise ModelLoadError(f"scorer {spec!r} unknown (use 'scene' or 'clip:PATH')")
+def load_scorer(spec: str) -> Scorer:
+    """'scene', 'scene:WEIGHTS' or 'clip:PATH'."""
+    kind, _, path = spec.partition(":")
+    if kind == "scene":
+        return SceneAdherence(Path(path).expanduser() if path else DEFAULT_EVALUATOR)
+    if kind == "clip" and path:
+        return ClipScore(str(Path(path).expanduser()))
+    raise ModelLoadError(f"scorer {spec!r} unknown (use 'scene', 'scene:WEIGHTS' or 'clip:PATH')")

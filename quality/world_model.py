@@ -215,7 +215,9 @@ def train(out: Path, autoencoder_steps: int, denoiser_steps: int, seed: int,
         train_denoiser(vae, unet, text_encoder, tokenizer, denoiser_steps, start, rng,
                        checkpoint, progress)
     model_dir = out / "model"
-    assemble(tokenizer, vae, unet.eval(), text_encoder.eval()).save_pretrained(model_dir)
+    # Saved in fp16 (half the size; loaders upcast on CPU); checkpoints stay fp32.
+    assemble(tokenizer, vae, unet.eval(), text_encoder.eval()).to(
+        dtype=torch.float16).save_pretrained(model_dir)
     return model_dir
 
 

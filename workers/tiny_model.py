@@ -16,6 +16,9 @@ from pathlib import Path
 
 TINY_MODEL_NAME = "tiny-sd"
 TINY_MODEL_LABEL = "tiny-sd (TEST model: random weights, built from config)"
+# The scene-world model, trained here by quality.world_model and committed (fp16, ~4 MB).
+SCENE_MODEL_DIR = Path(__file__).resolve().parent.parent / "quality" / "weights" / "scene-sd"
+SCENE_MODEL_LABEL = "scene-sd (trained on the scene world by quality.world_model)"
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
@@ -93,4 +96,6 @@ def resolve_model(model: str, models_dir: Path) -> tuple[str, str]:
     """(where to load from, label for job records) for a T2I_MODEL value."""
     if model == "tiny":
         return str(ensure_tiny_model(models_dir)), TINY_MODEL_LABEL
+    if model == "scene":
+        return str(SCENE_MODEL_DIR), SCENE_MODEL_LABEL
     return model, model

@@ -27,9 +27,10 @@ def test_profile_reports_bins_a_heatmap_and_a_table_triage_loads(tmp_path, monke
                                                                  evaluator_weights) -> None:
     monkeypatch.setenv("T2I_STATE_DIR", str(tmp_path / "state"))  # the tiny model is built here
     out, table_path = tmp_path / "profile", tmp_path / "table.json"
-    common = ["--model", "tiny", "--evaluator", str(evaluator_weights), "--candidates", "80",
-              "--pairs-per-bin", "1", "--steps", "5", "--ks", "1,3", "--out", str(out)]
-    assert profile.main([*common, "--tolerance", "0", "--table-out", str(table_path)]) == 0
+    common = ["--model", "tiny", "--scorer", f"scene:{evaluator_weights}", "--pairs-per-bin",
+              "1", "--steps", "5", "--out", str(out)]
+    assert profile.main([*common, "--candidates", "80", "--ks", "1,3", "--tolerance", "0",
+                         "--table-out", str(table_path)]) == 0
 
     report = json.loads(out.with_suffix(".json").read_text())
     assert len(report["bins"]) >= 3  # the candidates spread over the similarity range
@@ -45,7 +46,8 @@ def test_profile_reports_bins_a_heatmap_and_a_table_triage_loads(tmp_path, monke
 
     # No K can keep 150% of the from-scratch score: the report stays, no table is written.
     refused = tmp_path / "refused.json"
-    assert profile.main([*common, "--tolerance", "1.5", "--table-out", str(refused)]) == 1
+    assert profile.main([*common, "--candidates", "5", "--ks", "2", "--tolerance", "1.5",
+                         "--table-out", str(refused)]) == 1
     assert json.loads(out.with_suffix(".json").read_text())["table"] is None
     assert not refused.exists()
 
@@ -55,7 +57,7 @@ def test_scene_scorer_gives_true_renders_full_adherence(evaluator_weights) -> No
 
     rng = random.Random(2)
     scenes = [sample_scene(rng) for _ in range(4)]
-    scorer = load_scorer("scene", evaluator_weights)
+    scorer = load_scorer(f"scene:{evaluator_weights}")
     scores = scorer.score([caption(s, rng) for s in scenes], np.stack([render(s) for s in scenes]))
     assert scores.shape == (4,) and ((0 <= scores) & (scores <= 1)).all()
     with pytest.raises(ValueError, match="not a scene caption"):

@@ -42,3 +42,11 @@ def test_a_few_training_steps_give_a_model_the_engine_serves(tmp_path) -> None:
     assert 0 <= report["adherence_generated"] <= 1 and 0 <= report["adherence_true_scenes"] <= 1
     assert report["fid_evaluator_features"] >= 0
     assert len(report["samples"]) == 6 and pairs[0].shape == (64, 128, 3)
+
+
+def test_the_committed_scene_model_is_served_by_name(tmp_path) -> None:
+    engine = Engine.load("scene", "ddim", "cpu", tmp_path / "models", True)
+    assert engine.label.startswith("scene-sd")
+    request = JobRequest("a big red circle on the left, blue background", "", 4, 4.0, 1, 64, 64)
+    image = Image.open(io.BytesIO(engine.generate(request, lambda step, total: None).image_png))
+    assert image.size == (64, 64)
