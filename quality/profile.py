@@ -7,8 +7,9 @@ similarity -> K table the triage uses from it.
 Prompt pairs (A, B) are drawn across the triage embedder's similarity range (scene-world
 variants by default, or neighbouring lines of any --prompts file) and kept up to --pairs-per-bin
 per similarity bin. For each pair: generate A, keeping its latents after each profiled K;
-generate B from scratch; and resume B from A's latent at every K, as a cache hit would. A
-cell's ratio is B's mean score resumed at K over its mean score from scratch. From a
+generate B from scratch with A's seed; and resume B from A's latent at every K, as a cache
+hit would. A cell's ratio is B's mean score resumed at K over its mean score from scratch
+(same seed, so an identical prompt gives exactly 1). From a
 --tolerance (keep 95% by default) the command derives the table (``derive_table``) and
 writes it where T2I_K_TABLE can point. Any model directory and scorer work (see
 quality.scoring); a table is only valid for the embedder and model it was profiled with.
@@ -115,8 +116,9 @@ def measure(engine: Engine, scorer: Scorer, cells: list[Cell], steps: int, ks: l
         for pair_index, (first, second, _) in enumerate(cell.pairs):
             pair_seed = seed + 1000 * index + pair_index
             source = engine.generate(request(first, pair_seed), quiet, frozenset(ks))
-            scratch.append(_pixels(engine.generate(request(second, pair_seed + 500_000),
-                                                   quiet).image_png))
+            # From scratch with A's seed: B's images then differ only in which prompt
+            # guided the first K steps, so seed-to-seed spread does not swamp the ratio.
+            scratch.append(_pixels(engine.generate(request(second, pair_seed), quiet).image_png))
             for k in ks:
                 resumed[k].append(_pixels(engine.resume(request(second, pair_seed),
                                                         source.captured[k], k, quiet).image_png))
