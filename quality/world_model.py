@@ -6,10 +6,10 @@ The same component classes as SD 1.5 at a small width: a CLIP text encoder (word
 tokenizer over the world's vocabulary), a cross-attention UNet2DConditionModel, a KL
 autoencoder (64x64 images, 16x16x4 latents) and the SD noise schedule. Stage 1 trains the
 autoencoder, stage 2 the UNet and text encoder on its latents (captions dropped 10% of the
-time, for classifier-free guidance). Two choices make captions bind within a CPU hour: the
-loss is min-SNR weighted, so the near-clean timesteps (where the caption barely matters)
-do not drown the rest, and the UNet attends to text at 8x8 and 4x4 only, which makes a
-step twice as cheap as attending at 16x16 as well. Checkpoints are kept in the output folder, so an
+time, for classifier-free guidance). Two choices make captions bind on a CPU: the loss is
+min-SNR weighted, so the near-clean timesteps (where the caption barely matters) do not
+drown the rest, and the UNet attends to text at 8x8 and 4x4 only, which makes a step twice
+as cheap as attending at 16x16 as well. Checkpoints are kept in the output folder, so an
 interrupted run resumes. The result is an ordinary diffusers model directory: set
 ``T2I_MODEL`` to it and the workers load it like any model.
 """
