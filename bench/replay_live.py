@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import platform
 import random
@@ -36,6 +35,7 @@ from infra import servers, stack
 from core.errors import InvalidRequest
 from producer.client import Client
 from producer.trace import DEFAULT_TRACE, TraceRequest, read_trace
+from quality.evaluator import png_pixels
 from quality.scoring import load_scorer
 
 
@@ -140,8 +140,8 @@ def summarise(views: list[dict]) -> dict[str, Any]:
 
 def fetch_images(client: Client, views: list[dict]) -> dict[str, np.ndarray]:
     """Job id -> RGB pixels of every succeeded job."""
-    return {v["id"]: np.asarray(Image.open(io.BytesIO(client.result(v["id"]))).convert("RGB"))
-            for v in views if v["state"] == "succeeded"}
+    return {v["id"]: png_pixels(client.result(v["id"])) for v in views
+            if v["state"] == "succeeded"}
 
 
 def score_arms(scorer_spec: str, views: dict[str, list[dict]],

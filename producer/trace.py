@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import gzip
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 DEFAULT_TRACE = Path(__file__).resolve().parent.parent.parent / "shared/data/sd-discord-trace.csv.gz"
 
 
@@ -52,14 +55,18 @@ def interleaved(path: Path, seed: int, limit: int | None = None) -> list[TraceRe
     """All channels merged by a seeded random merge: each channel keeps its own order, and
     the next request comes from a channel chosen in proportion to what it has left (so
     channels run concurrently, as they did)."""
-    import random
-
     by_channel: dict[str, list[TraceRequest]] = {}
     for request in read_trace(path):
         by_channel.setdefault(request.channel, []).append(request)
-    rng = random.Random(seed)
-    queues = [list(reversed(requests)) for _, requests in sorted(by_channel.items())]
-    merged: list[TraceRequest] = []
+    return seeded_merge([requests for _, requests in sorted(by_channel.items())],
+                        random.Random(seed), limit)
+
+
+def seeded_merge(sequences: list[list[T]], rng: random.Random, limit: int | None = None) -> list[T]:
+    """Merge sequences, each keeping its own order: the next item comes from a sequence
+    chosen in proportion to how many items it has left."""
+    queues = [list(reversed(items)) for items in sequences if items]
+    merged: list[T] = []
     while queues and (limit is None or len(merged) < limit):
         pick = rng.choices(range(len(queues)), weights=[len(q) for q in queues])[0]
         merged.append(queues[pick].pop())

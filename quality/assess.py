@@ -12,7 +12,6 @@ a JSON report and a grid of samples (left: true scene, right: generated).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import sys
@@ -40,7 +39,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 def generate(engine: Engine, prompt: str, seed: int, steps: int, guidance: float) -> np.ndarray:
     request = JobRequest(prompt, "", steps, guidance, seed, 64, 64)
     png = engine.generate(request, lambda step, total: None, frozenset()).image_png
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    return evaluation.png_pixels(png)
 
 
 def assess(engine: Engine, judge: evaluation.Evaluator, count: int, seed: int, steps: int,

@@ -12,6 +12,7 @@ if that is low).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 import sys
@@ -53,6 +54,11 @@ def degraded(image: np.ndarray, rng: random.Random) -> np.ndarray:
     noisy = np.asarray(blurred, dtype=np.float32) + np.random.default_rng(
         rng.getrandbits(32)).normal(0, rng.uniform(0, 12), image.shape)
     return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def png_pixels(png: bytes) -> np.ndarray:
+    """A PNG (as the engine and the object store hold images) -> H x W x 3 uint8 RGB."""
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -18,7 +18,6 @@ quality.scoring); a table is only valid for the embedder and model it was profil
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import sys
@@ -26,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from cachemgr.ktable import derive_table
 from celeryconfig import load_settings
 from core.jobs import JobRequest
+from quality.evaluator import png_pixels
 from quality.scenes import caption, edit, sample_scene
 from quality.scoring import Scorer, load_scorer
 from workers.embedder import Embedder, load_embedder
@@ -96,10 +95,6 @@ def stratify(pairs: list[tuple[str, str]], embedder: Embedder, edges: tuple[floa
     return [cell for cell in cells if cell.pairs]
 
 
-def _pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
 def measure(engine: Engine, scorer: Scorer, cells: list[Cell], steps: int, ks: list[int],
             guidance: float, size: int, seed: int, progress: bool = True) -> list[Cell]:
     """Fill each cell's scores: B from scratch, and B resumed from A's latent at each K."""
@@ -118,9 +113,9 @@ def measure(engine: Engine, scorer: Scorer, cells: list[Cell], steps: int, ks: l
             source = engine.generate(request(first, pair_seed), quiet, frozenset(ks))
             # From scratch with A's seed: B's images then differ only in which prompt
             # guided the first K steps, so seed-to-seed spread does not swamp the ratio.
-            scratch.append(_pixels(engine.generate(request(second, pair_seed), quiet).image_png))
+            scratch.append(png_pixels(engine.generate(request(second, pair_seed), quiet).image_png))
             for k in ks:
-                resumed[k].append(_pixels(engine.resume(request(second, pair_seed),
+                resumed[k].append(png_pixels(engine.resume(request(second, pair_seed),
                                                         source.captured[k], k, quiet).image_png))
             second_prompts.append(second)
             bar.update()

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from producer.trace import seeded_merge
 from quality.scenes import SIZE, Scene, caption, edit, sample_scene
 
 ACTIONS = ("edit", "reroll", "rephrase", "revisit", "new")
@@ -64,18 +65,11 @@ def toy_trace(requests: int, users: int, behaviour: Behaviour, guidance: float,
               seed: int) -> list[dict[str, object]]:
     """Rows in the real trace's format: one channel 'toy', users merged at random."""
     rng = random.Random(seed)
-    per_user = [list(reversed(user_requests(f"user-{index}",
-                                            requests // users + (index < requests % users),
-                                            behaviour, rng)))
-                for index in range(users)]
-    rows: list[dict[str, object]] = []
-    while any(per_user):
-        queue = rng.choices([q for q in per_user if q], weights=[len(q) for q in per_user if q])[0]
-        user, prompt, job_seed = queue.pop()
-        rows.append({"channel": "toy", "seq": len(rows), "user_hash": user, "prompt": prompt,
-                     "seed": job_seed, "width": SIZE, "height": SIZE, "cfg": guidance,
-                     "steps": ""})
-    return rows
+    per_user = [user_requests(f"user-{index}", requests // users + (index < requests % users),
+                              behaviour, rng) for index in range(users)]
+    return [{"channel": "toy", "seq": seq, "user_hash": user, "prompt": prompt, "seed": job_seed,
+             "width": SIZE, "height": SIZE, "cfg": guidance, "steps": ""}
+            for seq, (user, prompt, job_seed) in enumerate(seeded_merge(per_user, rng))]
 
 
 def write(rows: list[dict[str, object]], path: Path) -> None:
