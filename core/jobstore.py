@@ -95,25 +95,22 @@ class JobStore:
                 return record.id
             slot, fingerprint = idempotency
             key = IDEMPOTENCY_PREFIX + slot
-            while True:
-                with self._redis.pipeline() as pipe:
-                    try:
-                        pipe.watch(key)
-                        held = pipe.get(key)
-                        if held:
-                            earlier_id, _, earlier = held.partition(" ")
-                            if earlier != fingerprint:
-                                raise IdempotencyConflict(
-                                    f"idempotency key {slot.partition(':')[2]!r} was used for "
-                                    f"job {earlier_id} with a different request")
-                            return earlier_id
-                        pipe.multi()
-                        pipe.set(key, f"{record.id} {fingerprint}", ex=self._ttl_s)
-                        self._queue_create(pipe, record)
-                        pipe.execute()
-                        return record.id
-                    except redis.WatchError:
-                        continue
+
+            def claim_slot(pipe: redis.client.Pipeline) -> str:
+                held = pipe.get(key)
+                if held:
+                    earlier_id, _, earlier = held.partition(" ")
+                    if earlier != fingerprint:
+                        raise IdempotencyConflict(
+                            f"idempotency key {slot.partition(':')[2]!r} was used for "
+                            f"job {earlier_id} with a different request")
+                    return earlier_id
+                pipe.multi()
+                pipe.set(key, f"{record.id} {fingerprint}", ex=self._ttl_s)
+                self._queue_create(pipe, record)
+                return record.id
+
+            return self._redis.transaction(claim_slot, key, value_from_callable=True)
 
     def release_idempotency(self, slot: str) -> None:
         """Free a key whose job never got enqueued, so the client's retry makes a new one."""
@@ -135,25 +132,22 @@ class JobStore:
         ``change`` may raise (e.g. InvalidTransition); then nothing is written.
         """
         key = self.key(job_id)
+
+        def apply(pipe: redis.client.Pipeline) -> JobRecord:
+            raw = pipe.hgetall(key)
+            if not raw:
+                raise JobNotFound(job_id)
+            old = JobRecord.from_fields(raw)
+            new = change(old)
+            pipe.multi()
+            pipe.hset(key, mapping=new.to_fields())
+            add_to(pipe, transition_samples(old, new))
+            if new.webhook_url and new.state.terminal and not old.state.terminal:
+                pipe.zadd(WEBHOOK_OUTBOX, {job_id: 0})  # due at once
+            return new
+
         with redis_errors():
-            while True:
-                with self._redis.pipeline() as pipe:
-                    try:
-                        pipe.watch(key)
-                        raw = pipe.hgetall(key)
-                        if not raw:
-                            raise JobNotFound(job_id)
-                        old = JobRecord.from_fields(raw)
-                        new = change(old)
-                        pipe.multi()
-                        pipe.hset(key, mapping=new.to_fields())
-                        add_to(pipe, transition_samples(old, new))
-                        if new.webhook_url and new.state.terminal and not old.state.terminal:
-                            pipe.zadd(WEBHOOK_OUTBOX, {job_id: 0})  # due at once
-                        pipe.execute()
-                        return new
-                    except redis.WatchError:
-                        continue
+            return self._redis.transaction(apply, key, value_from_callable=True)
 
     def report_progress(self, job_id: str, step: int, total: int) -> bool:
         """Cheap per-step write (outside the state machine); returns whether a cancel was asked."""

@@ -9,6 +9,7 @@ receivers dedupe on the ``X-T2I-Delivery`` header (the job id).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -43,22 +44,18 @@ class WebhookOutbox:
     def claim_due(self, now: float, lease_s: float, limit: int = 50) -> list[str]:
         """Take up to ``limit`` due deliveries, moving each one's due time ``lease_s`` ahead
         so concurrent runs do not send it twice (and a crashed run's are retried)."""
-        claimed = []
+        def claim(job_id: str, pipe: redis.client.Pipeline) -> bool:
+            score = pipe.zscore(WEBHOOK_OUTBOX, job_id)
+            if score is None or score > now:
+                return False  # delivered, or claimed by a concurrent run
+            pipe.multi()
+            pipe.zadd(WEBHOOK_OUTBOX, {job_id: now + lease_s})
+            return True
+
         with redis_errors():
-            for job_id in self._redis.zrangebyscore(WEBHOOK_OUTBOX, "-inf", now, 0, limit):
-                with self._redis.pipeline() as pipe:
-                    try:
-                        pipe.watch(WEBHOOK_OUTBOX)
-                        score = pipe.zscore(WEBHOOK_OUTBOX, job_id)
-                        if score is None or score > now:
-                            continue
-                        pipe.multi()
-                        pipe.zadd(WEBHOOK_OUTBOX, {job_id: now + lease_s})
-                        pipe.execute()
-                        claimed.append(job_id)
-                    except redis.WatchError:
-                        continue
-        return claimed
+            due = self._redis.zrangebyscore(WEBHOOK_OUTBOX, "-inf", now, 0, limit)
+            return [job_id for job_id in due if self._redis.transaction(
+                functools.partial(claim, job_id), WEBHOOK_OUTBOX, value_from_callable=True)]
 
     def done(self, job_id: str) -> None:
         with redis_errors():

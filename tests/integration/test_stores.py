@@ -7,11 +7,13 @@ import urllib.request
 
 import pytest
 
-from core.errors import BrokerUnavailable, JobNotFound, ObjectMissing, ObjectStoreUnavailable
+from core.errors import (BrokerUnavailable, IdempotencyConflict, JobNotFound, ObjectMissing,
+                         ObjectStoreUnavailable)
 from core.jobs import JobRecord, JobRequest, JobState
-from core.jobstore import JobStore, connect
+from core.jobstore import WEBHOOK_OUTBOX, JobStore, connect
 from core.objectstore import ObjectStore
 from infra import servers
+from workers.webhooks import WebhookOutbox
 
 REQUEST = JobRequest(prompt="a cat", negative_prompt="", steps=10, guidance=7.5, seed=1,
                      width=64, height=64)
@@ -26,6 +28,16 @@ def new_record(jobs: JobStore, job_id: str, state: JobState = JobState.QUEUED) -
     record = JobRecord(id=job_id, state=state, request=REQUEST, model="tiny", submitted_at=1.0)
     jobs.create(record)
     return record
+
+
+def run_concurrently(target, count: int) -> list:
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(target())) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 def test_create_get_and_expiry(jobs: JobStore, redis_url: str):
@@ -46,12 +58,36 @@ def test_concurrent_updates_are_not_lost(jobs: JobStore):
         for _ in range(50):
             jobs.update("store-2", lambda r: r.transition(r.state, deliveries=r.deliveries + 1))
 
-    threads = [threading.Thread(target=bump) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_concurrently(bump, 4)
     assert jobs.get("store-2").deliveries == 200
+
+
+def test_concurrent_creates_with_one_idempotency_key_make_one_job(jobs: JobStore):
+    counter = iter(range(100))
+    ids = run_concurrently(lambda: jobs.create(
+        JobRecord(id=f"idem-{next(counter)}", state=JobState.QUEUED, request=REQUEST,
+                  model="tiny", submitted_at=1.0),
+        idempotency=("tenant:key-1", "fingerprint-a")), 8)
+    assert len(set(ids)) == 1
+    assert jobs.get(ids[0]).request == REQUEST
+    with pytest.raises(IdempotencyConflict, match="'key-1' was used for job " + ids[0]):
+        jobs.create(JobRecord(id="idem-other", state=JobState.QUEUED, request=REQUEST,
+                              model="tiny", submitted_at=1.0),
+                    idempotency=("tenant:key-1", "fingerprint-b"))
+    with pytest.raises(JobNotFound):
+        jobs.get("idem-other")
+
+
+def test_concurrent_webhook_runs_claim_each_delivery_once(redis_url: str):
+    outbox = WebhookOutbox(connect(redis_url))
+    connect(redis_url).delete(WEBHOOK_OUTBOX)
+    for index in range(20):
+        connect(redis_url).zadd(WEBHOOK_OUTBOX, {f"hook-{index}": 0})
+    claims = run_concurrently(lambda: outbox.claim_due(now=10.0, lease_s=60.0), 4)
+    claimed = [job_id for claim in claims for job_id in claim]
+    assert sorted(claimed) == sorted(f"hook-{index}" for index in range(20))
+    assert outbox.claim_due(now=60.0, lease_s=60.0) == []   # leased until 70
+    assert len(outbox.claim_due(now=70.0, lease_s=60.0)) == 20   # a crashed run's come back
 
 
 def test_cancel_queued_job_is_immediate(jobs: JobStore):
