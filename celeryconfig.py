@@ -88,6 +88,11 @@ class Settings:
     k_table: str = _setting("T2I_K_TABLE", "reference",
                             "similarity -> K table: 'reference' (NIRVANA's) or a JSON file path")
 
+    cache_admit_resumed: bool = _setting("T2I_CACHE_ADMIT_RESUMED", True,
+                                         "a job resumed from K keeps its own latents at the K "
+                                         "set above K, so its repeats resume later (0 = only "
+                                         "full generations are cached)")
+
     cache_policy: str = _setting("T2I_CACHE_POLICY", "lcbfu",
                                  "eviction policy: lcbfu, lru, lfu, fifo or none")
     cache_max_bytes: int = _setting("T2I_CACHE_MAX_BYTES", 2 * 1024**3,

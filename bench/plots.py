@@ -20,10 +20,11 @@ def _budget_label(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| policy | budget (prompts) | embedder | K table | hit rate | steps saved | mean K on hit | exact-repeat share of hits |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | budget (prompts) | embedder | K table | resumed jobs' latents | hit rate | steps saved | mean K on hit | exact-repeat share of hits |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {_budget_label(r)} | {r['embedder']} | {r['k_table']} | "
+        kept = "kept" if r.get("admit_resumed") else "not kept"
+        lines.append(f"| {r['policy']} | {_budget_label(r)} | {r['embedder']} | {r['k_table']} | {kept} | "
                      f"{r['hit_rate']:.1%} | {r['steps_saved_frac']:.1%} | "
                      f"{r['mean_k_on_hit']:.1f} | {r['hits_exact_repeat_frac']:.1%} |")
     return "\n".join(lines) + "\n"

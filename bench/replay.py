@@ -114,8 +114,8 @@ def chroma_agreement(requests: list[SimRequest], embeddings: np.ndarray, rows: i
             index.add_many([str(i) for i in members], embeddings[members], partition, 0.0)
         agree = 0
         for i in picks:
-            _, exact_similarity = exact.nearest(requests[i].partition, embeddings[i])
-            _, chroma_similarity = index.nearest(embeddings[i], requests[i].partition)
+            [(_, exact_similarity)] = exact.nearest(requests[i].partition, embeddings[i])
+            [(_, chroma_similarity)] = index.nearest(embeddings[i], requests[i].partition)
             agree += abs(exact_similarity - chroma_similarity) <= 1e-4
     return {"rows": rows, "queries": len(picks), "agreement": agree / len(picks)}
 
@@ -156,10 +156,12 @@ def predictor_eval(requests, embeddings, neighbours, times, table, embedder, arg
     config = PredictorConfig(min_samples=args.predictor_min_samples,
                              retrain_every=args.predictor_retrain_every, nu=args.predictor_nu,
                              audit_fraction=0.0)
-    without = simulate(requests, embeddings, times, SimConfig(policy_by_name("lcbfu"), table),
+    without = simulate(requests, embeddings, times,
+                       SimConfig(policy_by_name("lcbfu"), table, admit_resumed=args.admit_resumed),
                        neighbours)
     with_predictor = simulate(requests, embeddings, times,
-                              SimConfig(policy_by_name("lcbfu"), table, predictor=config),
+                              SimConfig(policy_by_name("lcbfu"), table, predictor=config,
+                                        admit_resumed=args.admit_resumed),
                               neighbours)
     c = with_predictor.predictor_confusion
     scored = sum(c.values())
@@ -196,7 +198,8 @@ def _simulate_one(config: tuple[str, int]) -> SimResult:
     policy_name, budget = config
     return simulate(_SWEEP["requests"], _SWEEP["embeddings"], _SWEEP["times"],
                     SimConfig(policy_by_name(policy_name), _SWEEP["table"], budget_prompts=budget,
-                              keep_recent_s=_SWEEP["keep_recent_s"]), _SWEEP["neighbours"])
+                              keep_recent_s=_SWEEP["keep_recent_s"],
+                              admit_resumed=_SWEEP["admit_resumed"]), _SWEEP["neighbours"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: lcbfu, lcbfu-decay<seconds>s, lru, lfu, fifo, none")
     parser.add_argument("--keep-recent-s", type=float, default=0.0,
                         help="spare the last item of prompts used this recently (all policies)")
+    parser.add_argument("--admit-resumed", action=argparse.BooleanOptionalAction, default=True,
+                        help="a resumed job keeps its latents above its K, as the live system "
+                             "does by default (T2I_CACHE_ADMIT_RESUMED)")
     parser.add_argument("--budgets", default="0", help="comma-separated prompts; 0 = unbounded")
     parser.add_argument("--embedder", default="minilm", help="minilm or clip")
     parser.add_argument("--k-table", default="reference", help="'reference' or a JSON path")
@@ -255,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         configs = [(p, int(b)) for p in args.policies.split(",") for b in args.budgets.split(",")]
         _SWEEP.update(requests=requests, embeddings=embeddings, times=times, table=table,
-                      neighbours=neighbours, keep_recent_s=args.keep_recent_s)
+                      neighbours=neighbours, keep_recent_s=args.keep_recent_s,
+                      admit_resumed=args.admit_resumed)
         with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
             sims = list(tqdm(pool.imap(_simulate_one, configs), total=len(configs),
                              desc="simulating", unit="config"))
         rows = [row(sim, policy_name, budget, args.embedder, table.name)
-                | {"keep_recent_s": args.keep_recent_s, "cache_scope": args.cache_scope}
+                | {"keep_recent_s": args.keep_recent_s, "cache_scope": args.cache_scope,
+                   "admit_resumed": args.admit_resumed}
                 for (policy_name, budget), sim in zip(configs, sims)]
         result["rows"] = rows
         from bench.plots import markdown_table, write_sweep_plots

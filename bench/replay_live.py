@@ -219,7 +219,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"Arrivals: {result.get('arrivals', 'closed loop')}  ",
              f"Model: {result['model']}, {result['steps']} steps per 50-step request, "
              f"K table {result['k_table']}, "
-             f"embedder {result['embedder']}", "",
+             f"embedder {result['embedder']}, resumed jobs' latents "
+             f"{'kept' if result.get('admit_resumed', False) else 'not kept'}", "",
              "| | cache on | cache off |", "|---|---|---|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
     lines += ["", f"Mean latency ratio on/off: **{result['latency_ratio_on_off']:.3f}**; "
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": next(v["model"] for v in views["cache_on"] if v["state"] != "refused"),
         "channel": args.channel,
         "requests": len(requests), "steps": args.steps, "k_table": base.k_table,
+        "admit_resumed": base.cache_admit_resumed,
         "arrivals": f"Poisson {args.rate}/s" if args.rate else "closed loop",
         "embedder": base.embedder, "wall_s": wall,
         **summary,

@@ -41,6 +41,11 @@ class KTable:
         """The steps after which a full generation of ``steps`` steps keeps its latent."""
         return frozenset(s for _, k in self.thresholds if 0 < (s := self.scale(k, steps)) < steps)
 
+    def resumed_capture(self, steps: int, resumed_from: int) -> frozenset[int]:
+        """What a job resumed from step ``resumed_from`` keeps: its latents at the K set
+        above that step (below it, it ran none of its own)."""
+        return frozenset(k for k in self.k_set(steps) if k > resumed_from)
+
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "reference_steps": self.reference_steps,
                            "thresholds": [[sim, k] for sim, k in self.thresholds]}, indent=2)

@@ -1,15 +1,15 @@
 """The cache simulator: a trace through the project's own cache logic, generation simulated.
 
-It runs the same pieces triage and the cache manager run (similarity -> K table, hole
-handling, eviction policies, the match predictor) over precomputed prompt embeddings; a
-full job costs N steps and a resume N - K. The vector search is an exact cosine top-1 per
-partition over what is cached (the live system asks Chroma; bench/replay checks their
-agreement). To make that affordable on a whole trace, each request's most similar earlier
-prompts are found once in blocked matrix products (``earlier_neighbours``); the cached
-top-1 is then the first of them still cached, and a scan of the cache is needed only when
-none is and the last is still above the table's lowest threshold.
-Pure: numpy and the cache modules only; time is the requests' arrival times.
-"""
+It runs the same pieces triage and the cache manager run (similarity -> K table over the
+nearest few cached entries, hole handling, eviction policies, the match predictor, keeping
+resumed jobs' latents) over precomputed prompt embeddings; a full job costs N steps and a
+resume N - K. The vector search is an exact cosine search per partition over what is
+cached (the live system asks Chroma; bench/replay checks their agreement). To make that
+affordable on a whole trace, each request's most similar earlier prompts are found once in
+blocked matrix products (``earlier_neighbours``); the nearest cached entries are then the
+first of them still cached, and a scan of the cache is needed only when too few are and
+the last is still above the table's lowest threshold.
+Pure: numpy and the cache modules only; time is the requests' arrival times."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import numpy as np
 from cachemgr.ktable import KTable
 from cachemgr.policies import Budget, ItemStats, Policy, select_victims
 from cachemgr.predictor import AlwaysLookUp, MatchPredictor, consult, train_predictor
-from cachemgr.routing import decide
+from cachemgr.routing import LOOKUP_CANDIDATES, decide
 
 
 # (lookup would find a usable match, predictor said look up) -> confusion cell
@@ -56,6 +56,7 @@ class SimConfig:
     keep_recent_s: float = 0.0
     predictor: PredictorConfig | None = None
     seed: int = 0
+    admit_resumed: bool = True     # a resumed job keeps its latents at the K set above its K
 
 
 @dataclass
@@ -80,8 +81,8 @@ class SimResult:
 
 
 class ExactIndex:
-    """Exact cosine top-1 per partition over rows of one L2-normalised embedding matrix;
-    ties (copies of one prompt) go to the newest row."""
+    """Exact cosine nearest rows per partition of one L2-normalised embedding matrix;
+    ties (copies of one prompt) go to the newest row first."""
 
     def __init__(self, embeddings: np.ndarray) -> None:
         self._embeddings = embeddings
@@ -113,14 +114,14 @@ class ExactIndex:
     def vector(self, row: int) -> np.ndarray:
         return self._embeddings[row]
 
-    def nearest(self, partition: str, vector: np.ndarray) -> tuple[int, float] | None:
+    def nearest(self, partition: str, vector: np.ndarray, n: int = 1) -> list[tuple[int, float]]:
+        """Up to ``n`` (row, similarity), most similar first."""
         rows = self._rows.get(partition)
         if not rows:
-            return None
+            return []
         similarities = self._matrix[partition][: len(rows)] @ vector
-        tied = np.flatnonzero(similarities == similarities.max())
-        best = max(tied, key=lambda slot: rows[slot])  # copies of one prompt: the newest
-        return rows[best], float(similarities[best])
+        order = np.lexsort((-np.asarray(rows), -similarities))[:n]
+        return [(rows[slot], float(similarities[slot])) for slot in order]
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,8 @@ def earlier_neighbours(requests: Sequence[SimRequest], embeddings: np.ndarray, k
     return Neighbours(key_of, keys, similarities)
 
 
-class CachedTop1:
-    """Exact top-1 over the cached entries, answered from precomputed neighbours."""
+class CachedNearest:
+    """Exact nearest cached entries, answered from precomputed neighbours."""
 
     def __init__(self, embeddings: np.ndarray, neighbours: Neighbours, floor: float) -> None:
         self._neighbours = neighbours
@@ -209,17 +210,20 @@ class CachedTop1:
         if not self._entries[key]:
             del self._entries[key]
 
-    def nearest(self, row: int, partition: str) -> tuple[int, float] | None:
+    def nearest(self, row: int, partition: str, n: int) -> list[tuple[int, float]]:
+        """Up to ``n`` cached (entry, similarity) for request ``row``, most similar first."""
+        found: list[tuple[int, float]] = []
         keys, similarities = self._neighbours.keys[row], self._neighbours.similarities[row]
         for key, similarity in zip(keys.tolist(), similarities.tolist()):
             if key < 0:
-                return None                          # every earlier key was looked at
-            entries = self._entries.get(key)
-            if entries:
-                return entries[-1], similarity       # the newest copy of that prompt
+                return found                         # every earlier key was looked at
+            for entry in reversed(self._entries.get(key, ())):  # copies: the newest first
+                found.append((entry, similarity))
+                if len(found) == n:
+                    return found
         if similarities[-1] < self._floor:
-            return None                              # whatever is cached scores lower still
-        return self._scan.nearest(partition, self._scan.vector(row))
+            return found                             # whatever else is cached scores lower
+        return self._scan.nearest(partition, self._scan.vector(row), n)
 
 
 def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequence[float],
@@ -229,7 +233,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
     result = SimResult()
     neighbours = neighbours or earlier_neighbours(requests, embeddings)
     floor = min(threshold for threshold, _ in config.table.thresholds)
-    index = CachedTop1(embeddings, neighbours, floor)
+    index = CachedNearest(embeddings, neighbours, floor)
     items: dict[tuple[int, int], ItemStats] = {}
     stored: dict[int, set[int]] = {}
     first_seen: dict[tuple[str, str], int] = {}
@@ -237,6 +241,13 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
     predictor: MatchPredictor = AlwaysLookUp()
     samples: list[int] = []
     rng = random.Random(config.seed)
+
+    def admit(row: int, partition: str, ks: set[int] | frozenset[int], now: float) -> None:
+        for k in ks:
+            items[(row, k)] = ItemStats(row, k, 1, now, 0, now)
+        if ks:
+            stored[row] = set(ks)
+            index.add(partition, row)
 
     for i, request in enumerate(requests):
         now, vector = float(times[i]), embeddings[i]
@@ -253,7 +264,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
         decision = None
         if config.policy.admits:
             result.lookups += verdict.look_up
-            truth = decide(index.nearest(i, request.partition),
+            truth = decide(index.nearest(i, request.partition, LOOKUP_CANDIDATES),
                            lambda entry: frozenset(stored.get(entry, ())), config.table,
                            request.steps)
             if not isinstance(predictor, AlwaysLookUp):
@@ -279,15 +290,12 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
             result.steps_saved_exact_repeat += k if exact else 0
             result.steps_saved_same_user += k if same_user else 0
             result.hit_flags.append(True)
+            if config.admit_resumed:
+                admit(i, request.partition, config.table.resumed_capture(request.steps, k), now)
         else:
             result.hit_flags.append(False)
             if config.policy.admits:
-                ks = config.table.k_set(request.steps)
-                for k in ks:
-                    items[(i, k)] = ItemStats(i, k, 1, now, 0, now)
-                if ks:
-                    stored[i] = set(ks)
-                    index.add(request.partition, i)
+                admit(i, request.partition, config.table.k_set(request.steps), now)
         first_seen.setdefault(exact_key, i)
         result.max_items = max(result.max_items, len(items))
         _, free_items = budget.excess(0, len(items))

@@ -104,14 +104,14 @@ class VectorIndex:
             self._call(partition, lambda collection: collection.upsert(
                 ids=chunk, embeddings=vectors, metadatas=[{"created_at": created_at}] * len(chunk)))
 
-    def nearest(self, embedding: Sequence[float], partition: str) -> tuple[str, float] | None:
-        """The closest entry in ``partition`` and its cosine similarity, or None if empty."""
+    def nearest(self, embedding: Sequence[float], partition: str,
+                n: int = 1) -> list[tuple[str, float]]:
+        """Up to ``n`` closest entries in ``partition`` with their cosine similarities,
+        nearest first (empty if the partition is)."""
         result = self._call(partition, lambda collection: collection.query(
-            query_embeddings=[list(map(float, embedding))], n_results=1, include=["distances"]))
-        ids, distances = result["ids"][0], result["distances"][0]
-        if not ids:
-            return None
-        return ids[0], 1.0 - float(distances[0])
+            query_embeddings=[list(map(float, embedding))], n_results=n, include=["distances"]))
+        return [(entry, 1.0 - float(distance))
+                for entry, distance in zip(result["ids"][0], result["distances"][0])]
 
     def delete(self, entry: str, partition: str) -> None:
         self._call(partition, lambda collection: collection.delete(ids=[entry]))

@@ -94,14 +94,15 @@ class Engine:
 
     @torch.inference_mode()
     def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
-               on_step: StepCallback) -> Generation:
+               on_step: StepCallback, capture_steps: frozenset[int] = frozenset()) -> Generation:
         """Run only steps start_step+1 .. N, on the original N-step grid, from the latent a
-        generation had after ``start_step`` steps (possibly of another prompt)."""
+        generation had after ``start_step`` steps (possibly of another prompt); the latents
+        after ``capture_steps`` come back as in ``generate``."""
         if not 0 < start_step < request.steps:
             raise ValueError(f"resume step {start_step} outside 1..{request.steps - 1}")
         self.scheduler.set_timesteps(request.steps, device=self.device)
         latents = latent.to(self.device, self.pipe.unet.dtype)
-        return self._denoise(request, latents, start_step, on_step, frozenset())
+        return self._denoise(request, latents, start_step, on_step, capture_steps)
 
     def _denoise(self, request: JobRequest, latents: torch.Tensor, start_step: int,
                  on_step: StepCallback, capture_steps: frozenset[int]) -> Generation:

@@ -1,5 +1,6 @@
 """Generation on GPU workers: run the engine, store the image, finish the job record, and
-(with the cache on) keep the latents of full generations and resume from them."""
+(with the cache on) keep the latents of generations and resume from them. A resumed job
+keeps only its latents above the K it resumed from: below it, it ran none of its own."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from cachemgr.catalog import Catalog
-from cachemgr.keys import request_partition
+from cachemgr.keys import latent_key, request_partition
 from cachemgr.ktable import KTable
 from core.errors import (CorruptLatent, InvalidTransition, JobCancelled, ObjectMissing,
                          ObjectStoreUnavailable, T2IError)
@@ -47,6 +48,7 @@ class CacheConfig:
     table: KTable
     catalog: Catalog
     register: RegisterEntry
+    admit_resumed: bool = True     # T2I_CACHE_ADMIT_RESUMED
 
     def partition(self, record: JobRecord) -> str:
         return request_partition(self.model, self.scheduler, record.request, record.tenant,
@@ -144,6 +146,17 @@ def _cache_entry(record: JobRecord, captured: dict[int, torch.Tensor], objects: 
         log.warning("job %s: entry not registered: %s", job_id, exc)
 
 
+def _forget_item(job_id: str, partition: str, entry: str, k: int, objects: ObjectStore,
+                 cache: CacheConfig) -> None:
+    """Drop a missing or corrupt latent's item, so triage stops offering it (the sweep
+    removes the entry's vector once it has no item left); never fails the job."""
+    try:
+        cache.catalog.remove_item(entry, k)
+        objects.delete(latent_key(partition, entry, k))
+    except T2IError as exc:
+        log.warning("job %s: unusable item %s/K=%d not dropped: %s", job_id, entry, k, exc)
+
+
 def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore, engine: Engine,
               now: Callable[[], float], cache: CacheConfig | None, reliability: Reliability,
               **fields: Any) -> dict[str, Any]:
@@ -190,15 +203,21 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
     except (ObjectMissing, CorruptLatent, ObjectStoreUnavailable) as exc:
         reason = f"latent {entry}/K={k} unusable: {exc}"
         log.warning("job %s: %s; falling back to full generation", job_id, reason)
+        if not isinstance(exc, ObjectStoreUnavailable):  # an outage passes; this will not
+            _forget_item(job_id, partition, entry, k, objects, cache)
         jobs.update(job_id, lambda r: r.transition(r.state, total_steps=request.steps))
         return _run_full(record, jobs, objects, engine, now, cache, reliability, fallback=reason)
     fetched = time.perf_counter()
+    capture = cache.table.resumed_capture(request.steps, k) if cache.admit_resumed else frozenset()
     try:
-        result = engine.resume(request, latent, k, step_reporter(job_id, jobs))
+        result = engine.resume(request, latent, k, step_reporter(job_id, jobs), capture)
     except JobCancelled:
         return finish_cancelled(job_id, jobs, now)
     hits = cache.catalog.record_hit(entry, k, now())
     log.info("job %s: resumed from %s K=%d (hit %s)", job_id, entry, k, hits)
-    return store_image(job_id, result.image_png, jobs, objects, now, reliability,
-                       unet_calls=result.unet_calls, resumed_from_k=k,
-                       latent_fetch_ms=round((fetched - fetch_started) * 1e3, 3))
+    outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
+                          unet_calls=result.unet_calls, resumed_from_k=k,
+                          latent_fetch_ms=round((fetched - fetch_started) * 1e3, 3))
+    if result.captured:
+        _cache_entry(record, result.captured, objects, cache)
+    return outcome

@@ -134,7 +134,7 @@ def cache_config():
         enqueue(app, REGISTER_TASK, entry, partition=partition, prompt=prompt, sizes=sizes)
 
     return CacheConfig(config.model, config.scheduler, config.cache_scope == "shared", k_table(),
-                       catalog(), register)
+                       catalog(), register, config.cache_admit_resumed)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from cachemgr.catalog import Catalog
 from cachemgr.keys import request_partition
 from cachemgr.ktable import KTable
 from cachemgr.predictor import MatchPredictor, consult
-from cachemgr.routing import CacheDecision, Reason, decide
+from cachemgr.routing import LOOKUP_CANDIDATES, CacheDecision, Reason, decide
 from cachemgr.vectors import VectorIndex
 from core.errors import InvalidRequest, InvalidTransition, VectorIndexUnavailable
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
@@ -73,8 +73,8 @@ class CacheRouter:
                                    "predictor_audit": verdict.audited}
         try:
             if verdict.look_up:
-                match = self.vectors.nearest(embedding, partition)
-                decision = decide(match, self.catalog.stored_ks, self.table, request.steps)
+                matches = self.vectors.nearest(embedding, partition, LOOKUP_CANDIDATES)
+                decision = decide(matches, self.catalog.stored_ks, self.table, request.steps)
                 details["lookup_hit"] = decision.resume
                 if decision.resume:
                     self.add_sample(embedding)

@@ -41,7 +41,8 @@ def test_policy_sweep_writes_rows(tmp_path):
     assert list((tmp_path / "emb" / "neighbours").glob("neighbours-5-*.npz"))
     assert (tmp_path / "result-steps-saved.png").stat().st_size > 0
     assert (tmp_path / "result-k-and-hits.png").stat().st_size > 0
-    assert "| lcbfu | unbounded | minilm | reference |" in out.with_suffix(".md").read_text()
+    assert "| lcbfu | unbounded | minilm | reference | kept |" in out.with_suffix(".md").read_text()
+    assert unbounded["admit_resumed"] is True
 
 
 def test_similarity_profile(tmp_path):

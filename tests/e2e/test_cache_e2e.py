@@ -100,6 +100,19 @@ def test_close_edit_resumes_with_the_k_its_similarity_earns(original, client):
     assert view["k"] == expected_k and view["unet_calls"] == STEPS - expected_k
 
 
+def test_a_resumed_job_keeps_its_latents_above_k_and_its_repeat_resumes_from_them(
+        original, client, catalog):
+    edit = "an oil painting of a lighthouse on a cliff at night"
+    first = submit_and_wait(client, edit)
+    assert first["route"] == "gen.resume" and 0 < first["k"] < 5
+    wait_for_items(catalog, first["id"], set(range(first["k"] + 1, 6)))
+    repeat = submit_and_wait(client, edit)
+    assert repeat["route_reason"] == "hit" and repeat["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert repeat["matched_entry"] == first["id"] and repeat["k"] == 5
+    difference = np.abs(pixels(client, repeat["id"]) - pixels(client, first["id"]))
+    assert difference.mean() < 1.0  # the same trajectory continued: only fp16 storage differs
+
+
 def test_unrelated_prompt_runs_full(original, client):
     view = submit_and_wait(client, UNRELATED)
     assert view["route"] == "gen.full" and view["route_reason"] == "below threshold"
@@ -129,7 +142,7 @@ def _wrong_shape(objects: ObjectStore, key: str) -> None:
                                    _wrong_shape], ids=["deleted", "truncated",
                                                        "another-model", "wrong-shape"])
 def test_latent_spoiled_between_triage_and_generation_falls_back_to_full(
-        original, client, stack, spoil):
+        original, client, catalog, stack, spoil):
     busy = client.submit("keeps the GPU worker busy", steps=150, width=128, height=128)
     job_id = client.submit(ORIGINAL, steps=STEPS, seed=2)
     deadline = time.monotonic() + 60
@@ -137,12 +150,15 @@ def test_latent_spoiled_between_triage_and_generation_falls_back_to_full(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert view["route"] == "gen.resume" and view["state"] == "queued"
-    spoil(ObjectStore.from_settings(stack),
-          latent_key(view["partition"], view["matched_entry"], view["k"]))
+    spoiled = latent_key(view["partition"], view["matched_entry"], view["k"])
+    spoil(ObjectStore.from_settings(stack), spoiled)
     client.cancel(busy)
     view = client.wait(job_id, timeout=180)
     assert view["state"] == "succeeded"
     assert "unusable" in view["fallback"] and view["unet_calls"] == STEPS
+    # Dropped, so the next identical prompt is not sent to it again.
+    assert catalog.item(view["matched_entry"], view["k"]) is None
+    assert not ObjectStore.from_settings(stack).exists(spoiled)
 
 
 def test_maintenance_tasks_run_on_the_cache_worker(stack, original):

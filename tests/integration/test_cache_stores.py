@@ -67,25 +67,33 @@ def index(request, tmp_path) -> VectorIndex:
 def test_nearest_stays_inside_its_partition(index: VectorIndex):
     index.add("a", unit([1, 0, 0]), "p1", "prompt a", 1.0)
     index.add("b", unit([0.9, 0.1, 0]), "p2", "prompt b", 1.0)
-    entry, similarity = index.nearest(unit([0.95, 0.05, 0]), "p1")
+    [(entry, similarity)] = index.nearest(unit([0.95, 0.05, 0]), "p1", n=4)
     assert entry == "a" and similarity == pytest.approx(float(np.dot(unit([1, 0, 0]),
                                                                   unit([0.95, 0.05, 0]))), abs=1e-5)
-    assert index.nearest(unit([1, 0, 0]), "p3") is None
+    assert index.nearest(unit([1, 0, 0]), "p3") == []
+
+
+def test_nearest_few_come_nearest_first(index: VectorIndex):
+    for name, vector in [("far", [0, 1, 0]), ("near", [1, 0.1, 0]), ("mid", [1, 0.6, 0])]:
+        index.add(name, unit(vector), "p", name, 1.0)
+    found = index.nearest(unit([1, 0, 0]), "p", n=2)
+    assert [entry for entry, _ in found] == ["near", "mid"]
+    assert found[0][1] > found[1][1] > 0.5
 
 
 def test_add_is_an_upsert_and_delete_removes(index: VectorIndex):
     index.add("a", unit([1, 0, 0]), "p", "x", 1.0)
     index.add("a", unit([0, 1, 0]), "p", "x", 2.0)
     assert index.count() == 1
-    assert index.nearest(unit([0, 1, 0]), "p")[1] == pytest.approx(1.0, abs=1e-5)
+    assert index.nearest(unit([0, 1, 0]), "p")[0][1] == pytest.approx(1.0, abs=1e-5)
     assert index.ids() == [("p", "a")]
     index.delete("a", "p")
-    assert index.count() == 0 and index.nearest(unit([0, 1, 0]), "p") is None
+    assert index.count() == 0 and index.nearest(unit([0, 1, 0]), "p") == []
 
 
 def test_index_persists_across_clients(tmp_path):
     VectorIndex.open(tmp_path / "c", "", "e").add("a", unit([1, 2, 3]), "p", "x", 1.0)
-    assert VectorIndex.open(tmp_path / "c", "", "e").nearest(unit([1, 2, 3]), "p")[0] == "a"
+    assert VectorIndex.open(tmp_path / "c", "", "e").nearest(unit([1, 2, 3]), "p")[0][0] == "a"
 
 
 def test_unreachable_server_raises_vector_index_unavailable():

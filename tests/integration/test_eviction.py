@@ -189,6 +189,6 @@ def test_sweep_rebuilds_a_lost_vector_index_from_the_catalog(stores, tmp_path):
     wiped = VectorIndex.open(tmp_path / "fresh-chroma", "", "evict")  # the old index is gone
     report = sweep(catalog, objects, wiped, now=250.0, grace_s=60, embed=embedder.embed)
     assert report.reindexed == 2 and set(wiped.ids()) == {(PARTITION, "old1"), (PARTITION, "old2")}
-    entry, similarity = wiped.nearest(embedder.embed(["a fox in the snow"])[0], PARTITION)
+    [(entry, similarity)] = wiped.nearest(embedder.embed(["a fox in the snow"])[0], PARTITION)
     assert entry == "old1" and similarity > 0.999
     assert sweep(catalog, objects, wiped, now=1000.0, grace_s=60, embed=embedder.embed).reindexed == 1

@@ -91,12 +91,30 @@ def stored(ks):
 
 def test_decide_hit_hole_and_misses():
     table, n = REFERENCE_TABLE, 50
-    assert decide(None, stored({5}), table, n).reason is Reason.MISS
-    below = decide(("e", 0.5), stored({5}), table, n)
+    assert decide([], stored({5}), table, n).reason is Reason.MISS
+    below = decide([("e", 0.5)], stored({5}), table, n)
     assert below.reason is Reason.BELOW_THRESHOLD and not below.resume and below.similarity == 0.5
-    hit = decide(("e", 0.97), stored({5, 10, 15, 20, 25}), table, n)
+    hit = decide([("e", 0.97)], stored({5, 10, 15, 20, 25}), table, n)
     assert (hit.reason, hit.k, hit.wanted_k, hit.entry) == (Reason.HIT, 25, 25, "e")
-    hole = decide(("e", 0.97), stored({5, 15}), table, n)
+    hole = decide([("e", 0.97)], stored({5, 15}), table, n)
     assert (hole.reason, hole.k, hole.wanted_k) == (Reason.HOLE, 15, 25) and hole.resume
-    empty = decide(("e", 0.7), stored({10, 25}), table, n)
+    empty = decide([("e", 0.7)], stored({10, 25}), table, n)
     assert (empty.reason, empty.resume, empty.wanted_k) == (Reason.NO_STORED_K, False, 5)
+
+
+def test_decide_weighs_the_nearest_few_for_the_largest_k():
+    table, n = REFERENCE_TABLE, 50
+    ks = {"resumed": frozenset({15, 20, 25}), "full": frozenset({5, 10, 15, 20, 25}),
+          "full2": frozenset({5, 10, 15, 20, 25})}
+    # The nearest was kept by a job resumed at K=10: nothing at or below the K=10 earned.
+    farther = decide([("resumed", 0.80), ("full", 0.78)], ks.__getitem__, table, n)
+    assert (farther.reason, farther.entry, farther.k) == (Reason.HIT, "full", 10)
+    # A tie in K goes to the nearer; a farther entry without the hole wins over it.
+    tie = decide([("full", 0.96), ("full2", 0.955)], ks.__getitem__, table, n)
+    assert (tie.entry, tie.k) == ("full", 25)
+    ks["holed"] = frozenset({5})
+    larger = decide([("holed", 0.96), ("full", 0.955)], ks.__getitem__, table, n)
+    assert (larger.reason, larger.entry, larger.k) == (Reason.HIT, "full", 25)
+    # No usable match: the nearest's reason.
+    none = decide([("resumed", 0.70), ("full", 0.5)], ks.__getitem__, table, n)
+    assert (none.reason, none.entry, none.resume) == (Reason.NO_STORED_K, "resumed", False)

@@ -94,9 +94,9 @@ class FakeIndex:
     def __init__(self, match):
         self.match, self.lookups = match, 0
 
-    def nearest(self, embedding, partition):
+    def nearest(self, embedding, partition, n):
         self.lookups += 1
-        return self.match
+        return [self.match]
 
 
 class FakeCatalog:

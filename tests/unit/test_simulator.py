@@ -20,12 +20,12 @@ def test_exact_index_add_remove_nearest():
     index = ExactIndex(embeddings)
     for row in range(3):
         index.add("p", row)
-    assert index.nearest("p", unit([1, 0.1, 0]))[0] == 0
+    assert [row for row, _ in index.nearest("p", unit([1, 0.1, 0]), n=2)] == [0, 2]
     index.remove(0)
-    assert index.nearest("p", unit([1, 0.1, 0]))[0] == 2
+    assert index.nearest("p", unit([1, 0.1, 0]))[0][0] == 2
     index.remove(2)
     index.remove(1)
-    assert index.nearest("p", unit([1, 0, 0])) is None and index.nearest("q", unit([1, 0, 0])) is None
+    assert index.nearest("p", unit([1, 0, 0])) == [] and index.nearest("q", unit([1, 0, 0])) == []
 
 
 def trace(prompts_and_vectors, user="u"):
@@ -45,6 +45,18 @@ def test_repeat_hits_with_k25_and_near_edit_with_its_k():
     assert result.steps_saved == 25 + near_k and result.steps_requested == 200
     assert (result.hits_exact_repeat, result.hits_near) == (1, 1)
     assert (result.hits_same_user, result.hits_cross_user, result.hits_user_unknown) == (2, 0, 0)
+
+
+def test_a_resumed_job_keeps_its_latents_above_its_k_for_later_repeats():
+    """b resumes from a at K=10; b's repeat then resumes from b's own latent at K=25 when
+    resumed jobs are admitted, else from a at K=10 again."""
+    requests, embeddings, times = trace([("a", [1, 0, 0]), ("b", [1, 0.75, 0]),
+                                         ("b", [1, 0.75, 0])])
+    kept = simulate(requests, embeddings, times, SimConfig(LCBFU(), REFERENCE_TABLE))
+    assert kept.k_histogram == {10: 1, 25: 1} and kept.max_items == 5 + 3  # b: K 15, 20, 25
+    dropped = simulate(requests, embeddings, times,
+                       SimConfig(LCBFU(), REFERENCE_TABLE, admit_resumed=False))
+    assert dropped.k_histogram == {10: 2} and dropped.max_items == 5
 
 
 def test_hits_between_unknown_users_are_not_called_same_or_cross_user():
@@ -129,8 +141,8 @@ def test_few_neighbours_with_cache_scans_give_the_same_replay_as_many():
     """k=2 forces the scan of the cache whenever both neighbours were evicted or never
     cached; the replay must not change."""
     requests, embeddings, times = clustered_trace()
-    for policy, budget in ((LRU(), 6), (LCBFU(), 0)):
-        config = SimConfig(policy, REFERENCE_TABLE, budget_prompts=budget)
+    for policy, budget, admit in ((LRU(), 6, True), (LCBFU(), 0, True), (LRU(), 6, False)):
+        config = SimConfig(policy, REFERENCE_TABLE, budget_prompts=budget, admit_resumed=admit)
         few = simulate(requests, embeddings, times, config, earlier_neighbours(requests, embeddings, k=2))
         many = simulate(requests, embeddings, times, config,
                         earlier_neighbours(requests, embeddings, k=len(requests)))
