@@ -54,7 +54,7 @@ def test_similarity_profile(tmp_path):
     profile = json.loads(out.with_suffix(".json").read_text())["similarity_profile"]
     assert profile["first_of_partition"] == 1 and sum(profile["histogram"]["counts"]) == 4
     assert profile["share_at_or_above"]["0.95"] >= 0.25  # the exact repeat
-    assert profile["exact_vs_chroma_top1"]["agreement"] == 1.0
+    assert profile["exact_vs_chroma"]["agreement"] == 1.0
     assert (tmp_path / "profile-similarity.png").stat().st_size > 0
 
 
