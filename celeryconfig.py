@@ -69,6 +69,8 @@ class Settings:
     # Model
     model: str = _setting("T2I_MODEL", "tiny",
                           "'tiny' (a random-weight SD-architecture TEST model built here), "
+                          "'sd15-random' (SD 1.5's architecture at full size, random weights, "
+                          "built here: SD 1.5's cost per step on a GPU), "
                           "'scene' (the scene-world model trained by quality.world_model, "
                           "committed), a local diffusers directory, or a hub id")
     scheduler: str = _setting("T2I_SCHEDULER", "ddim", "ddim or euler")

@@ -23,7 +23,7 @@ from cachemgr.ktable import REFERENCE_TABLE
 from core.jobs import JobRequest
 from workers.engine import Engine
 from workers.latents import encode_latent
-from workers.tiny_model import build_tiny_pipeline
+from workers.builtin_models import build_tiny_pipeline
 
 
 def measure(name: str, latents: list[torch.Tensor]) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from core.errors import ModelLoadError
-from workers.tiny_model import resolve_model
+from workers.builtin_models import resolve_model
 
 
 class Embedder(Protocol):

@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 
 from core.errors import ModelLoadError
 from core.jobs import JobRequest
-from workers.tiny_model import resolve_model
+from workers.builtin_models import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Engine:
     @classmethod
     def load(cls, model: str, scheduler: str, device: str, models_dir: Path,
              offline: bool) -> Engine:
-        """Load ``model``: 'tiny' (the built-in test model), a local directory, or a hub id."""
+        """Load ``model``: a built-in name (see builtin_models), a local directory, or a hub id."""
         torch_device = pick_device(device)
         dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
         source, label = resolve_model(model, models_dir)

@@ -9,7 +9,7 @@ from core.errors import CorruptLatent, JobCancelled
 from core.jobs import JobRequest
 from workers.engine import Engine
 from workers.latents import decode_latent, encode_latent
-from workers.tiny_model import build_tiny_pipeline
+from workers.builtin_models import build_tiny_pipeline
 
 STEPS = 10
 
