@@ -64,8 +64,7 @@ def _assemble(seed: int, unet: dict[str, Any], vae: dict[str, Any], text_encoder
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=vae_model, text_encoder=text_model, tokenizer=tokenizer,
-                                   unet=unet_model,
-                                   scheduler=scheduler, safety_checker=None,
+                                   unet=unet_model, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
 
