@@ -31,6 +31,7 @@ from tqdm import tqdm
 from quality.evaluator import to_tensor
 from quality.scenes import (BACKGROUND_TEMPLATES, COLOURS, POSITION_WORDS, SHAPE_WORDS,
                             SIZE_WORDS, caption, render, sample_scene)
+from workers.builtin_models import SD1_NOISE_SCHEDULE, sd1_ddim_scheduler
 
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 TEXT_WIDTH = 64
@@ -95,12 +96,9 @@ def build_components(seed: int):
 
 def noise_schedule():
     """The SD 1.x schedule: DDPM for training, DDIM for sampling (the serving default)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDPMScheduler
 
-    common = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-              "num_train_timesteps": 1000}
-    return DDPMScheduler(**common), DDIMScheduler(**common, clip_sample=False,
-                                                  set_alpha_to_one=False, steps_offset=1)
+    return DDPMScheduler(**SD1_NOISE_SCHEDULE), sd1_ddim_scheduler()
 
 
 def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:

@@ -27,6 +27,9 @@ from typing import Any
 SCENE_MODEL_DIR = Path(__file__).resolve().parent.parent / "quality" / "weights" / "scene-sd"
 SCENE_MODEL_LABEL = "scene-sd (trained on the scene world by quality.world_model)"
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+# The SD 1.x noise schedule; quality.world_model trains the scene model on it.
+SD1_NOISE_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                      "num_train_timesteps": 1000}
 
 
 def _byte_level_tokenizer():
@@ -43,10 +46,18 @@ def _byte_level_tokenizer():
                          pad_token=_SPECIAL_TOKENS[1], model_max_length=77)
 
 
+def sd1_ddim_scheduler():
+    """DDIM sampling on the SD 1.x schedule (the serving default)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SD1_NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1)
+
+
 def _assemble(seed: int, unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any]):
     """An SD-1.x pipeline from the three components' configs (random weights, seeded)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = _byte_level_tokenizer()
@@ -60,12 +71,10 @@ def _assemble(seed: int, unet: dict[str, Any], vae: dict[str, Any], text_encoder
         vocab_size=len(tokenizer), max_position_embeddings=77, layer_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **text_encoder))
-    # The SD 1.x noise schedule.
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=vae_model, text_encoder=text_model, tokenizer=tokenizer,
-                                   unet=unet_model, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+                                   unet=unet_model, scheduler=sd1_ddim_scheduler(),
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def build_tiny_pipeline(seed: int = 0):
