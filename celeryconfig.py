@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from core.webhooks import parse_allowlist
+
 
 def _setting(env: str, default: object, doc: str, secret: bool = False) -> object:
     # Secrets stay out of repr, so a logged or asserted Settings never shows them.
@@ -160,13 +162,22 @@ class Settings:
                                    "master key of the webhook signatures (each tenant's is "
                                    "derived from it); empty: generated into "
                                    "STATE_DIR/secrets/webhook-secret", secret=True)
-    webhook_interval_s: float = _setting("T2I_WEBHOOK_INTERVAL_S", 1.0,
-                                         "beat: how often due webhook deliveries are sent")
+    webhook_allow: str = _setting("T2I_WEBHOOK_ALLOW", "",
+                                  "internal webhook receivers allowed despite the address "
+                                  "policy: comma-separated networks or addresses, each with "
+                                  "an optional port (10.0.0.0/8, 127.0.0.1:9000, [fd00::1]:443); "
+                                  "empty: only public addresses")
     webhook_max_attempts: int = _setting("T2I_WEBHOOK_MAX_ATTEMPTS", 8,
                                          "a webhook is given up after this many failed POSTs "
                                          "(retries back off 1, 2, 4 ... s, at most 10 min)")
     webhook_timeout_s: float = _setting("T2I_WEBHOOK_TIMEOUT_S", 5.0,
-                                        "a receiver must answer a POST within this")
+                                        "total deadline of one POST: connect, send and the "
+                                        "answer's status line")
+    webhook_concurrency: int = _setting("T2I_WEBHOOK_CONCURRENCY", 16,
+                                        "deliveries the webhook worker runs at once (threads)")
+    webhook_sweep_interval_s: float = _setting("T2I_WEBHOOK_SWEEP_INTERVAL_S", 30.0,
+                                               "beat: how often deliveries whose message was "
+                                               "lost are sent again")
     log_format: str = _setting("T2I_LOG_FORMAT", "json",
                                "json: one JSON object per line with the job id; text: plain")
 
@@ -225,6 +236,7 @@ def load_settings(environ: Mapping[str, str] | None = None,
     config = Settings(**values)
     if config.cache_scope not in ("tenant", "shared"):
         raise ValueError(f"T2I_CACHE_SCOPE={config.cache_scope!r}: use tenant or shared")
+    parse_allowlist(config.webhook_allow)  # raises naming the bad entry
     return with_secrets(config) if resolve_secrets else config
 
 
@@ -318,7 +330,7 @@ def celery_options(config: Settings) -> dict[str, Any]:
             "gen.full": {"queue": "gen.full"},
             "gen.resume": {"queue": "gen.resume"},
             "cache.*": {"queue": "cache"},
-            "webhooks.*": {"queue": "cache"},
+            "webhooks.*": {"queue": "webhooks"},
         },
         # Periodic cache maintenance; a message not started within its period expires, so
         # a stopped cache worker does not come back to a pile of stale runs.
@@ -330,8 +342,9 @@ def celery_options(config: Settings) -> dict[str, Any]:
             "cache-train-predictor": {"task": "cache.train_predictor",
                                       "schedule": config.predictor_train_interval_s,
                                       "options": {"expires": config.predictor_train_interval_s}},
-            "webhooks-deliver": {"task": "webhooks.deliver", "schedule": config.webhook_interval_s,
-                                 "options": {"expires": config.webhook_interval_s}},
+            "webhooks-sweep": {"task": "webhooks.sweep",
+                               "schedule": config.webhook_sweep_interval_s,
+                               "options": {"expires": config.webhook_sweep_interval_s}},
         },
     }
 

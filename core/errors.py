@@ -83,6 +83,10 @@ class DeliveryFailed(T2IError):
     """A webhook receiver could not be reached or did not answer in time."""
 
 
+class WebhookRefused(T2IError):
+    """A webhook target the address policy refuses (an internal address, or no address)."""
+
+
 class IdempotencyConflict(T2IError):
     """An idempotency key reused with a different request."""
 

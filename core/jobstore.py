@@ -4,23 +4,30 @@ counters in one more hash, moved in the same transactions (see core.metrics)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import redis
 
-from core.errors import BrokerUnavailable, IdempotencyConflict, JobNotFound
+from core.errors import BrokerUnavailable, IdempotencyConflict, JobNotFound, T2IError
 from core.jobs import JobRecord, JobState
 from core.metrics import Sample, merged, sample, transition_samples
 
 if TYPE_CHECKING:
     from celeryconfig import Settings
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "t2i:job:"
 METRICS_KEY = "t2i:metrics"
 IDEMPOTENCY_PREFIX = "t2i:idem:"          # + tenant:key -> "<job id> <request fingerprint>"
 WEBHOOK_OUTBOX = "t2i:webhooks"          # sorted set: job id -> when its POST is due
 WEBHOOK_ATTEMPTS = "t2i:webhook-attempts"  # hash: job id -> failed POSTs so far
+WEBHOOK_RESENT = "t2i:webhook-resent"    # hash: job id -> when the sweep last re-sent it
+
+WebhookDue = Callable[[str], None]
+"""Called with a job id once its finishing transaction put a webhook in the outbox."""
 
 
 @contextlib.contextmanager
@@ -62,13 +69,15 @@ class MetricsStore:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int,
+                 webhook_due: WebhookDue | None = None) -> None:
         self._redis = client
         self._ttl_s = ttl_s
+        self._webhook_due = webhook_due
 
     @classmethod
-    def from_settings(cls, config: Settings) -> JobStore:
-        return cls(connect(config.redis_url), config.job_ttl_s)
+    def from_settings(cls, config: Settings, webhook_due: WebhookDue | None = None) -> JobStore:
+        return cls(connect(config.redis_url), config.job_ttl_s, webhook_due)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -127,13 +136,16 @@ class JobStore:
     def update(self, job_id: str, change: Callable[[JobRecord], JobRecord]) -> JobRecord:
         """Apply ``change`` atomically (optimistic WATCH/MULTI, retried on a concurrent write).
         In the same transaction: the metrics it moves (so a retry never counts twice) and, when
-        the job finishes and has a webhook, its delivery (an outbox: it cannot be lost).
+        the job finishes and has a webhook, its delivery (an outbox: it cannot be lost), after
+        which ``webhook_due`` is told, so the delivery need not wait for a sweep.
 
         ``change`` may raise (e.g. InvalidTransition); then nothing is written.
         """
         key = self.key(job_id)
+        outboxed = False
 
         def apply(pipe: redis.client.Pipeline) -> JobRecord:
+            nonlocal outboxed
             raw = pipe.hgetall(key)
             if not raw:
                 raise JobNotFound(job_id)
@@ -142,12 +154,19 @@ class JobStore:
             pipe.multi()
             pipe.hset(key, mapping=new.to_fields())
             add_to(pipe, transition_samples(old, new))
-            if new.webhook_url and new.state.terminal and not old.state.terminal:
+            outboxed = bool(new.webhook_url and new.state.terminal and not old.state.terminal)
+            if outboxed:
                 pipe.zadd(WEBHOOK_OUTBOX, {job_id: 0})  # due at once
             return new
 
         with redis_errors():
-            return self._redis.transaction(apply, key, value_from_callable=True)
+            new = self._redis.transaction(apply, key, value_from_callable=True)
+        if outboxed and self._webhook_due is not None:
+            try:
+                self._webhook_due(job_id)
+            except T2IError as exc:  # the outbox holds it: the sweep sends it later
+                log.warning("job %s: webhook message not sent yet: %s", job_id, exc)
+        return new
 
     def report_progress(self, job_id: str, step: int, total: int) -> bool:
         """Cheap per-step write (outside the state machine); returns whether a cancel was asked."""

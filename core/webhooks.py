@@ -1,21 +1,44 @@
-"""Webhook signing and retry schedule. Pure: no network, no clock of its own.
+"""Webhook targets, the address policy, signing and the retry schedule. Pure: no network,
+no clock of its own (the resolver and the time are passed in).
 
 A delivery is a POST of the job's JSON view with the header
 ``X-T2I-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``, keyed by the
 tenant's signing secret (``GET /v1/webhook-secret``). Receivers recompute it and reject old
 timestamps, which stops replays.
+
+A tenant names the URL, so a webhook is a request our own worker sends on a stranger's
+behalf (SSRF). The same parser (``parse_target``) checks a URL at submit and builds the
+request at delivery, and the same policy (``AddressPolicy``) checks every address its host
+resolves to, both times: loopback, private, link-local, unique-local, shared, multicast,
+reserved and unspecified addresses, in any spelling (IPv4-mapped, 6to4, NAT64, Teredo), are
+refused unless an operator allowlists them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
 from urllib.parse import urlsplit
 
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, WebhookRefused
 
 SIGNATURE_HEADER = "X-T2I-Signature"
 MAX_URL_CHARS = 2000
+# RFC 3986's characters, and '%' for escapes: no space, control, quote or non-ASCII
+# character reaches the HTTP client (a CR/LF would split the request line).
+_URL_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-._~:/?#[]@!$&'()*+,;=%")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolve = Callable[[str, int], list[str]]
+"""(host, port) -> the addresses it resolves to; raises OSError when it does not."""
+
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: is_private misses it
 
 
 def tenant_secret(master: str, tenant: str) -> str:
@@ -45,13 +68,149 @@ def retry_delay_s(attempt: int, base_s: float = 1.0, cap_s: float = 600.0) -> fl
     return min(base_s * 2 ** (attempt - 1), cap_s)
 
 
-def check_url(url: object) -> str:
-    """A webhook URL must be http(s) with a host; raises InvalidRequest naming it."""
+@dataclass(frozen=True)
+class WebhookTarget:
+    """A checked webhook URL, in the parts the deliverer sends: it never re-parses the
+    tenant's string."""
+
+    scheme: str
+    host: str           # lower-case name or IP literal, without brackets
+    port: int
+    target: str         # path and query, as sent on the request line
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def parse_target(url: object) -> WebhookTarget:
+    """A webhook URL must be an absolute http(s) URL with a host, no user info and only
+    URL characters; raises InvalidRequest naming ``webhook_url``."""
     if not isinstance(url, str):
         raise InvalidRequest("webhook_url", f"must be a string, got {type(url).__name__}")
     if len(url) > MAX_URL_CHARS:
         raise InvalidRequest("webhook_url", f"has {len(url)} characters, at most {MAX_URL_CHARS}")
-    parts = urlsplit(url)
+    bad = next((c for c in url if c not in _URL_CHARACTERS), None)
+    if bad is not None:
+        raise InvalidRequest("webhook_url", f"contains {bad!r}, which a URL may not hold "
+                                            "unescaped (international names: use punycode)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a malformed IPv6 host or a port that is not a number
+        raise InvalidRequest("webhook_url", f"{url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest("webhook_url", f"{url!r} is not an http(s) URL with a host")
-    return url
+    if parts.username is not None or parts.password is not None:
+        raise InvalidRequest("webhook_url", "must not carry user info (user:password@)")
+    if port == 0:
+        raise InvalidRequest("webhook_url", "port 0 is not a port")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return WebhookTarget(parts.scheme, parts.hostname, port or
+                         (443 if parts.scheme == "https" else 80), target)
+
+
+def _embedded_v4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries and a network may route to."""
+    found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address.teredo is not None:
+        found += list(address.teredo)
+    if any(address in network for network in _NAT64):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
+def address_class(address: IPAddress) -> str | None:
+    """Why ``address`` is not a public unicast address, or None when it is one."""
+    for embedded in _embedded_v4(address) if isinstance(address, ipaddress.IPv6Address) else []:
+        reason = address_class(embedded)
+        if reason:
+            return f"{reason} (inside {address})"
+    checks = (("unspecified", address.is_unspecified), ("loopback", address.is_loopback),
+              ("link-local", address.is_link_local), ("multicast", address.is_multicast),
+              ("site-local", address.version == 6 and address.is_site_local),
+              ("reserved", address.is_reserved), ("shared", address in _SHARED
+                                                  if address.version == 4 else False),
+              ("private", address.is_private), ("not global", not address.is_global))
+    return next((name for name, hit in checks if hit), None)
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """An operator's exception: a network, optionally one port of it."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    port: int | None = None
+
+    def allows(self, address: IPAddress, port: int) -> bool:
+        return address in self.network and self.port in (None, port)
+
+
+def parse_allowlist(text: str) -> tuple[AllowRule, ...]:
+    """``T2I_WEBHOOK_ALLOW``: comma-separated networks or addresses, each optionally with a
+    port (``10.0.0.0/8``, ``127.0.0.1:9000``, ``[fd00::1]:443``); raises ValueError naming
+    the bad entry."""
+    rules = []
+    for entry in filter(None, (item.strip() for item in text.split(","))):
+        host, port = entry, None
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            port = rest.removeprefix(":") or None
+        elif entry.count(":") == 1:
+            host, port = entry.split(":")
+        try:
+            rules.append(AllowRule(ipaddress.ip_network(host, strict=False),
+                                   int(port) if port is not None else None))
+        except ValueError:
+            raise ValueError(f"T2I_WEBHOOK_ALLOW: {entry!r} is not a network or address with "
+                             "an optional port (10.0.0.0/8, 127.0.0.1:9000, [fd00::1]:443)"
+                             ) from None
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which addresses a webhook may be sent to: public unicast ones, and those an allow
+    rule names."""
+
+    allow: tuple[AllowRule, ...] = ()
+
+    def refusal(self, address: str, port: int) -> str | None:
+        """Why the POST may not go to ``address``:``port``, or None when it may."""
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone
+        if any(rule.allows(parsed, port) for rule in self.allow):
+            return None
+        reason = address_class(parsed)
+        return f"{address} is {reason}" if reason else None
+
+    def check(self, target: WebhookTarget, resolve: Resolve) -> list[str]:
+        """The addresses to connect to, every one allowed; raises WebhookRefused when the
+        host does not resolve or any address it resolves to is refused (a name that
+        resolves to one public and one private address is refused, not tried in turn)."""
+        try:
+            addresses = _unique(resolve(target.host, target.port))
+        except OSError as exc:
+            raise WebhookRefused(f"host {target.host!r} does not resolve ({exc})") from None
+        if not addresses:
+            raise WebhookRefused(f"host {target.host!r} resolves to no address")
+        refusals = list(filter(None, (self.refusal(a, target.port) for a in addresses)))
+        if refusals:
+            raise WebhookRefused(f"host {target.host!r}: {refusals[0]}")
+        return addresses
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+class Outcome(StrEnum):
+    """What a tenant may learn of a delivery: coarse on purpose, so that the job record is
+    no port scanner (a closed port, a Redis and a TLS error all read ``unreachable``);
+    the details go to the operator's log."""
+
+    DELIVERED = "delivered"
+    REFUSED = "refused by policy"
+    UNREACHABLE = "unreachable"
+    HTTP_ERROR = "http error"       # an allowed receiver answered, but not 2xx

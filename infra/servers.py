@@ -210,14 +210,22 @@ def _celery(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.app", *args]
 
 
-def worker(name: str, queues: str, config: Settings, concurrency: int = 1) -> Service:
+def worker(name: str, queues: str, config: Settings, concurrency: int = 1,
+           pool: str = "prefork") -> Service:
     """A Celery worker consuming ``queues``. GPU workers take one job at a time per process;
     the model is loaded in the pool's child process, never before the fork."""
     argv = _celery("worker", "-Q", queues, "-c", str(concurrency), "-n", f"{name}@%h",
-                   "-P", "prefork", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+                   "-P", pool, "--loglevel", "INFO", "--without-gossip", "--without-mingle",
                    "-E")
     return Service(name, argv, _log_contains(" ready."), env=to_environ(config),
                    ready_timeout_s=120.0)
+
+
+def webhook_worker(name: str, config: Settings) -> Service:
+    """The webhook worker: I/O-bound deliveries in a bounded pool of threads, apart from the
+    triage and GPU workers so that a slow receiver holds up nobody else."""
+    return worker(name, "webhooks", config, concurrency=config.webhook_concurrency,
+                  pool="threads")
 
 
 def beat(config: Settings, state_dir: Path) -> Service:

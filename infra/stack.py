@@ -1,7 +1,7 @@
 """``t2i-stack``: start, report and stop the local stack under one state directory.
 
 Redis, the S3 server (SeaweedFS), the HTTP API, the triage/cache worker, the GPU worker,
-celery beat and Flower, all on 127.0.0.1, each with a log and a PID file under
+the webhook worker, celery beat and Flower, all on 127.0.0.1, each with a log and a PID file under
 $T2I_STATE_DIR. ``up`` is idempotent; ``down`` stops only the processes it started.
 Chroma runs embedded in the workers (data in $T2I_STATE_DIR/chroma), so it has no process.
 """
@@ -27,6 +27,7 @@ SERVICES: dict[str, Callable[[Settings], servers.Service]] = {
     "api": servers.api,
     "triage": lambda c: servers.worker("triage", "triage,cache", c),
     "gpu": lambda c: servers.worker("gpu", "gen.full,gen.resume", c),
+    "webhooks": lambda c: servers.webhook_worker("webhooks", c),
     "beat": lambda c: servers.beat(c, c.state_path),
     "flower": servers.flower,
 }

@@ -4,6 +4,7 @@ for images); never imports torch."""
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import re
@@ -13,12 +14,14 @@ import uuid
 from typing import Any
 
 from celeryconfig import Settings, load_settings
-from core.errors import BrokerUnavailable, InvalidRequest, JobNotFinished, JobNotFound, Timeout
+from core.errors import (BrokerUnavailable, InvalidRequest, JobNotFinished, JobNotFound, Timeout,
+                         WebhookRefused)
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
-from core.webhooks import check_url
-from workers.app import TRIAGE_TASK, enqueue, make_app
+from core.webhooks import AddressPolicy, parse_allowlist, parse_target
+from workers.app import TRIAGE_TASK, WEBHOOK_TASK, enqueue, make_app
+from workers.webhooks import resolve_host
 
 
 DEFAULT_TENANT = "default"
@@ -39,8 +42,10 @@ class Client:
         self.settings = settings or load_settings()
         self.tenant = tenant
         self.limits = RequestLimits.from_settings(self.settings)
-        self.jobs = JobStore.from_settings(self.settings)
         self.celery = make_app(self.settings)
+        self.jobs = JobStore.from_settings(
+            self.settings, webhook_due=functools.partial(enqueue, self.celery, WEBHOOK_TASK))
+        self.webhook_policy = AddressPolicy(parse_allowlist(self.settings.webhook_allow))
         self._objects: ObjectStore | None = None
 
     def for_tenant(self, tenant: str) -> Client:
@@ -70,7 +75,7 @@ class Client:
         when it finishes."""
         request = parse_request({"prompt": prompt, **params}, self.limits,
                                 random_seed=secrets.randbelow(2**32))
-        hook = "" if webhook_url is None else check_url(webhook_url)
+        hook = "" if webhook_url is None else self._allowed_webhook(webhook_url)
         idempotency = None
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY.fullmatch(
@@ -95,6 +100,16 @@ class Client:
                 self.jobs.release_idempotency(idempotency[0])
             raise
         return job_id
+
+    def _allowed_webhook(self, url: object) -> str:
+        """The URL, if it parses and every address its host has now is allowed (it is
+        checked again at each delivery, since a name can change what it resolves to)."""
+        try:
+            self.webhook_policy.check(parse_target(url), resolve_host)
+        except WebhookRefused as exc:
+            raise InvalidRequest("webhook_url", f"refused: {exc} (only public addresses, "
+                                                "or those in T2I_WEBHOOK_ALLOW)") from None
+        return str(url)
 
     def status(self, job_id: str) -> dict[str, Any]:
         """The job's public record; a succeeded job also gets a presigned image URL."""

@@ -22,6 +22,9 @@ from infra import servers
 # Two tenants of the HTTP API (test keys, not secrets).
 TENANT, TENANT_KEY = "acme", "acme-test-key-0123456789"
 OTHER, OTHER_KEY = "globex", "globex-test-key-0123456789"
+# The one loopback port the test stacks allow webhooks to (T2I_WEBHOOK_ALLOW): a test's own
+# receiver listens there; every other internal address stays refused.
+WEBHOOK_PORT = servers.free_port()
 
 
 @contextlib.contextmanager
@@ -57,6 +60,7 @@ def settings(base_dir: Path, redis_url: str) -> Settings:
         s3_master_port=servers.free_port(), s3_bucket="t2i-test", api_port=servers.free_port(),
         flower_port=servers.free_port(), default_size=64, default_steps=10, hf_hub_offline=True,
         predictor_enabled=True, api_keys=f"{TENANT}:{TENANT_KEY},{OTHER}:{OTHER_KEY}",
+        webhook_allow=f"127.0.0.1:{WEBHOOK_PORT}", webhook_timeout_s=2.0,
     ))
 
 
@@ -75,10 +79,12 @@ def chroma_url(base_dir: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def stack(s3_server: Settings, base_dir: Path) -> Iterator[Settings]:
-    """Redis + S3 + a triage worker + a GPU worker (tiny test model, CPU) + the HTTP API."""
+    """Redis + S3 + a triage worker + a GPU worker (tiny test model, CPU) + a webhook
+    worker + the HTTP API."""
     config = s3_server
     with running(servers.worker("triage-test", "triage,cache", config),
                  servers.worker("gpu-test", "gen.full,gen.resume", config),
+                 servers.webhook_worker("webhooks-test", config),
                  servers.api(config), log_dir=base_dir / "logs"):
         yield config
 

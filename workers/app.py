@@ -27,12 +27,15 @@ EVICT_TASK = "cache.evict"
 SWEEP_TASK = "cache.sweep"
 TRAIN_PREDICTOR_TASK = "cache.train_predictor"
 WEBHOOK_TASK = "webhooks.deliver"
+WEBHOOK_SWEEP_TASK = "webhooks.sweep"
 
 
-def enqueue(celery: Celery, task_name: str, job_id: str, **kwargs: object) -> None:
+def enqueue(celery: Celery, task_name: str, job_id: str, countdown: float | None = None,
+            **kwargs: object) -> None:
     """Send ``task_name`` for ``job_id`` to its queue (the queue is named like the task's
-    route in celeryconfig.task_routes). Messages carry ids and keys only."""
+    route in celeryconfig.task_routes), at once or after ``countdown`` seconds. Messages
+    carry ids and keys only."""
     try:
-        celery.send_task(task_name, args=[job_id], kwargs=kwargs)
+        celery.send_task(task_name, args=[job_id], kwargs=kwargs, countdown=countdown)
     except OperationalError as exc:
         raise BrokerUnavailable(f"cannot enqueue {task_name} for job {job_id}: {exc}") from exc

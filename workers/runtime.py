@@ -28,7 +28,10 @@ def redis_client():
 
 @functools.cache
 def job_store() -> JobStore:
-    return JobStore(redis_client(), settings().job_ttl_s)
+    from workers.app import WEBHOOK_TASK, app, enqueue
+
+    return JobStore(redis_client(), settings().job_ttl_s,
+                    webhook_due=functools.partial(enqueue, app, WEBHOOK_TASK))
 
 
 @functools.cache
@@ -147,3 +150,14 @@ def evictor():
                    policy_by_name(config.cache_policy, config.cache_decay_half_life_s),
                    Budget(config.cache_max_bytes, config.cache_max_items, config.cache_low_water),
                    config.cache_keep_recent_s)
+
+
+@functools.cache
+def webhook_delivery():
+    from core.webhooks import AddressPolicy, parse_allowlist
+    from workers.webhooks import Delivery, http_send, resolve_host
+
+    config = settings()
+    return Delivery(AddressPolicy(parse_allowlist(config.webhook_allow)), resolve_host,
+                    http_send(config.webhook_timeout_s), config.webhook_secret,
+                    config.webhook_max_attempts, config.webhook_timeout_s)

@@ -24,7 +24,8 @@ from workers import runtime
 from core.logs import enter_job, install as install_log_format, leave_job
 from core.metrics import sample
 from workers.app import (EVICT_TASK, FULL_TASK, REGISTER_TASK, RESUME_TASK, SWEEP_TASK,
-                         TRAIN_PREDICTOR_TASK, TRIAGE_TASK, WEBHOOK_TASK, app, enqueue)
+                         TRAIN_PREDICTOR_TASK, TRIAGE_TASK, WEBHOOK_SWEEP_TASK, WEBHOOK_TASK,
+                         app, enqueue)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def structured_logs(logger: logging.Logger, **_: Any) -> None:
     install_log_format(logger.handlers, runtime.settings().log_format)
 
 
-_JOB_TASKS = {TRIAGE_TASK, FULL_TASK, RESUME_TASK, REGISTER_TASK}  # first argument: a job id
+_JOB_TASKS = {TRIAGE_TASK, FULL_TASK, RESUME_TASK, REGISTER_TASK,  # first argument: a job id
+              WEBHOOK_TASK}
 _job_log_tokens: dict[str, contextvars.Token] = {}
 
 
@@ -191,13 +193,27 @@ def cache_train_predictor() -> dict[str, Any]:
 
 
 @app.task(name=WEBHOOK_TASK)
-def webhooks_deliver() -> dict[str, Any]:
-    from dataclasses import asdict
+def webhooks_deliver(job_id: str) -> dict[str, Any]:
+    """One delivery attempt; a failed one that may be retried sends itself again later."""
+    from workers.webhooks import WebhookOutbox, deliver
 
-    from workers.webhooks import WebhookOutbox, deliver_due, http_post
+    attempt = deliver(job_id, WebhookOutbox(runtime.redis_client()), runtime.job_store(),
+                      runtime.webhook_delivery(), runtime.clock)
+    if attempt.retry_in_s is not None:
+        try:
+            enqueue(app, WEBHOOK_TASK, job_id, countdown=attempt.retry_in_s)
+        except TransientError as exc:  # the outbox holds it: the sweep re-sends it
+            log.warning("job %s: webhook retry not scheduled: %s", job_id, exc)
+    return {"job_id": job_id, "outcome": attempt.outcome and str(attempt.outcome),
+            "retry_in_s": attempt.retry_in_s}
 
-    config = runtime.settings()
-    return asdict(deliver_due(WebhookOutbox(runtime.redis_client()), runtime.job_store(),
-                              http_post(config.webhook_timeout_s), config.webhook_secret,
-                              runtime.clock, config.webhook_max_attempts,
-                              config.webhook_timeout_s))
+
+@app.task(name=WEBHOOK_SWEEP_TASK)
+def webhooks_sweep() -> dict[str, Any]:
+    from workers.webhooks import WebhookOutbox, resend_overdue
+
+    interval = runtime.settings().webhook_sweep_interval_s
+    resent = resend_overdue(WebhookOutbox(runtime.redis_client()), runtime.clock(),
+                            grace_s=interval, resend_after_s=4 * interval,
+                            send_message=functools.partial(enqueue, app, WEBHOOK_TASK))
+    return {"resent": len(resent)}

@@ -1,120 +1,207 @@
-"""Webhook delivery, run by a periodic task on the CPU (cache) worker, never a GPU worker.
+"""Webhook delivery, on its own queue and worker (``webhooks``): a slow receiver never
+holds up triage, the cache or a GPU.
 
-A finished job with a webhook is put in a Redis outbox in the same transaction as its
-final state (core.jobstore). Each run POSTs the due ones; a failure is retried later with
-backoff, up to ``max_attempts``; the outcome is written on the job record (``webhook``).
-At least once: a worker that dies after a POST but before recording it sends it again, so
-receivers dedupe on the ``X-T2I-Delivery`` header (the job id).
+A job that finishes with a webhook enters a Redis outbox in the same transaction as its
+final state (core.jobstore), and a ``webhooks.deliver`` message for it is sent right after.
+Each message makes one attempt: claim the job's outbox entry, resolve its host, check every
+address (core.webhooks.AddressPolicy), POST to a checked address, never a re-resolved one,
+within a total deadline, and record a coarse outcome on the job. A failure is retried by a
+delayed message, backing off; the beat task ``webhooks.sweep`` re-sends a message for any
+entry whose message was lost. At least once: receivers dedupe on ``X-T2I-Delivery``.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import json
 import logging
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import httpx
 import redis
 
-from core.errors import DeliveryFailed, JobNotFound
-from core.jobstore import WEBHOOK_ATTEMPTS, WEBHOOK_OUTBOX, JobStore, redis_errors
-from core.webhooks import SIGNATURE_HEADER, retry_delay_s, sign, tenant_secret
+from core.errors import DeliveryFailed, JobNotFound, T2IError, WebhookRefused
+from core.jobs import JobRecord
+from core.jobstore import (WEBHOOK_ATTEMPTS, WEBHOOK_OUTBOX, WEBHOOK_RESENT, JobStore,
+                           redis_errors)
+from core.webhooks import (SIGNATURE_HEADER, AddressPolicy, Outcome, Resolve, WebhookTarget,
+                           parse_target, retry_delay_s, sign, tenant_secret)
 
 log = logging.getLogger(__name__)
 
-Post = Callable[[str, bytes, dict[str, str]], int]
-"""(url, body, headers) -> HTTP status; raises DeliveryFailed when there is no answer."""
+Send = Callable[[str, WebhookTarget, bytes, dict[str, str]], int]
+"""(address, target, body, headers) -> HTTP status; raises DeliveryFailed without one."""
 
 
-def http_post(timeout_s: float) -> Post:
-    def post(url: str, body: bytes, headers: dict[str, str]) -> int:
+def resolve_host(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (IP literals in any spelling included)."""
+    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+async def _post(address: str, target: WebhookTarget, body: bytes, headers: dict[str, str],
+                deadline_s: float) -> int:
+    url = httpx.URL(scheme=target.scheme, host=address, port=target.port,
+                    raw_path=target.target.encode("ascii"))
+    # TLS checks the certificate against the name, while the socket goes to the address
+    # that was checked: a second lookup (DNS rebinding) can never change where it goes.
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                 timeout=deadline_s) as client:
+        async with client.stream("POST", url, content=body, extensions=extensions,
+                                 headers={**headers, "Host": target.host_header}) as response:
+            return response.status_code  # the body is never read: it could be endless
+
+
+def http_send(deadline_s: float) -> Send:
+    """POST with a total deadline (connect, send and the answer's head together): a
+    receiver that trickles bytes cannot hold a delivery slot longer than that."""
+    def send(address: str, target: WebhookTarget, body: bytes, headers: dict[str, str]) -> int:
         try:
-            return httpx.post(url, content=body, headers=headers, timeout=timeout_s).status_code
-        except httpx.HTTPError as exc:
+            return asyncio.run(asyncio.wait_for(_post(address, target, body, headers,
+                                                      deadline_s), deadline_s))
+        except (httpx.HTTPError, OSError, TimeoutError, ValueError) as exc:
             raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from exc
-    return post
+    return send
 
 
 class WebhookOutbox:
+    """Due deliveries: a sorted set of job id -> when its next attempt is due, and the
+    failed attempts so far."""
+
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
 
-    def claim_due(self, now: float, lease_s: float, limit: int = 50) -> list[str]:
-        """Take up to ``limit`` due deliveries, moving each one's due time ``lease_s`` ahead
-        so concurrent runs do not send it twice (and a crashed run's are retried)."""
-        def claim(job_id: str, pipe: redis.client.Pipeline) -> bool:
+    def claim(self, job_id: str, now: float, lease_s: float) -> bool:
+        """Take the job's delivery if it is due, moving it ``lease_s`` ahead so a duplicate
+        message leaves it alone (and a crashed attempt is retried once the lease ends)."""
+        def claim(pipe: redis.client.Pipeline) -> bool:
             score = pipe.zscore(WEBHOOK_OUTBOX, job_id)
             if score is None or score > now:
-                return False  # delivered, or claimed by a concurrent run
+                return False  # delivered, given up, or not due yet
             pipe.multi()
             pipe.zadd(WEBHOOK_OUTBOX, {job_id: now + lease_s})
             return True
 
         with redis_errors():
-            due = self._redis.zrangebyscore(WEBHOOK_OUTBOX, "-inf", now, 0, limit)
-            return [job_id for job_id in due if self._redis.transaction(
-                functools.partial(claim, job_id), WEBHOOK_OUTBOX, value_from_callable=True)]
+            return self._redis.transaction(claim, WEBHOOK_OUTBOX, value_from_callable=True)
+
+    def overdue(self, before: float, resent_before: float, limit: int = 1000) -> list[str]:
+        """Entries due before ``before`` whose message was not re-sent since
+        ``resent_before``."""
+        with redis_errors():
+            due = self._redis.zrangebyscore(WEBHOOK_OUTBOX, "-inf", before, 0, limit)
+            resent = self._redis.hmget(WEBHOOK_RESENT, due) if due else []
+        return [job_id for job_id, at in zip(due, resent) if at is None or
+                float(at) < resent_before]
+
+    def resent(self, job_id: str, now: float) -> None:
+        with redis_errors():
+            self._redis.hset(WEBHOOK_RESENT, job_id, now)
 
     def done(self, job_id: str) -> None:
         with redis_errors():
             self._redis.pipeline().zrem(WEBHOOK_OUTBOX, job_id).hdel(
-                WEBHOOK_ATTEMPTS, job_id).execute()
+                WEBHOOK_ATTEMPTS, job_id).hdel(WEBHOOK_RESENT, job_id).execute()
 
     def failed(self, job_id: str) -> int:
-        """Count one more failed POST; returns the count."""
+        """Count one more failed attempt; returns the count."""
         with redis_errors():
             return int(self._redis.hincrby(WEBHOOK_ATTEMPTS, job_id, 1))
 
-    def retry_at(self, job_id: str, when: float) -> None:
+    def due_at(self, job_id: str, when: float) -> None:
         with redis_errors():
-            self._redis.zadd(WEBHOOK_OUTBOX, {job_id: when})
+            self._redis.zadd(WEBHOOK_OUTBOX, {job_id: when}, xx=True)
 
 
-@dataclass
-class DeliveryReport:
-    delivered: list[str] = field(default_factory=list)
-    retrying: list[str] = field(default_factory=list)
-    given_up: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class Delivery:
+    """The settings of one attempt."""
+
+    policy: AddressPolicy
+    resolve: Resolve
+    send: Send
+    master_secret: str
+    max_attempts: int
+    deadline_s: float
 
 
-def deliver_due(outbox: WebhookOutbox, jobs: JobStore, post: Post, master_secret: str,
-                now: Callable[[], float], max_attempts: int, timeout_s: float,
-                batch: int = 10) -> DeliveryReport:
-    """POST up to ``batch`` due deliveries, one try each. They are claimed for longer than
-    the run can take, so an overlapping run leaves them alone."""
-    report = DeliveryReport()
-    for job_id in outbox.claim_due(now(), lease_s=(batch + 1) * timeout_s, limit=batch):
-        try:
-            record = jobs.get(job_id)
-        except JobNotFound:  # expired: nothing left to tell
-            outbox.done(job_id)
-            continue
+@dataclass(frozen=True)
+class Attempt:
+    job_id: str
+    outcome: Outcome | None           # None: nothing was attempted (not due, or gone)
+    retry_in_s: float | None = None   # when the next attempt is due, if there is one
+
+
+def _try(record: JobRecord, delivery: Delivery, now: float) -> tuple[Outcome, int | None, str]:
+    """One POST: (outcome, HTTP status, detail for the operator's log). Any error is this
+    delivery's alone: it never escapes to stop other deliveries."""
+    try:
+        target = parse_target(record.webhook_url)
+        addresses = delivery.policy.check(target, delivery.resolve)
         body = json.dumps({"event": "job.finished", "job": record.public()},
                           sort_keys=True).encode()
-        headers = {"Content-Type": "application/json", "X-T2I-Delivery": job_id,
-                   SIGNATURE_HEADER: sign(tenant_secret(master_secret, record.tenant),
-                                          int(now()), body)}
-        try:
-            status = post(record.webhook_url, body, headers)
-            problem = "" if 200 <= status < 300 else f"HTTP {status}"
-        except DeliveryFailed as exc:
-            problem = str(exc)
-        if not problem:
+        headers = {"Content-Type": "application/json", "X-T2I-Delivery": record.id,
+                   SIGNATURE_HEADER: sign(tenant_secret(delivery.master_secret, record.tenant),
+                                          int(now), body)}
+        status = delivery.send(addresses[0], target, body, headers)
+    except WebhookRefused as exc:
+        return Outcome.REFUSED, None, str(exc)
+    except DeliveryFailed as exc:
+        return Outcome.UNREACHABLE, None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one bad URL must not stop the others
+        return Outcome.UNREACHABLE, None, f"{type(exc).__name__}: {exc}"
+    if 200 <= status < 300:
+        return Outcome.DELIVERED, status, f"HTTP {status}"
+    return Outcome.HTTP_ERROR, status, f"HTTP {status}"
+
+
+def deliver(job_id: str, outbox: WebhookOutbox, jobs: JobStore, delivery: Delivery,
+            now: Callable[[], float]) -> Attempt:
+    """Make one delivery attempt for ``job_id`` if it is due; record its outcome."""
+    if not outbox.claim(job_id, now(), lease_s=delivery.deadline_s + 30):
+        return Attempt(job_id, None)
+    try:
+        record = jobs.get(job_id)
+    except JobNotFound:  # expired: nothing left to tell
+        outbox.done(job_id)
+        return Attempt(job_id, None)
+    outcome, status, detail = _try(record, delivery, now())
+    retry_in = None
+    if outcome is Outcome.DELIVERED:
+        outbox.done(job_id)
+        attempts = int(record.extra.get("webhook", {}).get("attempts", 0)) + 1
+        state = "delivered"
+    else:
+        attempts = outbox.failed(job_id)
+        if outcome is Outcome.REFUSED or attempts >= delivery.max_attempts:
             outbox.done(job_id)
-            note = f"delivered (HTTP {status})"
-            report.delivered.append(job_id)
+            state = "failed"
         else:
-            attempts = outbox.failed(job_id)
-            if attempts >= max_attempts:
-                outbox.done(job_id)
-                note = f"gave up after {attempts} attempts: {problem}"
-                report.given_up.append(job_id)
-            else:
-                outbox.retry_at(job_id, now() + retry_delay_s(attempts))
-                note = f"attempt {attempts} failed: {problem}; retrying"
-                report.retrying.append(job_id)
-        jobs.update(job_id, lambda r, n=note: replace(r, extra={**r.extra, "webhook": n}))
-        log.info("job %s: webhook %s", job_id, note)
-    return report
+            retry_in = retry_delay_s(attempts)
+            outbox.due_at(job_id, now() + retry_in)
+            state = "retrying"
+    view = {"status": state, "attempts": attempts, "outcome": str(outcome),
+            "http_status": status}
+    jobs.update(job_id, lambda r: replace(r, extra={**r.extra, "webhook": view}))
+    log.info("job %s: webhook %s after %d attempt(s): %s (%s)", job_id, state, attempts,
+             outcome, detail)
+    return Attempt(job_id, outcome, retry_in)
+
+
+def resend_overdue(outbox: WebhookOutbox, now: float, grace_s: float, resend_after_s: float,
+                   send_message: Callable[[str], None]) -> list[str]:
+    """Send a message again for each entry due more than ``grace_s`` ago (its message was
+    lost: never sent, or held by a worker that died), at most once per ``resend_after_s``
+    each, so a stopped webhook worker does not come back to a pile of duplicates."""
+    resent = []
+    for job_id in outbox.overdue(now - grace_s, resent_before=now - resend_after_s):
+        try:
+            send_message(job_id)
+        except T2IError as exc:
+            log.warning("job %s: webhook message not re-sent: %s", job_id, exc)
+            break
+        outbox.resent(job_id, now)
+        resent.append(job_id)
+    return resent

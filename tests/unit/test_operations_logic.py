@@ -13,7 +13,9 @@ from core.jobs import JobRecord, JobRequest, JobState
 from core.logs import JobContextFilter, JsonFormatter, job_context
 from core.metrics import (LATENCY_BUCKETS, cumulative_buckets, merged, parse_field, sample,
                           transition_samples)
-from core.webhooks import check_url, retry_delay_s, sign, tenant_secret, verify
+from core.errors import WebhookRefused
+from core.webhooks import (AddressPolicy, parse_allowlist, parse_target, retry_delay_s, sign,
+                           tenant_secret, verify)
 
 REQUEST = JobRequest("a fox", "", 10, 7.5, 1, 64, 64)
 
@@ -81,12 +83,69 @@ def test_retry_delays_double_up_to_a_cap() -> None:
     assert retry_delay_s(30) == 600
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com/x", "example.com", "http://", 42,
-                                 "https://h/" + "x" * 2000])
+@pytest.mark.parametrize("url", [
+    "ftp://example.com/x", "example.com", "http://", 42, "https://h/" + "x" * 2000,
+    "http://example.com/a\r\nX-Injected: 1", "http://example.com/a b", "http://example.com:80a/",
+    "http://[::1/", "http://user:pw@example.com/", "http://exämple.com/",
+    "http://example.com:0/", "http://example.com:99999/"])
 def test_bad_webhook_urls_are_refused_naming_the_field(url: object) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        check_url(url)
+        parse_target(url)
     assert caught.value.field == "webhook_url"
+
+
+def test_a_webhook_target_keeps_what_the_request_needs() -> None:
+    target = parse_target("https://Hooks.Example.com/in?x=1#frag")
+    assert (target.scheme, target.host, target.port, target.target) == \
+        ("https", "hooks.example.com", 443, "/in?x=1")
+    assert target.host_header == "hooks.example.com"
+    assert parse_target("http://[2001:db8::1]:8080").host_header == "[2001:db8::1]:8080"
+
+
+INTERNAL = ["127.0.0.1", "127.1.2.3", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
+            "100.64.0.1", "0.0.0.0", "255.255.255.255", "224.0.0.1", "240.0.0.1", "192.0.2.1",
+            "::1", "::", "fe80::1", "fe80::1%eth0", "fd00::1", "fec0::1", "ff02::1", "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1", "64:ff9b::7f00:1", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2"]
+
+
+@pytest.mark.parametrize("address", INTERNAL)
+def test_internal_addresses_in_any_spelling_are_refused(address: str) -> None:
+    assert AddressPolicy().refusal(address, 80)
+    with pytest.raises(WebhookRefused):
+        AddressPolicy().check(parse_target("http://hook.test/"), lambda host, port: [address])
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"])
+def test_public_unicast_addresses_are_allowed(address: str) -> None:
+    assert AddressPolicy().refusal(address, 443) is None
+
+
+def test_every_address_of_a_name_is_checked_and_the_checked_ones_returned() -> None:
+    target = parse_target("https://hook.test/")
+    assert AddressPolicy().check(target, lambda h, p: ["8.8.8.8", "8.8.8.8", "1.1.1.1"]) == \
+        ["8.8.8.8", "1.1.1.1"]
+    with pytest.raises(WebhookRefused, match="loopback"):
+        AddressPolicy().check(target, lambda h, p: ["8.8.8.8", "127.0.0.1"])
+
+    def unresolvable(host: str, port: int) -> list[str]:
+        raise OSError("Name or service not known")
+
+    with pytest.raises(WebhookRefused, match="does not resolve"):
+        AddressPolicy().check(target, unresolvable)
+
+
+def test_an_operator_allowlist_opens_named_networks_and_ports_only() -> None:
+    policy = AddressPolicy(parse_allowlist("10.1.0.0/16, 127.0.0.1:9000, [fd00::1]:443"))
+    assert policy.refusal("10.1.2.3", 80) is None
+    assert policy.refusal("10.2.0.1", 80)
+    assert policy.refusal("127.0.0.1", 9000) is None
+    assert policy.refusal("127.0.0.1", 9333)  # the object store's admin port stays closed
+    assert policy.refusal("fd00::1", 443) is None and policy.refusal("fd00::1", 80)
+    assert AddressPolicy(parse_allowlist("")).allow == ()
+    with pytest.raises(ValueError, match="'10.0.0.0/33'"):
+        parse_allowlist("10.0.0.0/33")
+    with pytest.raises(ValueError, match="'localhost:80'"):
+        parse_allowlist("localhost:80")
 
 
 def test_json_log_lines_carry_the_job_id_inside_a_job_only() -> None:
