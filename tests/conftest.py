@@ -22,9 +22,10 @@ from infra import servers
 # Two tenants of the HTTP API (test keys, not secrets).
 TENANT, TENANT_KEY = "acme", "acme-test-key-0123456789"
 OTHER, OTHER_KEY = "globex", "globex-test-key-0123456789"
-# The one loopback port the test stacks allow webhooks to (T2I_WEBHOOK_ALLOW): a test's own
-# receiver listens there; every other internal address stays refused.
-WEBHOOK_PORT = servers.free_port()
+# The loopback ports the test stacks allow webhooks to (T2I_WEBHOOK_ALLOW): a test's own
+# receiver listens on one, a receiver that never answers on the other; every other internal
+# address stays refused.
+WEBHOOK_PORT, SILENT_WEBHOOK_PORT = servers.free_port(), servers.free_port()
 
 
 @contextlib.contextmanager
@@ -60,7 +61,8 @@ def settings(base_dir: Path, redis_url: str) -> Settings:
         s3_master_port=servers.free_port(), s3_bucket="t2i-test", api_port=servers.free_port(),
         flower_port=servers.free_port(), default_size=64, default_steps=10, hf_hub_offline=True,
         predictor_enabled=True, api_keys=f"{TENANT}:{TENANT_KEY},{OTHER}:{OTHER_KEY}",
-        webhook_allow=f"127.0.0.1:{WEBHOOK_PORT}", webhook_timeout_s=2.0,
+        webhook_allow=f"127.0.0.1:{WEBHOOK_PORT},127.0.0.1:{SILENT_WEBHOOK_PORT}",
+        webhook_timeout_s=2.0,
     ))
 
 

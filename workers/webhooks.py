@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import httpx
 import redis
 
-from core.errors import DeliveryFailed, JobNotFound, T2IError, WebhookRefused
+from core.errors import DeliveryFailed, InvalidRequest, JobNotFound, T2IError, WebhookRefused
 from core.jobs import JobRecord
 from core.jobstore import (WEBHOOK_ATTEMPTS, WEBHOOK_OUTBOX, WEBHOOK_RESENT, JobStore,
                            redis_errors)
@@ -146,7 +146,7 @@ def _try(record: JobRecord, delivery: Delivery, now: float) -> tuple[Outcome, in
                    SIGNATURE_HEADER: sign(tenant_secret(delivery.master_secret, record.tenant),
                                           int(now), body)}
         status = delivery.send(addresses[0], target, body, headers)
-    except WebhookRefused as exc:
+    except (WebhookRefused, InvalidRequest) as exc:  # a URL stored before today's checks
         return Outcome.REFUSED, None, str(exc)
     except DeliveryFailed as exc:
         return Outcome.UNREACHABLE, None, str(exc)

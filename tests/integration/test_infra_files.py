@@ -68,7 +68,7 @@ def test_compose_file_validates_and_demands_its_secrets(tmp_path: Path) -> None:
 def test_compose_services_set_only_variables_the_code_reads() -> None:
     services = compose()["services"]
     app = {name: s for name, s in services.items() if s.get("image") == APP_IMAGE}
-    assert set(app) == {"api", "triage-worker", "gpu-worker", "beat", "flower"}
+    assert set(app) == {"api", "triage-worker", "webhook-worker", "gpu-worker", "beat", "flower"}
     for name, service in app.items():
         assert set(service["environment"]) <= code_variables(), name
     example = {line.split("=")[0] for line in (INFRA / "compose.env.example").read_text()
