@@ -50,6 +50,12 @@ class Settings:
                               "local stack: data, logs, PIDs, the built test model")
     api_host: str = _setting("T2I_API_HOST", "127.0.0.1", "HTTP API bind address")
     api_port: int = _setting("T2I_API_PORT", 8000, "HTTP API port")
+    api_read_timeout_s: float = _setting("T2I_API_READ_TIMEOUT_S", 10.0,
+                                         "HTTP API: a request (head and body) must arrive within "
+                                         "this of its first byte, or the connection is closed")
+    api_max_connections: int = _setting("T2I_API_MAX_CONNECTIONS", 1000,
+                                        "HTTP API: open connections per process; more are "
+                                        "answered 503")
     flower_port: int = _setting("T2I_FLOWER_PORT", 5555, "Flower port")
     flower_auth: str = _setting("T2I_FLOWER_AUTH", "",
                                 "user:password for Flower's basic auth; empty: admin with a "

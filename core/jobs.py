@@ -62,11 +62,25 @@ class JobRequest:
         return cls(**json.loads(text))
 
 
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: numbers of hundreds of digits cut short."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else \
+        f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _visible(text: str) -> str:
+    """``text`` without whitespace and invisible format characters (zero-width spaces and
+    joiners, the byte-order mark): what is left is what a model can be prompted with."""
+    return "".join(c for c in text if not c.isspace() and unicodedata.category(c) != "Cf")
+
+
 def _check_text(name: str, value: Any, max_chars: int, required: bool) -> str:
     if not isinstance(value, str):
         raise InvalidRequest(name, f"must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise InvalidRequest(name, "must not be empty or only whitespace")
+    if required and not _visible(value):
+        raise InvalidRequest(name, "must not be empty, only whitespace or only invisible "
+                                   "characters (zero-width spaces, byte-order marks)")
     if len(value) > max_chars:
         raise InvalidRequest(name, f"has {len(value)} characters, at most {max_chars} allowed")
     try:
@@ -82,13 +96,13 @@ def _check_text(name: str, value: Any, max_chars: int, required: bool) -> str:
 def _check_int(name: str, value: Any, low: int, high: int) -> int:
     # bool is an int subclass; float 50.0 is accepted as 50 only when integral.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(name, f"must be an integer, got {value!r}")
+        raise InvalidRequest(name, f"must be an integer, got {_shown(value)}")
     if isinstance(value, float):
         if not value.is_integer():
-            raise InvalidRequest(name, f"must be an integer, got {value!r}")
+            raise InvalidRequest(name, f"must be an integer, got {_shown(value)}")
         value = int(value)
     if not low <= value <= high:
-        raise InvalidRequest(name, f"{value} is out of range [{low}, {high}]")
+        raise InvalidRequest(name, f"{_shown(value)} is out of range [{low}, {high}]")
     return value
 
 
@@ -101,9 +115,10 @@ def _check_size(name: str, value: Any, limits: RequestLimits) -> int:
 
 def _check_guidance(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest("guidance", f"must be a number, got {value!r}")
-    if not math.isfinite(value) or not 0.0 <= value <= MAX_GUIDANCE:
-        raise InvalidRequest("guidance", f"{value} is out of range [0, {MAX_GUIDANCE}]")
+        raise InvalidRequest("guidance", f"must be a number, got {_shown(value)}")
+    # Compared before any float conversion: an integer of 400 digits has no float.
+    if not (isinstance(value, int) or math.isfinite(value)) or not 0 <= value <= MAX_GUIDANCE:
+        raise InvalidRequest("guidance", f"{_shown(value)} is out of range [0, {MAX_GUIDANCE}]")
     return float(value)
 
 

@@ -39,10 +39,11 @@ def redis_errors() -> Iterator[None]:
         raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, timeout_s: float = 10.0) -> redis.Redis:
     """A Redis client that fails fast (seconds, not minutes) when the server is down."""
-    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3,
-                                socket_timeout=10, health_check_interval=30)
+    return redis.Redis.from_url(url, decode_responses=True,
+                                socket_connect_timeout=min(3.0, timeout_s),
+                                socket_timeout=timeout_s, health_check_interval=30)
 
 
 def add_to(pipe: redis.client.Pipeline, samples: Iterable[Sample]) -> None:

@@ -34,11 +34,12 @@ def _s3_errors(key: str = "") -> Iterator[None]:
 
 class ObjectStore:
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
-                 secure: bool = False, region: str = "us-east-1") -> None:
+                 secure: bool = False, region: str = "us-east-1", timeout_s: float = 30.0,
+                 retries: int = 2) -> None:
         # Few, short retries: a store that is down should fail a call in seconds, not minutes.
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3, read=30),
-            retries=urllib3.Retry(total=2, backoff_factor=0.2,
+            timeout=urllib3.Timeout(connect=min(3.0, timeout_s), read=timeout_s),
+            retries=urllib3.Retry(total=retries, backoff_factor=0.2,
                                   status_forcelist=[500, 502, 503, 504]),
         )
         self._client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
@@ -46,9 +47,11 @@ class ObjectStore:
         self.bucket = bucket
 
     @classmethod
-    def from_settings(cls, config: Settings) -> ObjectStore:
+    def from_settings(cls, config: Settings, timeout_s: float = 30.0,
+                      retries: int = 2) -> ObjectStore:
         return cls(config.s3_endpoint, config.s3_access_key, config.s3_secret_key,
-                   config.s3_bucket, secure=config.s3_secure, region=config.s3_region)
+                   config.s3_bucket, secure=config.s3_secure, region=config.s3_region,
+                   timeout_s=timeout_s, retries=retries)
 
     def ensure_bucket(self) -> None:
         with _s3_errors(self.bucket):

@@ -243,7 +243,7 @@ def flower(config: Settings) -> Service:
 
 
 def api(config: Settings) -> Service:
-    argv = [sys.executable, "-m", "uvicorn", "producer.api:app", "--host", config.api_host,
-            "--port", str(config.api_port), "--log-level", "info"]
+    argv = [sys.executable, "-m", "producer.serve", "--host", config.api_host,
+            "--port", str(config.api_port)]
     url = f"http://{config.api_host}:{config.api_port}/healthz"
     return Service("api", argv, lambda _: _http_ok(url), env=to_environ(config))

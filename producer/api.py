@@ -6,7 +6,8 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,11 +20,16 @@ from core import logs
 from core.errors import (IdempotencyConflict, InvalidRequest, JobNotFinished, JobNotFound,
                          ObjectMissing, T2IError, TransientError, Unauthorized)
 from core.jobs import JobState
+from core.jobstore import JobStore, connect
+from core.objectstore import ObjectStore
 from core.webhooks import tenant_secret
 from producer.client import Client
 from producer.metrics import ApiMetrics
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_HEADERS = 100        # more request headers than this: 431
+MAX_HEADER_BYTES = 16 * 1024
+HEALTH_CHECK_S = 1.5     # each dependency check of /readyz answers within this
 MAX_WAIT_S = 60.0        # longest long-poll
 WATCH_POLL_S = 0.25      # how often a long-poll or event stream re-reads the job
 HEARTBEAT_S = 15.0       # an idle event stream sends a comment line this often
@@ -54,6 +60,71 @@ def _error(status: int, code: str, message: str, field: str | None = None) -> JS
     return JSONResponse({"error": body}, status_code=status)
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON leaves duplicate names undefined; a body that repeats one is refused rather
+    than silently keeping the last."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKey(key)
+        found[key] = value
+    return found
+
+
+def decode_body(body: bytes) -> Any:
+    """The JSON of a request body; raises InvalidRequest naming what is wrong with it."""
+    try:
+        return json.loads(body, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(exc.key, "appears twice in the body") from None
+    except RecursionError:
+        raise InvalidRequest("body", "JSON nested too deeply") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or a number of over 4,300 digits
+        raise InvalidRequest("body", f"is not valid JSON: {exc}") from None
+
+
+async def _capped_body(request: Request) -> bytes | None:
+    """The body, or None when it is larger than MAX_BODY_BYTES: refused by its declared
+    length before any of it is read, or as soon as a chunked one grows past the cap."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class HeaderLimits:
+    """ASGI middleware: a request with too many or too large headers gets 431 before any
+    route sees it (the server already caps an unfinished head, producer.serve)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            size = sum(len(name) + len(value) for name, value in headers)
+            if len(headers) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+                response = _error(431, "headers_too_large",
+                                  f"{len(headers)} headers of {size} bytes; at most "
+                                  f"{MAX_HEADERS} headers of {MAX_HEADER_BYTES} bytes")
+                response.headers["Connection"] = "close"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _presented_key(request: Request) -> str:
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer":
@@ -68,6 +139,10 @@ def create_app(client: Client | None = None) -> FastAPI:
                               "X-API-Key: KEY); a key belongs to a tenant, which sees only "
                               "its own jobs.")
     state: dict[str, Any] = {}
+    api.add_middleware(HeaderLimits)
+    # Dependency checks get threads of their own: a store that hangs never takes the
+    # threads that serve jobs, and each check is bounded by HEALTH_CHECK_S anyway.
+    probes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="health")
 
     def get_client() -> Client:
         if "client" not in state:
@@ -75,6 +150,9 @@ def create_app(client: Client | None = None) -> FastAPI:
             settings = state["client"].settings
             state["tenants"] = api_key_tenants(settings)
             state["metrics"] = ApiMetrics(settings.redis_url, settings.broker)
+            state["probes"] = (
+                JobStore(connect(settings.redis_url, timeout_s=HEALTH_CHECK_S), settings.job_ttl_s),
+                ObjectStore.from_settings(settings, timeout_s=HEALTH_CHECK_S, retries=0))
             logs.configure(settings.log_format)
         return state["client"]
 
@@ -127,16 +205,19 @@ def create_app(client: Client | None = None) -> FastAPI:
         """Submit a job. It is validated before anything is enqueued."""
         acting = tenant_client(request)
         content_type = request.headers.get("content-type", "")
-        if content_type.split(";")[0].strip() != "application/json":
+        # Media types are case-insensitive (RFC 9110): APPLICATION/JSON is JSON too.
+        if content_type.split(";")[0].strip().lower() != "application/json":
             return _error(415, "unsupported_media_type",
-                          f"content-type {content_type!r}: send application/json")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return _error(413, "too_large", f"body of {len(body)} bytes, at most {MAX_BODY_BYTES}")
+                          f"content-type {content_type[:100]!r}: send application/json")
+        body = await _capped_body(request)
+        if body is None:
+            response = _error(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+            response.headers["Connection"] = "close"  # the rest of it is never read
+            return response
         try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error(400, "bad_json", f"body is not valid JSON: {exc}")
+            payload = decode_body(body)
+        except InvalidRequest as exc:
+            return _error(400, "bad_json", str(exc), exc.field)
         if not isinstance(payload, dict):
             raise InvalidRequest("body", f"must be a JSON object, got {type(payload).__name__}")
         if "prompt" not in payload:
@@ -144,10 +225,8 @@ def create_app(client: Client | None = None) -> FastAPI:
         if "idempotency_key" in payload:  # a header, never a body field
             raise InvalidRequest("idempotency_key", "unknown field; send the Idempotency-Key "
                                                     "header instead")
-        params = dict(payload)
-        job_id = await asyncio.to_thread(
-            acting.submit, params.pop("prompt"),
-            idempotency_key=request.headers.get("idempotency-key"), **params)
+        job_id = await asyncio.to_thread(acting.submit_payload, payload,
+                                         request.headers.get("idempotency-key"))
         return JSONResponse({"id": job_id, "state": "queued",
                              "status_url": f"/v1/jobs/{job_id}",
                              "image_url": f"/v1/jobs/{job_id}/image"}, status_code=202)
@@ -226,18 +305,35 @@ def create_app(client: Client | None = None) -> FastAPI:
         return Response(generate_latest(state["metrics"].registry),
                         media_type=CONTENT_TYPE_LATEST)
 
-    @api.get("/healthz")
-    def healthz() -> JSONResponse:
-        checks: dict[str, str] = {}
-        client_ = get_client()
-        for name, probe in (("redis", client_.jobs.ping), ("s3", client_.objects.ensure_bucket)):
-            try:
-                probe()
-                checks[name] = "ok"
-            except T2IError as exc:
-                checks[name] = str(exc)
+    async def check(probe: Callable[[], object]) -> str:
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(probes, probe),
+                                   HEALTH_CHECK_S)
+        except TimeoutError:
+            return f"no answer within {HEALTH_CHECK_S} s"
+        except T2IError as exc:
+            return str(exc)
+        return "ok"
+
+    @api.get("/livez")
+    def livez() -> dict[str, bool]:
+        """Liveness: this process serves requests. Touches no store, so an outage of Redis
+        or S3 never gets the API restarted (that is what readiness is for)."""
+        return {"ok": True}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: Redis and S3 answer, each checked with its own deadline, so this
+        answers within about HEALTH_CHECK_S whatever a store does (503 if one does not)."""
+        get_client()
+        redis_probe, s3_probe = state["probes"]
+        checks = dict(zip(("redis", "s3"), await asyncio.gather(
+            check(redis_probe.ping), check(s3_probe.ensure_bucket))))
         healthy = all(value == "ok" for value in checks.values())
         return JSONResponse({"ok": healthy, "checks": checks}, status_code=200 if healthy else 503)
+
+    api.add_api_route("/healthz", readyz, methods=["GET"],
+                      description="The same as /readyz (kept for existing probes).")
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:

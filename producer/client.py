@@ -73,8 +73,17 @@ class Client:
         records) returns the first job's id instead of making another; reused with a
         different request it raises IdempotencyConflict. ``webhook_url`` is POSTed the job
         when it finishes."""
-        request = parse_request({"prompt": prompt, **params}, self.limits,
-                                random_seed=secrets.randbelow(2**32))
+        payload = {"prompt": prompt, **params}
+        if webhook_url is not None:
+            payload["webhook_url"] = webhook_url
+        return self.submit_payload(payload, idempotency_key)
+
+    def submit_payload(self, payload: dict[str, Any], idempotency_key: str | None = None) -> str:
+        """``submit`` for a decoded request body: its keys are never Python parameters, so
+        any key is just a field (an unknown one is refused by name)."""
+        params = dict(payload)
+        webhook_url = params.pop("webhook_url", None)
+        request = parse_request(params, self.limits, random_seed=secrets.randbelow(2**32))
         hook = "" if webhook_url is None else self._allowed_webhook(webhook_url)
         idempotency = None
         if idempotency_key is not None:
@@ -82,8 +91,8 @@ class Client:
                     idempotency_key):
                 raise InvalidRequest("Idempotency-Key", f"{idempotency_key!r} must be 1 to 128 "
                                      "printable ASCII characters without spaces")
-            idempotency = (f"{self.tenant}:{idempotency_key}", _fingerprint(
-                {"prompt": prompt, "webhook_url": webhook_url, **params}))
+            idempotency = (f"{self.tenant}:{idempotency_key}",
+                           _fingerprint({"webhook_url": webhook_url, **params}))
         job_id = uuid.uuid4().hex
         holder = self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,
                                             model=self.settings.model, submitted_at=time.time(),

@@ -33,6 +33,15 @@ JSON = {"content-type": "application/json"}
     ({"prompt": "x", "idempotency_key": "k1"}, 422, "Idempotency-Key header"),
     ({"prompt": "x", "webhook_url": "javascript:alert(1)"}, 422, "webhook_url"),
     ({"prompt": ["a", "list"]}, 422, "prompt"),
+    ({"prompt": "\u200b\ufeff\u2060 "}, 422, "invisible"),      # zero-width and BOM only
+    ({"prompt": "x", "steps": 10**400}, 422, "401 digits"),
+    ({"prompt": "x", "guidance": 10**400}, 422, "guidance"),
+    ({"prompt": "x", "seed": -10**300}, 422, "seed"),
+    ({"prompt": "x", "self": 1}, 422, "self"),                   # a Python parameter's name
+    ({"prompt": "x", "payload": {}}, 422, "payload"),
+    ({"prompt": "x", "webhook_url": "http://[::1/hook"}, 422, "webhook_url"),
+    ({"prompt": "x", "webhook_url": "http://example.com:80a/"}, 422, "webhook_url"),
+    ({"prompt": "x", "webhook_url": "http://example.com/\r\nX: 1"}, 422, "webhook_url"),
     ({"prompt": None}, 422, "prompt"),
     ("just a string", 422, "body"),
 ])
@@ -46,9 +55,11 @@ def test_each_bad_request_is_named_and_not_enqueued(api, stack, body, status, na
 
 @pytest.mark.parametrize("content, status, names", [
     (b'{"prompt": "caf\xe9"}', 400, "not valid JSON"),      # Latin-1, not UTF-8
-    (b'{"prompt": "' + b"x" * 100_000 + b'"}', 413, "100014 bytes"),
+    (b'{"prompt": "' + b"x" * 100_000 + b'"}', 413, "65536 bytes"),
     (b"", 400, "not valid JSON"),
-    (b'{"prompt": "x", "prompt": 5}', 422, "prompt"),        # the last duplicate wins
+    (b'{"prompt": "x", "prompt": 5}', 400, "appears twice"),  # never silently the last
+    (b'{"prompt": "x", "steps": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    (b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),  # 10 KB
 ])
 def test_bad_bodies_are_refused(api, stack, content, status, names):
     before = job_count(stack)
@@ -56,6 +67,13 @@ def test_bad_bodies_are_refused(api, stack, content, status, names):
     assert response.status_code == status and names in response.json()["error"]["message"] + \
         response.json()["error"].get("field", "")
     assert job_count(stack) == before
+
+
+def test_the_json_media_type_is_matched_case_insensitively(api):
+    response = api.post("/v1/jobs", content=json.dumps({"prompt": "a loud cat", "steps": 2}),
+                        headers={"content-type": "APPLICATION/JSON; Charset=UTF-8"})
+    assert response.status_code == 202, response.text
+    api.delete(f"/v1/jobs/{response.json()['id']}")
 
 
 def test_prompt_injection_text_is_only_data(api):
