@@ -160,6 +160,15 @@ class Settings:
     store_outage_s: float = _setting("T2I_STORE_OUTAGE_S", 120.0,
                                      "a finished image waits this long for the object store to "
                                      "come back before its job fails")
+    redis_outage_s: float = _setting("T2I_REDIS_OUTAGE_S", 300.0,
+                                     "a worker holding a job waits this long for Redis to come "
+                                     "back before it gives the job up")
+    reconcile_interval_s: float = _setting("T2I_RECONCILE_INTERVAL_S", 30.0,
+                                           "beat: how often stranded jobs are looked for")
+    reconcile_quiet_s: float = _setting("T2I_RECONCILE_QUIET_S", 120.0,
+                                        "an unfinished job with no sign of life for this long "
+                                        "and no broker message is re-sent to its stage's queue "
+                                        "(failed after T2I_MAX_DELIVERIES re-sends)")
     job_ttl_s: int = _setting("T2I_JOB_TTL_S", 7 * 24 * 3600, "job records expire after this long")
     image_url_ttl_s: int = _setting("T2I_IMAGE_URL_TTL_S", 3600, "presigned image URLs expire after")
 
@@ -336,6 +345,7 @@ def celery_options(config: Settings) -> dict[str, Any]:
             "gen.full": {"queue": "gen.full"},
             "gen.resume": {"queue": "gen.resume"},
             "cache.*": {"queue": "cache"},
+            "jobs.*": {"queue": "cache"},
             "webhooks.*": {"queue": "webhooks"},
         },
         # Periodic cache maintenance; a message not started within its period expires, so
@@ -348,6 +358,8 @@ def celery_options(config: Settings) -> dict[str, Any]:
             "cache-train-predictor": {"task": "cache.train_predictor",
                                       "schedule": config.predictor_train_interval_s,
                                       "options": {"expires": config.predictor_train_interval_s}},
+            "jobs-reconcile": {"task": "jobs.reconcile", "schedule": config.reconcile_interval_s,
+                               "options": {"expires": config.reconcile_interval_s}},
             "webhooks-sweep": {"task": "webhooks.sweep",
                                "schedule": config.webhook_sweep_interval_s,
                                "options": {"expires": config.webhook_sweep_interval_s}},

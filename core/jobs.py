@@ -205,6 +205,7 @@ class JobRecord:
     error: str = ""
     cancel_requested: bool = False
     deliveries: int = 0
+    requeues: int = 0            # times the reconciler re-sent a message nothing held
     worker: str = ""
     webhook_url: str = ""        # POSTed the finished job (see core.webhooks)
     extra: dict[str, Any] = field(default_factory=dict)

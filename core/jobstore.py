@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import redis
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from celeryconfig import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KEY_PREFIX = "t2i:job:"
 METRICS_KEY = "t2i:metrics"
@@ -25,6 +27,7 @@ IDEMPOTENCY_PREFIX = "t2i:idem:"          # + tenant:key -> "<job id> <request f
 WEBHOOK_OUTBOX = "t2i:webhooks"          # sorted set: job id -> when its POST is due
 WEBHOOK_ATTEMPTS = "t2i:webhook-attempts"  # hash: job id -> failed POSTs so far
 WEBHOOK_RESENT = "t2i:webhook-resent"    # hash: job id -> when the sweep last re-sent it
+ACTIVE_JOBS = "t2i:active"               # sorted set: unfinished job id -> last sign of life
 
 WebhookDue = Callable[[str], None]
 """Called with a job id once its finishing transaction put a webhook in the outbox."""
@@ -70,15 +73,41 @@ class MetricsStore:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, ttl_s: int,
-                 webhook_due: WebhookDue | None = None) -> None:
+    """Job records, and the index of unfinished jobs with their last sign of life (which
+    the reconciler reads to find jobs that nothing will move on).
+
+    ``outage_s``: how long reads and state changes wait for Redis to come back before they
+    raise BrokerUnavailable. Workers holding a job wait (a finished image is not thrown away
+    for a Redis restart); the API passes 0 and answers 503 at once.
+    """
+
+    def __init__(self, client: redis.Redis, ttl_s: int, webhook_due: WebhookDue | None = None,
+                 outage_s: float = 0.0, now: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._redis = client
         self._ttl_s = ttl_s
         self._webhook_due = webhook_due
+        self._outage_s = outage_s
+        self._now = now
+        self._sleep = sleep
 
     @classmethod
-    def from_settings(cls, config: Settings, webhook_due: WebhookDue | None = None) -> JobStore:
-        return cls(connect(config.redis_url), config.job_ttl_s, webhook_due)
+    def from_settings(cls, config: Settings, webhook_due: WebhookDue | None = None,
+                      outage_s: float = 0.0) -> JobStore:
+        return cls(connect(config.redis_url), config.job_ttl_s, webhook_due, outage_s)
+
+    def _outlasting(self, what: str, operation: Callable[[], T]) -> T:
+        """Run ``operation``, retrying while Redis is unreachable, for up to ``outage_s``."""
+        started, delay = self._now(), 0.5
+        while True:
+            try:
+                return operation()
+            except BrokerUnavailable as exc:
+                if self._now() - started + delay > self._outage_s:
+                    raise
+                log.warning("%s: %s; waiting %.1f s for Redis", what, exc, delay)
+                self._sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -91,6 +120,8 @@ class JobStore:
     def _queue_create(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
         pipe.hset(self.key(record.id), mapping=record.to_fields())
         pipe.expire(self.key(record.id), self._ttl_s)
+        if not record.state.terminal:
+            pipe.zadd(ACTIVE_JOBS, {record.id: self._now()})
         add_to(pipe, [sample("t2i_jobs_submitted_total")])
 
     def create(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> str:
@@ -128,8 +159,11 @@ class JobStore:
             self._redis.delete(IDEMPOTENCY_PREFIX + slot)
 
     def get(self, job_id: str) -> JobRecord:
-        with redis_errors():
-            raw = self._redis.hgetall(self.key(job_id))
+        def read() -> dict[str, str]:
+            with redis_errors():
+                return self._redis.hgetall(self.key(job_id))
+
+        raw = self._outlasting(f"job {job_id}: read", read)
         if not raw:
             raise JobNotFound(job_id)
         return JobRecord.from_fields(raw)
@@ -158,10 +192,17 @@ class JobStore:
             outboxed = bool(new.webhook_url and new.state.terminal and not old.state.terminal)
             if outboxed:
                 pipe.zadd(WEBHOOK_OUTBOX, {job_id: 0})  # due at once
+            if new.state.terminal:
+                pipe.zrem(ACTIVE_JOBS, job_id)
+            else:
+                pipe.zadd(ACTIVE_JOBS, {job_id: self._now()})
             return new
 
-        with redis_errors():
-            new = self._redis.transaction(apply, key, value_from_callable=True)
+        def transact() -> JobRecord:
+            with redis_errors():
+                return self._redis.transaction(apply, key, value_from_callable=True)
+
+        new = self._outlasting(f"job {job_id}: update", transact)
         if outboxed and self._webhook_due is not None:
             try:
                 self._webhook_due(job_id)
@@ -170,12 +211,25 @@ class JobStore:
         return new
 
     def report_progress(self, job_id: str, step: int, total: int) -> bool:
-        """Cheap per-step write (outside the state machine); returns whether a cancel was asked."""
+        """Cheap per-step write (outside the state machine), which is also the job's sign of
+        life; returns whether a cancel was asked. Never waits for Redis."""
         with redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             pipe.hset(self.key(job_id), mapping={"step": step, "total_steps": total})
+            pipe.zadd(ACTIVE_JOBS, {job_id: self._now()}, xx=True)
             pipe.hget(self.key(job_id), "cancel_requested")
-            return pipe.execute()[1] == "1"
+            return pipe.execute()[2] == "1"
+
+    def quiet_since(self, before: float, limit: int = 1000) -> list[tuple[str, float]]:
+        """Unfinished jobs with no sign of life since ``before``: (job id, last sign)."""
+        with redis_errors():
+            return [(job_id, float(score)) for job_id, score in self._redis.zrangebyscore(
+                ACTIVE_JOBS, "-inf", before, 0, limit, withscores=True)]
+
+    def forget_active(self, job_id: str) -> None:
+        """Drop a job from the unfinished index (its record expired or it finished)."""
+        with redis_errors():
+            self._redis.zrem(ACTIVE_JOBS, job_id)
 
     def request_cancel(self, job_id: str, now: float) -> JobRecord:
         """Mark a job cancelled at once if no worker holds it, else ask its worker to stop.

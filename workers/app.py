@@ -8,6 +8,8 @@ from kombu.exceptions import OperationalError
 from celeryconfig import Settings, celery_options
 from core.errors import BrokerUnavailable
 
+JOB_QUEUES = ("triage", "gen.full", "gen.resume")  # the queues whose messages carry a job
+
 # Worker processes: configured from the environment through the celeryconfig module.
 app = Celery("t2i", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
@@ -26,6 +28,7 @@ REGISTER_TASK = "cache.register"
 EVICT_TASK = "cache.evict"
 SWEEP_TASK = "cache.sweep"
 TRAIN_PREDICTOR_TASK = "cache.train_predictor"
+RECONCILE_TASK = "jobs.reconcile"
 WEBHOOK_TASK = "webhooks.deliver"
 WEBHOOK_SWEEP_TASK = "webhooks.sweep"
 

@@ -15,8 +15,8 @@ import torch
 from cachemgr.catalog import Catalog
 from cachemgr.keys import latent_key, request_partition
 from cachemgr.ktable import KTable
-from core.errors import (CorruptLatent, InvalidTransition, JobCancelled, ObjectMissing,
-                         ObjectStoreUnavailable, T2IError)
+from core.errors import (BrokerUnavailable, CorruptLatent, InvalidTransition, JobCancelled,
+                         ObjectMissing, ObjectStoreUnavailable, T2IError)
 from core.jobs import JobRecord, JobState, image_key
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
@@ -85,9 +85,25 @@ def start_generation(job_id: str, jobs: JobStore, model_label: str, worker: str,
 
 
 def step_reporter(job_id: str, jobs: JobStore) -> Callable[[int, int], None]:
-    """Per-step progress; raises JobCancelled at the next step after a cancel request."""
+    """Per-step progress; raises JobCancelled at the next step after a cancel request.
+    While Redis is down the steps go on unreported: the work is not thrown away for an
+    outage, and the finished job waits for Redis (JobStore's outage budget)."""
+    unreported = False
+
     def on_step(step: int, total: int) -> None:
-        if jobs.report_progress(job_id, step, total):
+        nonlocal unreported
+        try:
+            cancelled = jobs.report_progress(job_id, step, total)
+        except BrokerUnavailable as exc:
+            if not unreported:
+                log.warning("job %s: progress not reported from step %d on: %s", job_id,
+                            step, exc)
+            unreported = True
+            return
+        if unreported:
+            log.info("job %s: progress reported again at step %d", job_id, step)
+            unreported = False
+        if cancelled:
             raise JobCancelled(job_id)
     return on_step
 
@@ -213,7 +229,11 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
         result = engine.resume(request, latent, k, step_reporter(job_id, jobs), capture)
     except JobCancelled:
         return finish_cancelled(job_id, jobs, now)
-    hits = cache.catalog.record_hit(entry, k, now())
+    try:
+        hits = cache.catalog.record_hit(entry, k, now())
+    except BrokerUnavailable as exc:  # a lost hit only lowers one eviction score a little
+        hits = None
+        log.warning("job %s: hit on %s K=%d not counted: %s", job_id, entry, k, exc)
     log.info("job %s: resumed from %s K=%d (hit %s)", job_id, entry, k, hits)
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
                           unet_calls=result.unet_calls, resumed_from_k=k,

@@ -27,11 +27,18 @@ def redis_client():
 
 
 @functools.cache
+def broker_client():
+    """The broker's Redis (the same as redis_client unless T2I_BROKER_URL says otherwise)."""
+    return connect(settings().broker)
+
+
+@functools.cache
 def job_store() -> JobStore:
     from workers.app import WEBHOOK_TASK, app, enqueue
 
     return JobStore(redis_client(), settings().job_ttl_s,
-                    webhook_due=functools.partial(enqueue, app, WEBHOOK_TASK))
+                    webhook_due=functools.partial(enqueue, app, WEBHOOK_TASK),
+                    outage_s=settings().redis_outage_s)
 
 
 @functools.cache

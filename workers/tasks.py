@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 from celery import Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core.errors import JobNotFound, T2IError, TransientError
+from core.errors import BrokerUnavailable, JobNotFound, T2IError, TransientError
 from core.jobs import RequestLimits
 from workers import runtime
 from core.logs import enter_job, install as install_log_format, leave_job
 from core.metrics import sample
-from workers.app import (EVICT_TASK, FULL_TASK, REGISTER_TASK, RESUME_TASK, SWEEP_TASK,
-                         TRAIN_PREDICTOR_TASK, TRIAGE_TASK, WEBHOOK_SWEEP_TASK, WEBHOOK_TASK,
-                         app, enqueue)
+from workers.app import (EVICT_TASK, FULL_TASK, JOB_QUEUES, RECONCILE_TASK, REGISTER_TASK,
+                         RESUME_TASK, SWEEP_TASK, TRAIN_PREDICTOR_TASK, TRIAGE_TASK,
+                         WEBHOOK_SWEEP_TASK, WEBHOOK_TASK, app, enqueue)
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,24 @@ def _worker_name(task: Task) -> str:
 
 
 def _retried_in_place(task: Task, what: str, work: Callable[[], T]) -> T:
-    """Run ``work``, retrying a transient failure here, in the same task, with backoff; the
-    last one is raised. Not Celery's ``retry``: that publishes a new message, and when the
-    store that failed is Redis the publish fails too and Celery drops the message (a lost
-    job, seen in the fault tests)."""
+    """Run ``work``, retrying a transient failure here, in the same task, with backoff: up
+    to ``max_retries`` times, or for Redis (which holds the job itself) for as long as
+    T2I_REDIS_OUTAGE_S; the last failure is raised. Not Celery's ``retry``: that publishes
+    a new message, and when the store that failed is Redis the publish fails too and Celery
+    drops the message (a lost job, seen in the fault tests)."""
+    started = time.monotonic()
     for attempt in itertools.count():
         try:
             return work()
-        except TransientError as exc:
-            if attempt == task.max_retries:
+        except BrokerUnavailable as exc:
+            if time.monotonic() - started > runtime.settings().redis_outage_s:
                 raise
             log.warning("%s: %s; retry %d", what, exc, attempt + 1)
-            time.sleep(_backoff_s(attempt))
+        except TransientError as exc:
+            if attempt >= task.max_retries:
+                raise
+            log.warning("%s: %s; retry %d", what, exc, attempt + 1)
+        time.sleep(_backoff_s(attempt))
 
 
 def _guarded(task: Task, job_id: str, stage: str,
@@ -190,6 +196,23 @@ def cache_train_predictor() -> dict[str, Any]:
         return {"trained": False}
     return train_and_publish(runtime.predictor_store(), str(int(runtime.clock() * 1000)),
                              config.predictor_nu, config.predictor_min_samples)
+
+
+@app.task(name=RECONCILE_TASK)
+def jobs_reconcile() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from workers.reconcile import broker_job_ids, reconcile
+
+    config = runtime.settings()
+    if not config.broker.startswith(("redis://", "rediss://")):
+        return {"ran": False, "why": "the reconciler reads the Redis broker only"}
+    broker = runtime.broker_client()
+    report = reconcile(runtime.job_store(), lambda: broker_job_ids(broker, JOB_QUEUES),
+                       lambda task, job_id: enqueue(app, task, job_id), runtime.clock,
+                       config.reconcile_quiet_s, TRIAGE_TASK, config.max_deliveries,
+                       second_look=lambda: time.sleep(1.0))
+    return {"ran": True, **asdict(report)}
 
 
 @app.task(name=WEBHOOK_TASK)

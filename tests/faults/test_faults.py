@@ -13,15 +13,18 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bench import load
 from cachemgr.vectors import VectorIndex
 from celeryconfig import Settings, api_key_tenants
 from core.errors import BrokerUnavailable
+from core.jobs import JobRecord, JobState, parse_request
 from core.objectstore import ObjectStore
 from infra import servers
 from producer.client import Client
@@ -49,6 +52,7 @@ class Stack:
             "triage": lambda: servers.worker("triage-faults", "triage,cache", self.config),
             "gpu": lambda: servers.worker("gpu-faults", "gen.full,gen.resume", self.config),
             "api": lambda: servers.api(self.config),
+            "beat": lambda: servers.beat(self.config, self.base / "beat"),
         }[name]()
 
     def start(self, name: str) -> None:
@@ -74,10 +78,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Itera
         s3_bucket="t2i-faults", chroma_url=f"http://127.0.0.1:{servers.free_port()}",
         state_dir=str(base / "state"), predictor_enabled=False, max_deliveries=2,
         store_outage_s=90.0, visibility_timeout_s=15, api_port=servers.free_port(),
-        sweep_grace_s=2.0)
+        sweep_grace_s=2.0, redis_outage_s=120.0, reconcile_interval_s=5.0,
+        reconcile_quiet_s=20.0, sweep_interval_s=3600.0)
     running = Stack(config, base)
     try:
-        for name in ("redis", "s3", "chroma", "triage", "gpu", "api"):
+        for name in ("redis", "s3", "chroma", "triage", "gpu", "api", "beat"):
             running.start(name)
         yield running
     finally:
@@ -199,6 +204,56 @@ def test_redis_restart_loses_no_accepted_job_and_producers_get_an_error_meanwhil
     assert sum(v["state"] == "succeeded" for v in outcomes.values()) >= 2, outcomes
     assert finished(client, client.submit("fault test: after the restart", steps=5))["state"] \
         == "succeeded"
+
+
+def test_a_60_s_redis_outage_strands_no_job(stack, client):
+    """Redis killed for 60 s while one job is generating, others wait in the queue and one
+    sits in triage with no message left (as a lost one leaves it): the generating job's
+    worker waits for Redis (T2I_REDIS_OUTAGE_S) and finishes, the queued ones run after,
+    and the reconciler re-sends the one nothing holds (T2I_RECONCILE_QUIET_S). All end."""
+    generating = client.submit("fault test: outage, generating", steps=30, seed=21)
+    queued = [client.submit(f"fault test: outage, queued {i}", steps=5, seed=i) for i in range(3)]
+    lost = uuid.uuid4().hex
+    client.jobs.create(JobRecord(
+        id=lost, state=JobState.TRIAGE, request=parse_request(
+            {"prompt": "fault test: outage, lost in triage", "steps": 5}, client.limits, 1),
+        model=stack.config.model, submitted_at=time.time(), tenant="default"))
+    wait_until(lambda: generating_pid(client, generating, min_step=3), what="generation")
+    api = f"http://{stack.config.api_host}:{stack.config.api_port}"
+    os.killpg(stack.processes.pop("redis").pid, signal.SIGKILL)
+    down_at = time.monotonic()
+    time.sleep(5)
+    live = httpx.get(f"{api}/livez", timeout=5)
+    ready = httpx.get(f"{api}/readyz", timeout=5)
+    assert live.status_code == 200 and ready.status_code == 503, (live.text, ready.text)
+    time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
+    stack.start("redis")
+    outcomes = {job_id: finished(client, job_id, timeout=300)
+                for job_id in (generating, *queued, lost)}
+    assert {view["state"] for view in outcomes.values()} == {"succeeded"}, outcomes
+    assert client.jobs.get(lost).requeues == 1
+    assert client.jobs.get(generating).deliveries == 1  # its worker waited, nothing re-ran it
+
+
+def test_healthz_answers_within_seconds_while_the_object_store_is_frozen(stack):
+    """S3 stopped with SIGSTOP: connections are accepted and never answered. Readiness says
+    so within about 2 s; liveness does not look at stores at all."""
+    api = f"http://{stack.config.api_host}:{stack.config.api_port}"
+    frozen = stack.processes["s3"].pid
+    os.killpg(frozen, signal.SIGSTOP)
+    try:
+        for path in ("/healthz", "/readyz"):
+            started = time.monotonic()
+            response = httpx.get(api + path, timeout=30)
+            assert time.monotonic() - started < 2.5, path
+            assert response.status_code == 503 and response.json()["checks"]["redis"] == "ok"
+            assert "no answer" in response.json()["checks"]["s3"], response.text
+        started = time.monotonic()
+        assert httpx.get(api + "/livez", timeout=30).status_code == 200
+        assert time.monotonic() - started < 0.5
+    finally:
+        os.killpg(frozen, signal.SIGCONT)
+    assert httpx.get(api + "/readyz", timeout=30).status_code == 200
 
 
 def test_object_store_outage_jobs_wait_for_it_and_caching_resumes(stack, client):

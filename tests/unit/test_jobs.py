@@ -128,3 +128,25 @@ def test_public_view_has_progress_timings_and_no_internals():
     assert view["progress"] == {"step": 0, "total": 0}
     assert view["timings"]["submitted_at"] == 100.0
     assert "worker" not in view
+
+
+def test_a_stranded_job_goes_back_to_the_queue_of_its_stage_or_fails_after_enough_tries():
+    from core.reconcile import GiveUp, Requeue, stranded_action
+
+    request = JobRequest("a fox", "", 10, 7.5, 1, 64, 64)
+
+    def record(state: JobState, **fields: object) -> JobRecord:
+        return JobRecord(id="j", state=state, request=request, model="tiny", submitted_at=0.0,
+                         **fields)
+
+    assert stranded_action(record(JobState.QUEUED), "triage.route", 3) == Requeue("triage.route")
+    assert stranded_action(record(JobState.TRIAGE, route="gen.full"), "triage.route", 3) == \
+        Requeue("triage.route")  # triage starts over: its decision may be out of date
+    assert stranded_action(record(JobState.QUEUED, route="gen.resume"), "triage.route", 3) == \
+        Requeue("gen.resume")
+    assert stranded_action(record(JobState.GENERATING, route="gen.full"), "triage.route", 3) \
+        == Requeue("gen.full")
+    gave_up = stranded_action(record(JobState.GENERATING, route="gen.full", requeues=3),
+                              "triage.route", 3)
+    assert isinstance(gave_up, GiveUp) and "lost 3 times" in gave_up.reason
+    assert stranded_action(record(JobState.SUCCEEDED), "triage.route", 3) is None

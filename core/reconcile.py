@@ -1,0 +1,36 @@
+"""What to do with an unfinished job that no queue, no worker and no write has touched for
+a while: a message lost to a broker outage, or a worker that died where Celery could not
+hand its message back. Pure: the reconciler (workers.reconcile) gathers the facts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.jobs import JobRecord, JobState
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Send ``task`` for the job again: the stage it was in starts over."""
+
+    task: str
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+def stranded_action(record: JobRecord, triage_task: str,
+                    max_requeues: int) -> Requeue | GiveUp | None:
+    """The step that moves a stranded job on: back into the queue of its stage (triage, or
+    the generation queue triage chose), or failed with a reason once it has been re-sent
+    ``max_requeues`` times (whatever loses it will lose it again). None when it is done."""
+    if record.state.terminal:
+        return None
+    if record.requeues >= max_requeues:
+        return GiveUp(f"its message was lost {record.requeues} times (last in state "
+                      f"{record.state}); not re-sent again")
+    routed = record.state is JobState.GENERATING or (record.state is JobState.QUEUED and
+                                                     record.route)
+    return Requeue(record.route if routed else triage_task)
