@@ -39,27 +39,43 @@ def _chroma_errors() -> Iterator[None]:
 class VectorIndex:
     """One Chroma collection per (embedder, partition). A collection per partition rather
     than a metadata filter: a filtered top-1 query over 10k vectors took 64 ms here, an
-    unfiltered one 3 ms."""
+    unfiltered one 3 ms.
 
-    def __init__(self, client: chromadb.ClientAPI, embedder: str) -> None:
-        self._client = client
+    An embedded index whose directory is removed under it would go on answering reads from
+    the deleted file and fail every write ("readonly database"); it is reopened instead,
+    empty, and the cache sweep re-indexes the catalog's entries into it."""
+
+    def __init__(self, connect: Callable[[], chromadb.ClientAPI], embedder: str,
+                 path: Path | None = None) -> None:
+        self._connect = connect
+        self._path = path          # the embedded index's directory; None for a server
         self._prefix = f"prompts-{embedder}-"
         self._collections: dict[str, Any] = {}
         with _chroma_errors():
-            client.heartbeat()
+            self._client = connect()
+            self._client.heartbeat()
 
     @classmethod
     def open(cls, path: Path | None, url: str, embedder: str) -> VectorIndex:
         """A server when ``url`` is set, else the embedded index at ``path``."""
         options = ChromaSettings(anonymized_telemetry=False)
+        if url:
+            parts = urlsplit(url)
+            return cls(lambda: chromadb.HttpClient(
+                host=parts.hostname, port=parts.port or 8000, ssl=parts.scheme == "https",
+                settings=options), embedder)
+        return cls(lambda: chromadb.PersistentClient(path=str(path), settings=options),
+                   embedder, Path(path) if path is not None else None)
+
+    def _reopen_if_removed(self) -> None:
+        """Open the embedded index anew if its database file is gone (a stat per call)."""
+        if self._path is None or (self._path / "chroma.sqlite3").exists():
+            return
+        with contextlib.suppress(Exception):  # the old one's files are gone: close what is left
+            self._client.close()
+        self._collections.clear()
         with _chroma_errors():
-            if url:
-                parts = urlsplit(url)
-                client = chromadb.HttpClient(host=parts.hostname, port=parts.port or 8000,
-                                             ssl=parts.scheme == "https", settings=options)
-            else:
-                client = chromadb.PersistentClient(path=str(path), settings=options)
-        return cls(client, embedder)
+            self._client = self._connect()
 
     @classmethod
     def from_settings(cls, config: Settings, embedder: str) -> VectorIndex:
@@ -77,6 +93,7 @@ class VectorIndex:
         """Run ``operation`` on the partition's collection. A handle cached before a Chroma
         restart or wipe fails once; it is then dropped and the collection looked up (or
         made) anew, so the caller never sees a stale handle's error."""
+        self._reopen_if_removed()
         was_cached = partition in self._collections
         try:
             with _chroma_errors():
@@ -119,6 +136,7 @@ class VectorIndex:
     def ids(self) -> list[tuple[str, str]]:
         """(partition, entry) of every vector of this embedder."""
         found: list[tuple[str, str]] = []
+        self._reopen_if_removed()
         with _chroma_errors():
             names = [c.name for c in self._client.list_collections()]
         for name in names:

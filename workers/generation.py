@@ -25,8 +25,9 @@ from workers.latents import load_latent, save_latents
 
 log = logging.getLogger(__name__)
 
-RegisterEntry = Callable[[str, str, str, dict[int, int]], None]
-"""(entry id, partition, prompt, {K: bytes}) -> None: hands a new entry to the catalog."""
+RegisterEntry = Callable[[str, str, dict[int, int]], None]
+"""(entry id = job id, partition, {K: bytes}) -> None: hands a new entry to the catalog (the
+prompt stays in the job record: messages carry ids only)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def _cache_entry(record: JobRecord, captured: dict[int, torch.Tensor], objects: 
     if not sizes:
         return
     try:
-        cache.register(job_id, partition, record.request.prompt, sizes)
+        cache.register(job_id, partition, sizes)
     except T2IError as exc:
         log.warning("job %s: entry not registered: %s", job_id, exc)
 

@@ -140,8 +140,8 @@ def cache_config():
     if not config.cache_enabled:
         return None
 
-    def register(entry: str, partition: str, prompt: str, sizes: dict[int, int]) -> None:
-        enqueue(app, REGISTER_TASK, entry, partition=partition, prompt=prompt, sizes=sizes)
+    def register(entry: str, partition: str, sizes: dict[int, int]) -> None:
+        enqueue(app, REGISTER_TASK, entry, partition=partition, sizes=sizes)
 
     return CacheConfig(config.model, config.scheduler, config.cache_scope == "shared", k_table(),
                        catalog(), register, config.cache_admit_resumed)

@@ -153,13 +153,13 @@ def gen_resume(self: Task, job_id: str) -> dict[str, Any]:
 
 
 @app.task(name=REGISTER_TASK, bind=True, max_retries=MAX_RETRIES)
-def cache_register(self: Task, entry: str, partition: str, prompt: str,
+def cache_register(self: Task, entry: str, partition: str,
                    sizes: dict[str, int]) -> dict[str, Any]:
     from workers.triage import register_entry
 
     return _retried_in_place(self, f"entry {entry}: register", lambda: register_entry(
-        entry, partition, prompt, {int(k): v for k, v in sizes.items()}, runtime.embedder(),
-        runtime.vectors(), runtime.catalog(), runtime.clock))
+        entry, partition, {int(k): v for k, v in sizes.items()}, runtime.job_store(),
+        runtime.embedder(), runtime.vectors(), runtime.catalog(), runtime.clock))
 
 
 @app.task(name=EVICT_TASK)

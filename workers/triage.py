@@ -125,13 +125,20 @@ def triage_job(job_id: str, jobs: JobStore, limits: RequestLimits, decide: Decid
     return {"job_id": job_id, "route": decision.task, "reason": decision.reason}
 
 
-def register_entry(entry: str, partition: str, prompt: str, sizes: dict[int, int],
+def register_entry(entry: str, partition: str, sizes: dict[int, int], jobs: JobStore,
                    embedder: Embedder, vectors: VectorIndex, catalog: Catalog,
                    now: Callable[[], float]) -> dict[str, Any]:
     """Make a finished generation findable: items in the catalog first, then the vector, so a
-    lookup that finds the vector also finds its items. Safe to redeliver."""
+    lookup that finds the vector also finds its items. Safe to redeliver. The prompt is read
+    from the entry's job record. An index that fails leaves the vector to the cache sweep,
+    which re-indexes catalog entries without one: no retry holds up the shared worker."""
+    prompt = jobs.get(entry).request.prompt
     created = now()
     added = catalog.register(entry, partition, sizes, created, prompt)
-    vectors.add(entry, embedder.embed([prompt])[0], partition, prompt, created)
+    try:
+        vectors.add(entry, embedder.embed([prompt])[0], partition, prompt, created)
+    except VectorIndexUnavailable as exc:
+        log.warning("job %s: latents cached, vector left to the sweep: %s", entry, exc)
+        return {"entry": entry, "items": sorted(sizes), "new": added, "indexed": False}
     log.info("job %s: cached %d latents (K %s)", entry, added, sorted(sizes))
-    return {"entry": entry, "items": sorted(sizes), "new": added}
+    return {"entry": entry, "items": sorted(sizes), "new": added, "indexed": True}

@@ -104,10 +104,18 @@ def test_unreachable_server_raises_vector_index_unavailable():
         VectorIndex.open(None, f"http://127.0.0.1:{free_port()}", "e")
 
 
-def test_concurrent_registrations_of_one_entry_store_it_once(catalog: Catalog, tmp_path):
+def test_concurrent_registrations_of_one_entry_store_it_once(catalog: Catalog, tmp_path,
+                                                             redis_url):
     """A generation redelivered while its first registration still runs: two cache.register
-    tasks for the same entry at once, against real Redis and real (embedded) Chroma."""
+    tasks for the same entry at once, against real Redis and real (embedded) Chroma. The
+    prompt comes from the entry's job record, not the message."""
+    from core.jobs import JobRecord, JobRequest, JobState
+    from core.jobstore import JobStore, connect
     from workers.triage import register_entry
+
+    jobs = JobStore(connect(redis_url), 3600)
+    jobs.create(JobRecord(id="e9", state=JobState.SUCCEEDED, model="tiny", submitted_at=0.0,
+                          request=JobRequest("a red fox", "", 15, 7.5, 1, 64, 64)))
 
     class Embedder:
         name = "test"
@@ -122,7 +130,7 @@ def test_concurrent_registrations_of_one_entry_store_it_once(catalog: Catalog, t
 
     def register() -> None:
         barrier.wait()
-        results.append(register_entry("e9", "p", "a red fox", sizes, Embedder(), index, catalog,
+        results.append(register_entry("e9", "p", sizes, jobs, Embedder(), index, catalog,
                                       lambda: 1.0))
 
     threads = [threading.Thread(target=register) for _ in range(4)]
@@ -134,3 +142,4 @@ def test_concurrent_registrations_of_one_entry_store_it_once(catalog: Catalog, t
     assert catalog.stored_ks("e9") == {5, 10, 15}
     assert catalog.item_count() == 3 and catalog.total_bytes() == 300
     assert index.ids() == [("p", "e9")]
+    assert catalog.snapshot()[0].prompt == "a red fox"

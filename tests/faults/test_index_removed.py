@@ -1,0 +1,69 @@
+"""The embedded vector index's directory removed under running workers (a disk cleaned by
+mistake, a volume remounted): jobs keep succeeding, registrations neither fail nor hold up
+the shared triage/cache worker, the index reopens itself, and the sweep puts back what the
+catalog knows, without restarting anything. Real Redis, S3, Celery workers and Chroma."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from celeryconfig import Settings
+from conftest import running
+from infra import servers
+from producer.client import Client
+from workers.app import make_app
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture(scope="module")
+def config(s3_server: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    base = tmp_path_factory.mktemp("index-removed")
+    config = dataclasses.replace(s3_server, state_dir=str(base / "state"), chroma_url="",
+                                 chroma_path="", sweep_grace_s=1.0, predictor_enabled=False)
+    with running(servers.worker("triage-index", "triage,cache", config),
+                 servers.worker("gpu-index", "gen.full,gen.resume", config),
+                 log_dir=base / "logs"):
+        yield config
+
+
+def run(client: Client, prompt: str, seed: int) -> dict:
+    return client.wait(client.submit(prompt, steps=10, seed=seed), timeout=180)
+
+
+def hit_once_indexed(client: Client, prompt: str, seed: int, timeout: float = 60) -> dict:
+    """Registration runs after the job: repeat the prompt until it hits (or time out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = run(client, prompt, seed)
+        if view["route_reason"] == "hit" or time.monotonic() > deadline:
+            return view
+        seed += 1
+
+
+def test_a_removed_index_directory_reopens_and_is_refilled_by_the_sweep(config):
+    client = Client(config)
+    first = "index fault: a brass lantern on a stone wall"
+    assert hit_once_indexed(client, first, 1)["route_reason"] == "hit"
+    shutil.rmtree(config.chroma_dir)
+
+    later = "index fault: a paper crane on a windowsill"
+    after = run(client, later, 1)
+    assert after["state"] == "succeeded", after
+    again = hit_once_indexed(client, later, 2)
+    assert again["route_reason"] == "hit", again  # registered into the reopened index
+    waited = again["timings"]["triage_started_at"] - again["timings"]["submitted_at"]
+    assert waited < 3.0, f"triage waited {waited:.1f} s behind registrations"
+    assert (Path(config.chroma_dir) / "chroma.sqlite3").exists()
+
+    time.sleep(config.sweep_grace_s)
+    report = make_app(config).send_task("cache.sweep").get(timeout=120)
+    assert report["reindexed"] >= 1, report
+    back = run(client, first, 50)
+    assert back["route_reason"] == "hit", back
