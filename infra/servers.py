@@ -86,12 +86,15 @@ def _executable(name: str, hint: str) -> str:
 
 def start(service: Service, log_path: Path) -> subprocess.Popen:
     """Start ``service`` writing to ``log_path``, in a session of its own: stopping it stops
-    its children too, and it outlives the command that started it (the local stack)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    its children too, and it outlives the command that started it (the local stack). Its
+    umask is 077: the data it writes (Redis's AOF, S3 volumes, Chroma's database, logs) is
+    its user's alone."""
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    descriptor = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "ab") as log:
         return subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env={**os.environ, **service.env},
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, umask=0o077)
 
 
 def wait_ready(service: Service, process: subprocess.Popen, log_path: Path) -> None:
@@ -237,7 +240,8 @@ def beat(config: Settings, state_dir: Path) -> Service:
 def flower(config: Settings) -> Service:
     """Flower behind basic auth (given in its environment, not argv, which other local users
     can read)."""
-    argv = _celery("flower", f"--address={LOOPBACK}", f"--port={config.flower_port}")
+    argv = [sys.executable, "-m", "infra.flower", f"--address={LOOPBACK}",
+            f"--port={config.flower_port}"]
     return Service("flower", argv, lambda _: _http_ok(f"http://{LOOPBACK}:{config.flower_port}/"),
                    env={**to_environ(config), "FLOWER_BASIC_AUTH": config.flower_auth})
 

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status", "restart"],
                         help="up: start what is not running; down: stop all; status: report")
     args = parser.parse_args(argv)
+    os.umask(0o077)  # PID files, logs and data under the state directory: private
     config = load_settings()
     try:
         if args.command in ("down", "restart"):

@@ -5,8 +5,10 @@ the page's DOM. Set T2I_SCREENSHOT_DIR to keep the screenshots (the README's com
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +72,26 @@ def test_flower_shows_workers_and_succeeded_tasks(flower: str, browser, api: htt
     assert "SUCCESS" in table and "FAILURE" not in table
     page.screenshot(path=str(shots / "flower-tasks.png"), full_page=True)
     context.close()
+
+
+def test_every_flower_page_needs_the_password_and_task_messages_carry_no_prompt(
+        flower: str, api: httpx.Client, stack) -> None:
+    """Flower's own /metrics and /healthcheck skip its basic auth; ours do not. And what
+    Flower shows of each task (its message's arguments) names jobs, never their prompts."""
+    for path in ("/metrics", "/healthcheck", "/api/tasks", "/"):
+        assert httpx.get(flower + path).status_code == 401, path
+    auth = tuple(stack.flower_auth.split(":", 1))
+    assert httpx.get(f"{flower}/metrics", auth=auth).status_code == 200
+    prompt = "a secret recipe for plum jam"
+    job_id = api.post("/v1/jobs", json={"prompt": prompt, "steps": 3}).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()["state"] == "succeeded"
+    deadline, tasks = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        tasks = httpx.get(f"{flower}/api/tasks", auth=auth, timeout=30).json()
+        mine = {t["name"] for t in tasks.values() if job_id in str(t.get("args"))}
+        if {"triage.route", "gen.full", "cache.register"} <= mine:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"Flower did not show the job's three tasks: {tasks}")
+    assert "plum jam" not in json.dumps(tasks)

@@ -71,10 +71,10 @@ def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings,
     try:
         up = run("t2i-stack", "up", env=env)
         assert up.returncode == 0, up.stdout + up.stderr
-        for name in ("redis", "s3", "api", "triage", "gpu", "beat", "flower"):
+        for name in ("redis", "s3", "api", "triage", "gpu", "webhooks", "beat", "flower"):
             assert f"{name:8} starting" in up.stdout
         again = run("t2i-stack", "up", env=env)
-        assert again.returncode == 0 and again.stdout.count("already running") == 7
+        assert again.returncode == 0 and again.stdout.count("already running") == 8
 
         submitted = run("t2i", "submit", "a small boat", "--steps", "4", "--width", "64",
                         "--height", "64", "--wait", "--timeout", "180", env=env)
@@ -87,7 +87,14 @@ def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings,
         assert run("t2i-stack", "status", env=env).returncode == 0
         pids = [json.loads(path.read_text())["pid"]
                 for path in (tmp_path / "state" / "pids").glob("*.pid")]
-        assert len(pids) == 7
+        assert len(pids) == 8
+        state = tmp_path / "state"
+        assert state.stat().st_mode & 0o777 == 0o700
+        loose = [path for path in state.rglob("*")
+                 if not path.is_symlink() and path.lstat().st_mode & 0o077]
+        # SeaweedFS chmods its volume info files 0644 itself; their folders keep them private
+        assert {path.suffix for path in loose} <= {".vif"}, loose
+        assert all(path.parent.stat().st_mode & 0o077 == 0 for path in loose), loose
 
         flower = f"http://127.0.0.1:{config.flower_port}/workers"
         assert httpx.get(flower).status_code == 401
@@ -97,6 +104,6 @@ def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings,
         assert len(listening) >= 4 and all(a.startswith("127.0.0.1:") for a in listening), listening
     finally:
         down = run("t2i-stack", "down", env=env)
-    assert down.returncode == 0 and down.stdout.count("stopped") == 7
+    assert down.returncode == 0 and down.stdout.count("stopped") == 8
     assert not any(servers.is_alive(pid) for pid in pids)
     assert run("t2i-stack", "status", env=env).returncode == 1
