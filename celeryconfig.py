@@ -193,6 +193,9 @@ class Settings:
     webhook_sweep_interval_s: float = _setting("T2I_WEBHOOK_SWEEP_INTERVAL_S", 30.0,
                                                "beat: how often deliveries whose message was "
                                                "lost are sent again")
+    worker_alive_file: str = _setting("T2I_WORKER_ALIVE_FILE", "",
+                                      "a worker touches this file every 10 s once ready (its "
+                                      "liveness probe needs no broker); empty: none")
     log_format: str = _setting("T2I_LOG_FORMAT", "json",
                                "json: one JSON object per line with the job id; text: plain")
 

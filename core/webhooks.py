@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-from core.errors import InvalidRequest, WebhookRefused
+from core.errors import DeliveryFailed, InvalidRequest, WebhookRefused
 
 SIGNATURE_HEADER = "X-T2I-Signature"
 MAX_URL_CHARS = 2000
@@ -186,15 +186,16 @@ class AddressPolicy:
         return f"{address} is {reason}" if reason else None
 
     def check(self, target: WebhookTarget, resolve: Resolve) -> list[str]:
-        """The addresses to connect to, every one allowed; raises WebhookRefused when the
-        host does not resolve or any address it resolves to is refused (a name that
-        resolves to one public and one private address is refused, not tried in turn)."""
+        """The addresses to connect to, every one allowed; raises WebhookRefused when any
+        address the host resolves to is refused (a name that resolves to one public and one
+        private address is refused, not tried in turn), DeliveryFailed when it does not
+        resolve (which may pass)."""
         try:
             addresses = _unique(resolve(target.host, target.port))
         except OSError as exc:
-            raise WebhookRefused(f"host {target.host!r} does not resolve ({exc})") from None
+            raise DeliveryFailed(f"host {target.host!r} does not resolve ({exc})") from None
         if not addresses:
-            raise WebhookRefused(f"host {target.host!r} resolves to no address")
+            raise DeliveryFailed(f"host {target.host!r} resolves to no address")
         refusals = list(filter(None, (self.refusal(a, target.port) for a in addresses)))
         if refusals:
             raise WebhookRefused(f"host {target.host!r}: {refusals[0]}")

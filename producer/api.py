@@ -77,7 +77,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def decode_body(body: bytes) -> Any:
+def _decode_body(body: bytes) -> Any:
     """The JSON of a request body; raises InvalidRequest naming what is wrong with it."""
     try:
         return json.loads(body, object_pairs_hook=_no_duplicate_keys)
@@ -215,7 +215,7 @@ def create_app(client: Client | None = None) -> FastAPI:
             response.headers["Connection"] = "close"  # the rest of it is never read
             return response
         try:
-            payload = decode_body(body)
+            payload = _decode_body(body)
         except InvalidRequest as exc:
             return _error(400, "bad_json", str(exc), exc.field)
         if not isinstance(payload, dict):

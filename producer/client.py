@@ -14,8 +14,8 @@ import uuid
 from typing import Any
 
 from celeryconfig import Settings, load_settings
-from core.errors import (BrokerUnavailable, InvalidRequest, JobNotFinished, JobNotFound, Timeout,
-                         WebhookRefused)
+from core.errors import (BrokerUnavailable, DeliveryFailed, InvalidRequest, JobNotFinished,
+                         JobNotFound, Timeout, WebhookRefused)
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
@@ -115,7 +115,7 @@ class Client:
         checked again at each delivery, since a name can change what it resolves to)."""
         try:
             self.webhook_policy.check(parse_target(url), resolve_host)
-        except WebhookRefused as exc:
+        except (WebhookRefused, DeliveryFailed) as exc:
             raise InvalidRequest("webhook_url", f"refused: {exc} (only public addresses, "
                                                 "or those in T2I_WEBHOOK_ALLOW)") from None
         return str(url)

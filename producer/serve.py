@@ -21,8 +21,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from celeryconfig import load_settings
+from producer.api import MAX_HEADER_BYTES  # an unfinished head larger than this: 400
 
-MAX_HEADER_BYTES = 16 * 1024   # an unfinished request head larger than this is refused (400)
 KEEPALIVE_S = 5.0              # an idle keep-alive connection is closed after this
 
 

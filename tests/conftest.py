@@ -63,6 +63,7 @@ def settings(base_dir: Path, redis_url: str) -> Settings:
         predictor_enabled=True, api_keys=f"{TENANT}:{TENANT_KEY},{OTHER}:{OTHER_KEY}",
         webhook_allow=f"127.0.0.1:{WEBHOOK_PORT},127.0.0.1:{SILENT_WEBHOOK_PORT}",
         webhook_timeout_s=2.0, api_read_timeout_s=3.0, api_max_connections=200,
+        worker_alive_file=str(base_dir / "worker-alive"),
     ))
 
 

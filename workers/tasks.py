@@ -11,8 +11,10 @@ import functools
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Task, signals
@@ -45,6 +47,23 @@ def load_models_in_pool_process(**_: Any) -> None:
             runtime.router()
     except T2IError:
         log.exception("preloading failed; jobs will report the error")
+
+
+@signals.worker_ready.connect
+def touch_liveness_file(**_: Any) -> None:
+    """Liveness without the broker: a thread touches T2I_WORKER_ALIVE_FILE every 10 s, so a
+    probe (`find FILE -mmin -1`) sees the worker process run even while Redis is down,
+    rather than restarting it (and reloading a GPU model) for another server's outage."""
+    path = runtime.settings().worker_alive_file
+    if not path:
+        return
+
+    def touch_forever() -> None:
+        while True:
+            Path(path).touch()
+            time.sleep(10)
+
+    threading.Thread(target=touch_forever, name="liveness", daemon=True).start()
 
 
 @signals.after_setup_logger.connect

@@ -4,7 +4,9 @@ CPU) and the HTTP API under uvicorn."""
 from __future__ import annotations
 
 import io
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -131,3 +133,10 @@ def test_client_refuses_invalid_request_and_enqueues_nothing(client: Client, sta
     with pytest.raises(InvalidRequest, match="steps: 999 is out of range"):
         client.submit("x", steps=999)
     assert job_count(stack) == before
+
+
+def test_workers_touch_their_liveness_file_without_asking_the_broker(stack) -> None:
+    """What the Kubernetes liveness probes read (T2I_WORKER_ALIVE_FILE): fresh while the
+    workers run."""
+    alive = Path(stack.worker_alive_file)
+    assert alive.exists() and time.time() - os.path.getmtime(alive) < 30

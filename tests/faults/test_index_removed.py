@@ -24,10 +24,15 @@ pytestmark = pytest.mark.faults
 
 @pytest.fixture(scope="module")
 def config(s3_server: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Workers of its own on a Redis of its own: no other test's worker takes its tasks."""
     base = tmp_path_factory.mktemp("index-removed")
-    config = dataclasses.replace(s3_server, state_dir=str(base / "state"), chroma_url="",
-                                 chroma_path="", sweep_grace_s=1.0, predictor_enabled=False)
-    with running(servers.worker("triage-index", "triage,cache", config),
+    redis_port = servers.free_port()
+    config = dataclasses.replace(
+        s3_server, redis_url=f"redis://127.0.0.1:{redis_port}/0", s3_bucket="t2i-index",
+        state_dir=str(base / "state"), chroma_url="", chroma_path="", sweep_grace_s=1.0,
+        predictor_enabled=False)
+    with running(servers.redis(redis_port, base / "redis"),
+                 servers.worker("triage-index", "triage,cache", config),
                  servers.worker("gpu-index", "gen.full,gen.resume", config),
                  log_dir=base / "logs"):
         yield config

@@ -5,6 +5,7 @@ worker consumes is one a task is routed to, and KEDA watches the GPU queues."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -109,8 +110,21 @@ def test_kubernetes_apps_read_known_variables_and_have_probes() -> None:
         consumed |= consumed_queues(container["command"])
     assert consumed == routed_queues()
     api = next(d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == "api")
-    assert api["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"][
-        "path"] == "/healthz"
+    probes = api["spec"]["template"]["spec"]["containers"][0]
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/livez"  # no store outage restarts it
+
+
+def test_no_liveness_probe_asks_the_broker() -> None:
+    """A Redis outage must not restart pods (a GPU pod would reload its model): worker probes
+    read the file the worker touches (T2I_WORKER_ALIVE_FILE), never `celery inspect`."""
+    config = next(d for d in k8s_documents() if d["kind"] == "ConfigMap")["data"]
+    for container in app_containers():
+        for kind in ("livenessProbe", "startupProbe"):
+            probe = json.dumps(container.get(kind, {}))
+            assert "inspect" not in probe and "healthz" not in probe, (container["name"], kind)
+            if "exec" in probe:
+                assert config["T2I_WORKER_ALIVE_FILE"] in probe, container["name"]
 
 
 def test_keda_scales_the_gpu_workers_on_their_queue_lengths() -> None:
