@@ -27,7 +27,7 @@ from cachemgr.evictor import Evictor
 from cachemgr.keys import latent_key
 from cachemgr.policies import LCBFU, Budget, select_victims
 from cachemgr.vectors import VectorIndex
-from celeryconfig import load_settings, with_secrets
+from core.settings import load_settings, ensure_secrets
 from core.jobstore import connect
 from core.objectstore import ObjectStore
 from infra import servers
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="t2i-evict-") as tmp:
         base = Path(tmp)
         redis_port = servers.free_port()
-        config = with_secrets(dataclasses.replace(
-            load_settings({}, resolve_secrets=False), state_dir=tmp, s3_bucket="evict-bench",
+        config = ensure_secrets(dataclasses.replace(
+            load_settings({}, read_secrets=False), state_dir=tmp, s3_bucket="evict-bench",
             s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port()))
         started = []
         try:

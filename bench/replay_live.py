@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from celeryconfig import Settings, load_settings
+from core.settings import Settings, ensure_secrets, load_settings
 from infra import servers, stack
 from core.errors import InvalidRequest
 from producer.client import Client
@@ -40,12 +40,12 @@ from quality.scoring import load_scorer
 
 
 def arm_settings(base: Settings, state_dir: Path, cache_on: bool) -> Settings:
-    return dataclasses.replace(
+    return ensure_secrets(dataclasses.replace(
         base, cache_enabled=cache_on, state_dir=str(state_dir),
         redis_url=f"redis://127.0.0.1:{servers.free_port()}/0",
         s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
         api_port=servers.free_port(), flower_port=servers.free_port(), chroma_path="",
-        chroma_url="", torch_threads=1)
+        chroma_url="", torch_threads=1))
 
 
 def job_params(request: TraceRequest, steps: int, divisor: int) -> dict[str, Any]:
@@ -98,41 +98,46 @@ def drive(client: Client, requests: list[TraceRequest], steps: int, divisor: int
         progress.update()
 
 
+def was_resumed(view: dict) -> bool:
+    """The job ran from a cached latent (a planned resume that fell back ran in full)."""
+    return (view["cache"] or {}).get("route") == "resume"
+
+
 def summarise(views: list[dict]) -> dict[str, Any]:
     def span(view: dict, start: str, end: str) -> float:
         return view["timings"][end] - view["timings"][start]
 
     done = [v for v in views if v["state"] == "succeeded"]
-    resumed = [v for v in done if v["route"] == "gen.resume" and not v.get("fallback")]
+    resumed = [v for v in done if was_resumed(v)]
     latencies = [span(v, "submitted_at", "finished_at") for v in done]
     generation = [span(v, "generation_started_at", "generation_finished_at") for v in done]
     requested = sum(v["request"]["steps"] for v in done)
-    saved = sum(v["k"] for v in resumed)
+    saved = sum(v["cache"]["k"] for v in resumed)
     reasons: dict[str, int] = {}
     for v in done:
-        reasons[v["route_reason"]] = reasons.get(v["route_reason"], 0) + 1
+        reason = (v["cache"] or {}).get("reason") or "none"
+        reasons[reason] = reasons.get(reason, 0) + 1
 
     def mean_of(key: str) -> float | None:
-        values = [v[key] for v in done if v.get(key) is not None]
+        values = [v["timings"][key] for v in done if v["timings"].get(key) is not None]
         return statistics.fmean(values) if values else None
 
     return {
         "jobs": len(views), "succeeded": len(done),
         "refused": sum(1 for v in views if v["state"] == "refused"),
         "hit_rate": len(resumed) / len(done) if done else 0.0,
-        "mean_k_on_hit_of_50": (statistics.fmean(v["k"] * 50 / v["request"]["steps"]
+        "mean_k_on_hit_of_50": (statistics.fmean(v["cache"]["k"] * 50 / v["request"]["steps"]
                                                 for v in resumed)
                                 if resumed else None),
         "steps_saved_frac": saved / requested if requested else 0.0,
-        "fallbacks": sum(1 for v in done if v.get("fallback")),
+        "fallbacks": sum(1 for v in done if (v["cache"] or {}).get("fallback")),
         "route_reasons": reasons,
         "latency_mean_s": statistics.fmean(latencies),
         "latency_p50_s": statistics.median(latencies),
         "latency_p95_s": statistics.quantiles(latencies, n=20)[-1],
         "latency_p99_s": statistics.quantiles(latencies, n=100)[-1],
         "generation_mean_s": statistics.fmean(generation),
-        "embed_ms_mean": mean_of("embed_ms"), "predict_ms_mean": mean_of("predict_ms"),
-        "lookup_ms_mean": mean_of("lookup_ms"), "latent_fetch_ms_mean": mean_of("latent_fetch_ms"),
+        "embed_ms_mean": mean_of("embed_ms"), "lookup_ms_mean": mean_of("lookup_ms"), "latent_fetch_ms_mean": mean_of("latent_fetch_ms"),
         "throughput_jobs_per_s": len(done) / (max(v["timings"]["finished_at"] for v in done)
                                               - min(v["timings"]["submitted_at"] for v in done)),
     }
@@ -163,7 +168,7 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
 
     scratch = {key(v): v["id"] for v in views["cache_off"] if v["state"] == "succeeded"}
     resumed = [v for v in views["cache_on"] if v["state"] == "succeeded"
-               and v["route"] == "gen.resume" and not v.get("fallback") and key(v) in scratch]
+               and was_resumed(v) and key(v) in scratch]
     full = [v for v in views["cache_on"] if v["state"] == "succeeded" and v not in resumed]
     pairs = [(v["id"], scratch[key(v)]) for v in resumed]
     if pairs:
@@ -187,8 +192,8 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
         "score_ratio_resumed_vs_scratch": resumed_on / same_off if same_off else None,
         "score_mean_full_cache_on": mean([scores["cache_on"][v["id"]] for v in full]),
         "resumed_compared": len(pairs),
-        "samples": [{"prompt": v["request"]["prompt"], "k": v["k"],
-                     "similarity": v.get("similarity"),
+        "samples": [{"prompt": v["request"]["prompt"], "k": v["cache"]["k"],
+                     "similarity": v["cache"]["similarity"],
                      "score_resumed": scores["cache_on"][a],
                      "score_from_scratch": scores["cache_off"][b]}
                     for v, (a, b) in zip(resumed[:grid_size], pairs[:grid_size])],
@@ -208,9 +213,8 @@ def markdown(result: dict[str, Any]) -> str:
          f"{on['latency_p50_s']:.3f} / {on['latency_p95_s']:.3f} / {on['latency_p99_s']:.3f}",
          f"{off['latency_p50_s']:.3f} / {off['latency_p95_s']:.3f} / {off['latency_p99_s']:.3f}"),
         ("mean generation (s)", f"{on['generation_mean_s']:.3f}", f"{off['generation_mean_s']:.3f}"),
-        ("triage embed / predict / lookup (ms)",
-         f"{on['embed_ms_mean'] or 0:.1f} / {on['predict_ms_mean'] or 0:.2f} / "
-         f"{on['lookup_ms_mean'] or 0:.1f}", "-"),
+        ("triage embed / plan: predictor and lookup (ms)",
+         f"{on['embed_ms_mean'] or 0:.1f} / {on['lookup_ms_mean'] or 0:.1f}", "-"),
         ("latent fetch on resume (ms)", f"{on['latent_fetch_ms_mean'] or 0:.1f}", "-"),
         ("throughput (jobs/s)", f"{on['throughput_jobs_per_s']:.2f}", f"{off['throughput_jobs_per_s']:.2f}"),
     ]

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench.replay_live import arm_settings, trace_job
-from celeryconfig import Settings, load_settings
+from core.settings import Settings, load_settings
 from core.errors import InvalidRequest
 from core.jobs import RequestLimits, parse_request
 from infra import servers, stack

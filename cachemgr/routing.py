@@ -4,20 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from cachemgr.ktable import KTable, largest_stored_at_most
-
-
-class Reason(StrEnum):
-    HIT = "hit"                          # resume from the K the similarity earned
-    HOLE = "hole fallback"               # that K was evicted: resume from a smaller stored K
-    BELOW_THRESHOLD = "below threshold"  # nearest cached prompt too far
-    MISS = "miss"                        # nothing cached in this partition
-    NO_STORED_K = "hole: no stored K"    # the match has no item at or below the K earned
-    PREDICTED_MISS = "predicted miss"    # the match predictor skipped the lookup
-    CACHE_OFF = "cache off"
-    INDEX_UNAVAILABLE = "index unavailable"
+from core.plan import Reason
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cachemgr.ktable import KTable
+from cachemgr.plan import kept_ks, plan_reuse, teaches_predictor
 from cachemgr.policies import Budget, ItemStats, Policy, select_victims
-from cachemgr.predictor import AlwaysLookUp, MatchPredictor, consult, train_predictor
-from cachemgr.routing import LOOKUP_CANDIDATES, decide
+from cachemgr.predictor import AlwaysLookUp, MatchPredictor, train_predictor
+from core.plan import CachePlan, Route
 
 
 # (lookup would find a usable match, predictor said look up) -> confusion cell
@@ -226,6 +227,19 @@ class CachedNearest:
         return self._scan.nearest(partition, self._scan.vector(row), n)
 
 
+class _AtRow:
+    """The simulator's nearest-cached search, as plan_reuse asks an index, for one request
+    (entries are request rows, as strings like the live index's ids)."""
+
+    def __init__(self, index: CachedNearest, row: int) -> None:
+        self._index, self._row = index, row
+
+    def nearest(self, embedding: Sequence[float], partition: str,
+                n: int) -> list[tuple[str, float]]:
+        return [(str(entry), similarity)
+                for entry, similarity in self._index.nearest(self._row, partition, n)]
+
+
 def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequence[float],
              config: SimConfig, neighbours: Neighbours | None = None) -> SimResult:
     """Replay ``requests`` (row i of ``embeddings`` is request i's prompt) through the cache.
@@ -237,7 +251,9 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
     items: dict[tuple[int, int], ItemStats] = {}
     stored: dict[int, set[int]] = {}
     first_seen: dict[tuple[str, str], int] = {}
-    budget = Budget(max_items=5 * config.budget_prompts, low_water=config.low_water)
+    # A prompt's worth of items: one per row of the table (a full generation's K set).
+    budget = Budget(max_items=len(config.table.thresholds) * config.budget_prompts,
+                    low_water=config.low_water)
     predictor: MatchPredictor = AlwaysLookUp()
     samples: list[int] = []
     rng = random.Random(config.seed)
@@ -259,21 +275,24 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
                                       version=str(i), nu=config.predictor.nu,
                                       min_samples=config.predictor.min_samples)
             predictor = trained or predictor
-        verdict = consult(predictor, vector, config.predictor.audit_fraction if config.predictor
-                          else 0.0, rng.random)
-        decision = None
+        plan = None
         if config.policy.admits:
-            result.lookups += verdict.look_up
-            truth = decide(index.nearest(i, request.partition, LOOKUP_CANDIDATES),
-                           lambda entry: frozenset(stored.get(entry, ())), config.table,
-                           request.steps)
-            if not isinstance(predictor, AlwaysLookUp):
-                result.predictor_confusion[_CONFUSION[truth.resume, verdict.predicted_hit]] += 1
-            if truth.resume:
+            def plan_with(used: MatchPredictor, audit_fraction: float) -> CachePlan:
+                return plan_reuse(vector, request.partition, request.steps, _AtRow(index, i),
+                                  lambda entry: frozenset(stored.get(int(entry), ())),
+                                  config.table, used, audit_fraction, rng.random)
+
+            plan = plan_with(predictor, config.predictor.audit_fraction if config.predictor
+                             else 0.0)
+            result.lookups += plan.looked_up
+            if not isinstance(predictor, AlwaysLookUp):  # measuring it: what a lookup finds
+                truth = plan if plan.looked_up else plan_with(AlwaysLookUp(), 0.0)
+                result.predictor_confusion[_CONFUSION[truth.route is Route.RESUME,
+                                                      bool(plan.predicted_hit)]] += 1
+            if teaches_predictor(plan):
                 samples.append(i)
-            decision = truth if verdict.look_up else None
-        if decision is not None and decision.resume:
-            entry, k = decision.entry, decision.k
+        if plan is not None and plan.route is Route.RESUME:
+            entry, k = int(plan.entry or 0), int(plan.k or 0)
             old = items[(entry, k)]
             items[(entry, k)] = ItemStats(entry, k, old.size, old.created_at, old.hits + 1, now)
             result.hits += 1
@@ -290,12 +309,11 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
             result.steps_saved_exact_repeat += k if exact else 0
             result.steps_saved_same_user += k if same_user else 0
             result.hit_flags.append(True)
-            if config.admit_resumed:
-                admit(i, request.partition, config.table.resumed_capture(request.steps, k), now)
         else:
             result.hit_flags.append(False)
-            if config.policy.admits:
-                admit(i, request.partition, config.table.k_set(request.steps), now)
+        if config.policy.admits:
+            admit(i, request.partition, kept_ks(plan, config.table, request.steps,
+                                                config.admit_resumed), now)
         first_seen.setdefault(exact_key, i)
         result.max_items = max(result.max_items, len(items))
         _, free_items = budget.excess(0, len(items))

@@ -21,7 +21,7 @@ from chromadb.errors import ChromaError
 from core.errors import VectorIndexUnavailable
 
 if TYPE_CHECKING:
-    from celeryconfig import Settings
+    from core.settings import Settings
 
 
 _BATCH = 1000

@@ -7,6 +7,10 @@ class T2IError(Exception):
     """Base of every error this project raises on purpose."""
 
 
+class SettingError(T2IError, ValueError):
+    """A setting (an environment variable) with a bad value, or a secret that is missing."""
+
+
 class InvalidRequest(T2IError, ValueError):
     """A job request that can never succeed; it is refused before anything is enqueued."""
 

@@ -11,9 +11,10 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from core.errors import InvalidRequest, InvalidTransition
+from core.plan import CachePlan, Reason, Route
 
 if TYPE_CHECKING:
-    from celeryconfig import Settings
+    from core.settings import Settings
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height")
 MIN_SIZE = 64
@@ -192,8 +193,8 @@ class JobRecord:
     model: str
     submitted_at: float
     tenant: str = ""
-    route: str = ""
-    route_reason: str = ""
+    route: str = ""              # the generation task (and queue) triage sent it to
+    plan: CachePlan | None = None  # triage's cache decision, which the GPU worker follows
     step: int = 0
     total_steps: int = 0
     triage_started_at: float | None = None
@@ -208,6 +209,7 @@ class JobRecord:
     requeues: int = 0            # times the reconciler re-sent a message nothing held
     worker: str = ""
     webhook_url: str = ""        # POSTed the finished job (see core.webhooks)
+    # What the stages report (GENERATION_FACTS, TIMING_FACTS, the webhook's outcome):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def transition(self, new_state: JobState, **changes: Any) -> JobRecord:
@@ -222,6 +224,8 @@ class JobRecord:
             value = getattr(self, f.name)
             if f.name == "request":
                 out[f.name] = value.to_json()
+            elif f.name == "plan":
+                out[f.name] = value.to_json() if value else ""
             elif f.name == "extra":
                 out[f.name] = json.dumps(value, sort_keys=True)
             elif value is None:
@@ -241,6 +245,8 @@ class JobRecord:
             text = raw[f.name]
             if f.name == "request":
                 values[f.name] = JobRequest.from_json(text)
+            elif f.name == "plan":
+                values[f.name] = CachePlan.from_json(text) if text else None
             elif f.name == "extra":
                 values[f.name] = json.loads(text) if text else {}
             elif f.name == "state":
@@ -255,19 +261,29 @@ class JobRecord:
                 values[f.name] = float(text) if text else None
             else:
                 values[f.name] = text
+        if "plan" not in raw:
+            values["plan"] = _plan_of_older_record(raw, values.get("extra", {}))
         return cls(**values)
 
     def public(self) -> dict[str, Any]:
-        """The JSON view given to pollers (no internal bookkeeping)."""
-        view = {
+        """The JSON view given to pollers: no partition hash, internal entry id, task name or
+        delivery bookkeeping. ``cache`` says how the job ran: ``route`` full or resume,
+        ``k`` (steps taken from the cache), ``similarity``, ``reason``, and ``fallback``
+        when a planned resume ran in full instead."""
+        fallback = self.extra.get("fallback")
+        cache = None
+        if self.plan is not None:
+            cache = {**self.plan.public(), "fallback": fallback}
+            if fallback:
+                cache.update(route=str(Route.FULL), k=None)
+        return {
             "id": self.id,
             "tenant": self.tenant,
             "state": str(self.state),
             "request": asdict(self.request),
             "model": self.model,
-            "route": self.route or None,
-            "route_reason": self.route_reason or None,
             "progress": {"step": self.step, "total": self.total_steps},
+            "cache": cache,
             "timings": {
                 "submitted_at": self.submitted_at,
                 "triage_started_at": self.triage_started_at,
@@ -275,15 +291,36 @@ class JobRecord:
                 "generation_started_at": self.generation_started_at,
                 "generation_finished_at": self.generation_finished_at,
                 "finished_at": self.finished_at,
+                **{name: self.extra.get(name) for name in TIMING_FACTS},
             },
-            "image_key": self.image_key or None,
+            "unet_calls": self.extra.get("unet_calls"),
             "error": self.error or None,
             "cancel_requested": self.cancel_requested,
-            "deliveries": self.deliveries,
             "webhook_url": self.webhook_url or None,
+            "webhook": self.extra.get("webhook"),
         }
-        view.update(self.extra)
-        return view
+
+
+# What the stages put in ``extra``, besides the generation's ``unet_calls``,
+# ``resumed_from_k`` and ``fallback`` and the webhook's outcome: the time each part took.
+TIMING_FACTS = ("embed_ms", "lookup_ms", "latent_fetch_ms", "waited_for_object_store_s")
+
+
+def _plan_of_older_record(raw: Mapping[str, str], extra: dict[str, Any]) -> CachePlan | None:
+    """Records written before plans were typed kept the decision in ``route``,
+    ``route_reason`` and ``extra``; they still read."""
+    if not raw.get("route"):
+        return None
+    resume = raw["route"] == "gen.resume"
+    reason = raw.get("route_reason", "")
+    return CachePlan(
+        Route.RESUME if resume else Route.FULL,
+        Reason(reason) if reason in set(Reason) else (Reason.HIT if resume else Reason.MISS),
+        partition=extra.get("partition", ""), entry=extra.get("matched_entry"),
+        k=extra.get("k"), wanted_k=extra.get("wanted_k"), similarity=extra.get("similarity"),
+        looked_up="lookup_hit" in extra, predictor=str(extra.get("predictor", "")),
+        predicted_hit=extra.get("predicted_hit"), audited=bool(extra.get("predictor_audit")),
+        table=extra.get("k_table", ""))
 
 
 def image_key(job_id: str) -> str:

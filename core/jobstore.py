@@ -16,7 +16,7 @@ from core.jobs import JobRecord, JobState
 from core.metrics import Sample, merged, sample, transition_samples
 
 if TYPE_CHECKING:
-    from celeryconfig import Settings
+    from core.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

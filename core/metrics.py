@@ -74,12 +74,13 @@ def transition_samples(old: JobRecord, new: JobRecord) -> list[Sample]:
     out: list[Sample] = []
     routed = old.state is JobState.TRIAGE and new.state is JobState.QUEUED and new.route
     if routed:
+        plan = new.plan
         out.append(sample("t2i_triage_decisions_total", route=new.route,
-                          reason=new.route_reason or "none"))
-        if "predicted_hit" in new.extra:
+                          reason=str(plan.reason) if plan else "none"))
+        if plan and plan.predicted_hit is not None:
             out.append(sample("t2i_predictor_decisions_total",
-                              decision="lookup" if new.extra["predicted_hit"] else "skip",
-                              audited=bool(new.extra.get("predictor_audit"))))
+                              decision="lookup" if plan.predicted_hit else "skip",
+                              audited=plan.audited))
     if old.state.terminal or not new.state.terminal:
         return out
     route = new.route or "none"

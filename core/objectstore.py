@@ -13,9 +13,10 @@ from minio import Minio
 from minio.error import MinioException, S3Error
 
 from core.errors import ObjectMissing, ObjectStoreUnavailable
+from core.settings import require_secret
 
 if TYPE_CHECKING:
-    from celeryconfig import Settings
+    from core.settings import Settings
 
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
 
@@ -49,7 +50,8 @@ class ObjectStore:
     @classmethod
     def from_settings(cls, config: Settings, timeout_s: float = 30.0,
                       retries: int = 2) -> ObjectStore:
-        return cls(config.s3_endpoint, config.s3_access_key, config.s3_secret_key,
+        return cls(config.s3_endpoint, config.s3_access_key,
+                   require_secret(config, "s3_secret_key"),
                    config.s3_bucket, secure=config.s3_secure, region=config.s3_region,
                    timeout_s=timeout_s, retries=retries)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from celeryconfig import Settings, to_environ
+from core.settings import Settings, require_secret, to_environ
 from core.errors import StackError, T2IError
 from core.jobstore import connect
 from core.objectstore import ObjectStore
@@ -176,7 +176,8 @@ def s3(config: Settings, data_dir: Path) -> Service:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identities = {"identities": [{
         "name": "t2i",
-        "credentials": [{"accessKey": config.s3_access_key, "secretKey": config.s3_secret_key}],
+        "credentials": [{"accessKey": config.s3_access_key,
+                         "secretKey": require_secret(config, "s3_secret_key")}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}
     identities_path = data_dir / "s3-identities.json"
@@ -249,7 +250,8 @@ def flower(config: Settings) -> Service:
     argv = [sys.executable, "-m", "infra.flower", f"--address={LOOPBACK}",
             f"--port={config.flower_port}"]
     return Service("flower", argv, lambda _: _http_ok(f"http://{LOOPBACK}:{config.flower_port}/"),
-                   env={**to_environ(config), "FLOWER_BASIC_AUTH": config.flower_auth})
+                   env={**to_environ(config),
+                        "FLOWER_BASIC_AUTH": require_secret(config, "flower_auth")})
 
 
 def api(config: Settings) -> Service:

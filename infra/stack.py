@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from celeryconfig import Settings, load_settings
-from core.errors import StackError
+from core.settings import Settings, ensure_secrets, load_settings
+from core.errors import StackError, T2IError
 from infra import servers
 
 SERVICES: dict[str, Callable[[Settings], servers.Service]] = {
@@ -70,7 +70,10 @@ def ensure_redis_installed() -> None:
 
 
 def up(config: Settings) -> None:
+    """Start what is not running; the first start makes the secrets the environment does
+    not give (STATE_DIR/secrets)."""
     ensure_redis_installed()
+    config = ensure_secrets(config)
     for name, build in SERVICES.items():
         pid = running_pid(config, name)
         if pid:
@@ -122,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="up: start what is not running; down: stop all; status: report")
     args = parser.parse_args(argv)
     os.umask(0o077)  # PID files, logs and data under the state directory: private
-    config = load_settings()
     try:
+        config = load_settings()
         if args.command in ("down", "restart"):
             down(config)
         if args.command in ("up", "restart"):
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             status(config)
         if args.command == "status":
             return 0 if status(config) else 1
-    except StackError as exc:
+    except T2IError as exc:  # a stack that did not start, or a bad setting
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from celeryconfig import api_key_tenants
+from core.settings import api_key_tenants, require_secret
 from core import logs
 from core.errors import (IdempotencyConflict, InvalidRequest, JobNotFinished, JobNotFound,
                          ObjectMissing, T2IError, TransientError, Unauthorized)
@@ -263,7 +263,7 @@ def create_app(client: Client | None = None) -> FastAPI:
         async def stream() -> AsyncIterator[str]:
             view, last, quiet_since = first, None, time.monotonic()
             while True:
-                seen = (view["state"], view["progress"]["step"], view["route"])
+                seen = (view["state"], view["progress"]["step"], view["cache"])
                 if JobState(view["state"]).terminal:
                     yield f"event: finished\ndata: {json.dumps(view)}\n\n"
                     return
@@ -295,7 +295,8 @@ def create_app(client: Client | None = None) -> FastAPI:
         """This tenant's key for checking webhook signatures (see core.webhooks.verify)."""
         acting = tenant_client(request)
         return {"tenant": acting.tenant,
-                "secret": tenant_secret(acting.settings.webhook_secret, acting.tenant)}
+                "secret": tenant_secret(require_secret(acting.settings, "webhook_secret"),
+                                        acting.tenant)}
 
     @api.get("/metrics", response_class=Response,
              responses={"200": {"content": {CONTENT_TYPE_LATEST: {}}}})

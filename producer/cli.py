@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-import celeryconfig
+from core import settings
 from core.errors import T2IError
 from producer.client import Client
 from producer.trace import DEFAULT_TRACE, read_trace
@@ -65,9 +65,9 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_config(_: Client, __: argparse.Namespace) -> int:
-    current = celeryconfig.to_environ(celeryconfig.load_settings())
-    hidden = celeryconfig.secret_variables()
-    for env, default, doc in celeryconfig.describe():
+    current = settings.to_environ(settings.load_settings())
+    hidden = settings.secret_variables()
+    for env, default, doc in settings.describe():
         now = "(secret, set)" if env in hidden else repr(current[env])
         print(f"{env:26} default {default:28} now {now}\n{'':26} {doc}")
     return 0
@@ -112,8 +112,9 @@ def cmd_demo(client: Client, args: argparse.Namespace) -> int:
             image = str(path)
         total = _seconds(view, "submitted_at", "finished_at")
         gen = _seconds(view, "generation_started_at", "generation_finished_at")
-        route = f"{view['route'] or '-'} ({view['route_reason'] or '-'}"
-        route += f", K={view['k']})" if view.get("k") else ")"
+        cache = view["cache"] or {}
+        route = f"{cache.get('route') or '-'} ({cache.get('reason') or '-'}"
+        route += f", K={cache['k']})" if cache.get("k") else ")"
         print(f"{job_id[:8]:10} {view['state']:10} {route:24} "
               f"{total or 0:8.2f} {gen or 0:7.2f}  {image or view['error']}\n"
               f"{'':64}{prompt[:70]!r}")

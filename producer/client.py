@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any
 
-from celeryconfig import Settings, load_settings
+from core.settings import Settings, load_settings
 from core.errors import (BrokerUnavailable, DeliveryFailed, InvalidRequest, JobNotFinished,
                          JobNotFound, Timeout, WebhookRefused)
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request

@@ -20,7 +20,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from celeryconfig import load_settings
+from core.errors import SettingError
+from core.settings import load_settings, require_secret
 from producer.api import MAX_HEADER_BYTES  # an unfinished head larger than this: 400
 
 KEEPALIVE_S = 5.0              # an idle keep-alive connection is closed after this
@@ -84,19 +85,24 @@ def guarded_protocol(read_timeout_s: float, max_connections: int) -> type[Guarde
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = load_settings()
     parser = argparse.ArgumentParser(prog="t2i-api", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=config.api_host, help="bind address (T2I_API_HOST)")
-    parser.add_argument("--port", type=int, default=config.api_port, help="port (T2I_API_PORT)")
+    parser.add_argument("--host", help="bind address (default: T2I_API_HOST)")
+    parser.add_argument("--port", type=int, help="port (default: T2I_API_PORT)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    try:
+        config = load_settings()
+        require_secret(config, "api_keys")  # no key, no tenant: refuse to serve, saying why
+    except SettingError as exc:
+        parser.exit(2, f"t2i-api: {exc}\n")
     options: dict[str, Any] = dict(
         http=guarded_protocol(config.api_read_timeout_s, config.api_max_connections),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=KEEPALIVE_S,
         backlog=config.api_max_connections, ws="none", lifespan="off",
         log_level=args.log_level)
-    uvicorn.run("producer.api:app", host=args.host, port=args.port, **options)
+    uvicorn.run("producer.api:app", host=args.host or config.api_host,
+                port=args.port or config.api_port, **options)
 
 
 if __name__ == "__main__":

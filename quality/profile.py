@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cachemgr.ktable import derive_table
-from celeryconfig import load_settings
+from core.settings import load_settings
 from core.jobs import JobRequest
 from quality.evaluator import png_pixels
 from quality.scenes import caption, edit, sample_scene

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from celeryconfig import Settings, load_settings, with_secrets
+from core.settings import Settings, load_settings, ensure_secrets
 from core.jobstore import KEY_PREFIX, connect
 from infra import servers
 
@@ -55,8 +55,8 @@ def redis_url(base_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def settings(base_dir: Path, redis_url: str) -> Settings:
     """Settings for the test session: its own servers, state dir, small defaults."""
-    return with_secrets(dataclasses.replace(
-        load_settings({}, resolve_secrets=False), redis_url=redis_url,
+    return ensure_secrets(dataclasses.replace(
+        load_settings({}, read_secrets=False), redis_url=redis_url,
         state_dir=str(base_dir / "state"), s3_endpoint=f"127.0.0.1:{servers.free_port()}",
         s3_master_port=servers.free_port(), s3_bucket="t2i-test", api_port=servers.free_port(),
         flower_port=servers.free_port(), default_size=64, default_steps=10, hf_hub_offline=True,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from celeryconfig import Settings, celery_options
+from celeryconfig import celery_options
 from core.errors import BrokerUnavailable
-
-JOB_QUEUES = ("triage", "gen.full", "gen.resume")  # the queues whose messages carry a job
+from core.settings import Settings
 
 # Worker processes: configured from the environment through the celeryconfig module.
 app = Celery("t2i", include=["workers.tasks"])

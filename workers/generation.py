@@ -15,9 +15,11 @@ import torch
 from cachemgr.catalog import Catalog
 from cachemgr.keys import latent_key, request_partition
 from cachemgr.ktable import KTable
+from cachemgr.plan import kept_ks
 from core.errors import (BrokerUnavailable, CorruptLatent, InvalidTransition, JobCancelled,
                          ObjectMissing, ObjectStoreUnavailable, T2IError)
 from core.jobs import JobRecord, JobState, image_key
+from core.plan import CachePlan
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from workers.engine import Engine, Generation
@@ -54,6 +56,10 @@ class CacheConfig:
     def partition(self, record: JobRecord) -> str:
         return request_partition(self.model, self.scheduler, record.request, record.tenant,
                                  self.shared)
+
+    def kept(self, plan: CachePlan | None, steps: int) -> frozenset[int]:
+        """The Ks a job keeps (cachemgr.plan.kept_ks; None: it runs in full)."""
+        return kept_ks(plan, self.table, steps, self.admit_resumed)
 
 
 def start_generation(job_id: str, jobs: JobStore, model_label: str, worker: str,
@@ -178,7 +184,7 @@ def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore, engine: E
               now: Callable[[], float], cache: CacheConfig | None, reliability: Reliability,
               **fields: Any) -> dict[str, Any]:
     job_id, request = record.id, record.request
-    capture = cache.table.k_set(request.steps) if cache else frozenset()
+    capture = cache.kept(None, request.steps) if cache else frozenset()
     try:
         result: Generation = engine.generate(request, step_reporter(job_id, jobs), capture)
     except JobCancelled:
@@ -207,8 +213,10 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
     if cache is None:  # the cache was switched off after triage routed this job
         return generate_full(job_id, jobs, objects, engine, worker, now, None, reliability)
     record = jobs.get(job_id)
-    entry, k, partition = (record.extra["matched_entry"], int(record.extra["k"]),
-                           record.extra["partition"])
+    plan = record.plan
+    if plan is None or plan.entry is None or plan.k is None:  # routed by no resume plan
+        return generate_full(job_id, jobs, objects, engine, worker, now, cache, reliability)
+    entry, k, partition = plan.entry, plan.k, plan.partition
     record = start_generation(job_id, jobs, engine.label, worker, now, reliability,
                               total_steps=record.request.steps - k)
     if record is None:
@@ -225,7 +233,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
         jobs.update(job_id, lambda r: r.transition(r.state, total_steps=request.steps))
         return _run_full(record, jobs, objects, engine, now, cache, reliability, fallback=reason)
     fetched = time.perf_counter()
-    capture = cache.table.resumed_capture(request.steps, k) if cache.admit_resumed else frozenset()
+    capture = cache.kept(plan, request.steps)
     try:
         result = engine.resume(request, latent, k, step_reporter(job_id, jobs), capture)
     except JobCancelled:

@@ -8,7 +8,7 @@ import time
 
 from cachemgr.catalog import Catalog
 from cachemgr.ktable import KTable
-from celeryconfig import Settings, load_settings
+from core.settings import Settings, load_settings
 from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
 
@@ -161,10 +161,11 @@ def evictor():
 
 @functools.cache
 def webhook_delivery():
+    from core.settings import require_secret
     from core.webhooks import AddressPolicy, parse_allowlist
     from workers.webhooks import Delivery, http_send, resolve_host
 
     config = settings()
     return Delivery(AddressPolicy(parse_allowlist(config.webhook_allow)), resolve_host,
-                    http_send(config.webhook_timeout_s), config.webhook_secret,
+                    http_send(config.webhook_timeout_s), require_secret(config, "webhook_secret"),
                     config.webhook_max_attempts, config.webhook_timeout_s)

@@ -23,9 +23,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.errors import BrokerUnavailable, JobNotFound, T2IError, TransientError
 from core.jobs import RequestLimits
 from workers import runtime
+from workers.queues import FULL, JOB_QUEUES, RESUME, TRIAGE
 from core.logs import enter_job, install as install_log_format, leave_job
 from core.metrics import sample
-from workers.app import (EVICT_TASK, FULL_TASK, JOB_QUEUES, RECONCILE_TASK, REGISTER_TASK,
+from workers.app import (EVICT_TASK, FULL_TASK, RECONCILE_TASK, REGISTER_TASK,
                          RESUME_TASK, SWEEP_TASK, TRAIN_PREDICTOR_TASK, TRIAGE_TASK,
                          WEBHOOK_SWEEP_TASK, WEBHOOK_TASK, app, enqueue)
 
@@ -41,9 +42,9 @@ def load_models_in_pool_process(**_: Any) -> None:
     not cross a fork), so the first job does not pay for it."""
     queues = set(app.amqp.queues.consume_from or ())
     try:
-        if queues & {"gen.full", "gen.resume"}:
+        if queues & {FULL, RESUME}:
             runtime.engine()
-        if "triage" in queues:
+        if TRIAGE in queues:
             runtime.router()
     except T2IError:
         log.exception("preloading failed; jobs will report the error")

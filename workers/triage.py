@@ -14,11 +14,12 @@ import numpy as np
 from cachemgr.catalog import Catalog
 from cachemgr.keys import request_partition
 from cachemgr.ktable import KTable
-from cachemgr.predictor import MatchPredictor, consult
-from cachemgr.routing import LOOKUP_CANDIDATES, CacheDecision, Reason, decide
+from cachemgr.plan import plan_reuse, teaches_predictor
+from cachemgr.predictor import MatchPredictor
 from cachemgr.vectors import VectorIndex
 from core.errors import InvalidRequest, InvalidTransition, VectorIndexUnavailable
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
+from core.plan import FULL_CACHE_OFF, CachePlan, Reason, Route
 from core.jobstore import JobStore
 from workers.app import FULL_TASK, RESUME_TASK
 from workers.embedder import Embedder
@@ -27,25 +28,30 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RouteDecision:
-    task: str                 # the generation task (and queue) the job goes to
-    reason: str               # why, in a word or two: shown to pollers
-    details: dict[str, Any] = field(default_factory=dict)  # shown on the job record
+class Triaged:
+    """Triage's result for one job: the plan, and the time its parts took (ms)."""
+
+    plan: CachePlan
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        """The generation task (and queue) the plan needs."""
+        return RESUME_TASK if self.plan.route is Route.RESUME else FULL_TASK
 
 
-Decide = Callable[[JobRecord], RouteDecision]
+Decide = Callable[[JobRecord], Triaged]
 
 
-def full_generation_only(record: JobRecord) -> RouteDecision:
+def full_generation_only(record: JobRecord) -> Triaged:
     """The route when no cache is consulted."""
-    return RouteDecision(FULL_TASK, str(Reason.CACHE_OFF))
+    return Triaged(FULL_CACHE_OFF)
 
 
 @dataclass
 class CacheRouter:
-    """Embed the prompt, ask the match predictor, find the nearest cached prompt of the
-    job's partition, pick K. Prompts whose lookup found a usable match become training
-    samples for the predictor."""
+    """Embed the prompt, then plan its reuse (cachemgr.plan: predictor, the nearest cached
+    prompts of the job's partition in Chroma, their stored Ks in the catalog, K)."""
 
     embedder: Embedder
     vectors: VectorIndex
@@ -59,37 +65,23 @@ class CacheRouter:
     audit_fraction: float = 0.0
     draw: Callable[[], float] = random.random
 
-    def __call__(self, record: JobRecord) -> RouteDecision:
+    def __call__(self, record: JobRecord) -> Triaged:
         request = record.request
         partition = request_partition(self.model, self.scheduler, request, record.tenant,
                                       self.shared)
         started = time.perf_counter()
         embedding = self.embedder.embed([request.prompt])[0]
         embedded = time.perf_counter()
-        verdict = consult(self.predictor, embedding, self.audit_fraction, self.draw)
-        predicted = time.perf_counter()
-        details: dict[str, Any] = {"predictor": self.predictor.version,
-                                   "predicted_hit": verdict.predicted_hit,
-                                   "predictor_audit": verdict.audited}
-        try:
-            if verdict.look_up:
-                matches = self.vectors.nearest(embedding, partition, LOOKUP_CANDIDATES)
-                decision = decide(matches, self.catalog.stored_ks, self.table, request.steps)
-                details["lookup_hit"] = decision.resume
-                if decision.resume:
-                    self.add_sample(embedding)
-            else:
-                decision = CacheDecision(Reason.PREDICTED_MISS)
-        except VectorIndexUnavailable as exc:
-            log.warning("job %s: vector index unavailable (%s); full generation", record.id, exc)
-            decision = CacheDecision(Reason.INDEX_UNAVAILABLE)
-        looked_up = time.perf_counter()
-        details.update(decision.details(), partition=partition, k_table=self.table.name,
-                       embed_ms=round((embedded - started) * 1e3, 3),
-                       predict_ms=round((predicted - embedded) * 1e3, 3),
-                       lookup_ms=round((looked_up - predicted) * 1e3, 3))
-        return RouteDecision(RESUME_TASK if decision.resume else FULL_TASK, str(decision.reason),
-                             details)
+        plan = plan_reuse(embedding, partition, request.steps, self.vectors,
+                          self.catalog.stored_ks, self.table, self.predictor,
+                          self.audit_fraction, self.draw)
+        planned = time.perf_counter()
+        if plan.reason is Reason.INDEX_UNAVAILABLE:
+            log.warning("job %s: vector index unavailable; full generation", record.id)
+        if teaches_predictor(plan):
+            self.add_sample(embedding)
+        return Triaged(plan, {"embed_ms": round((embedded - started) * 1e3, 3),
+                              "lookup_ms": round((planned - embedded) * 1e3, 3)})
 
 
 def triage_job(job_id: str, jobs: JobStore, limits: RequestLimits, decide: Decide,
@@ -113,16 +105,16 @@ def triage_job(job_id: str, jobs: JobStore, limits: RequestLimits, decide: Decid
                                                         finished_at=now()))
             log.warning("job %s: refused at triage: %s", job_id, exc)
             return {"job_id": job_id, "failed": str(exc)}
-        decision = decide(record)
+        triaged = decide(record)
         jobs.update(job_id, lambda r: r.transition(
-            JobState.QUEUED, route=decision.task, route_reason=decision.reason,
-            triage_finished_at=now(), extra={**r.extra, **decision.details}))
+            JobState.QUEUED, route=triaged.task, plan=triaged.plan, triage_finished_at=now(),
+            extra={**r.extra, **triaged.timings}))
     except InvalidTransition:
         log.info("job %s: cancelled during triage", job_id)
         return {"job_id": job_id, "skipped": "cancelled"}
-    enqueue(decision.task, job_id)
-    log.info("job %s: routed to %s (%s)", job_id, decision.task, decision.reason)
-    return {"job_id": job_id, "route": decision.task, "reason": decision.reason}
+    enqueue(triaged.task, job_id)
+    log.info("job %s: routed to %s (%s)", job_id, triaged.task, triaged.plan.reason)
+    return {"job_id": job_id, "route": triaged.task, "reason": str(triaged.plan.reason)}
 
 
 def register_entry(entry: str, partition: str, sizes: dict[int, int], jobs: JobStore,

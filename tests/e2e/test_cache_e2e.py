@@ -16,6 +16,7 @@ from cachemgr.catalog import Catalog
 from cachemgr.keys import latent_key
 from cachemgr.ktable import REFERENCE_TABLE
 from core.jobstore import connect
+from core.plan import CachePlan
 from core.objectstore import ObjectStore
 from producer.client import Client
 from workers.embedder import MiniLMEmbedder
@@ -62,26 +63,33 @@ def original(client: Client, catalog: Catalog) -> dict:
     return view
 
 
+def plan(client: Client, view: dict) -> CachePlan:
+    """The job's plan as the GPU worker reads it (entry and partition are not public)."""
+    found = client.jobs.get(view["id"]).plan
+    assert found is not None, view
+    return found
+
+
 def pixels(client: Client, job_id: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(client.result(job_id))), dtype=np.float32)
 
 
-def test_first_prompt_runs_full_and_registers_five_items(original, catalog, stack):
-    assert original["route"] == "gen.full" and original["route_reason"] == "miss"
+def test_first_prompt_runs_full_and_registers_five_items(original, catalog, stack, client):
+    assert original["cache"]["route"] == "full" and original["cache"]["reason"] == "miss"
     assert original["unet_calls"] == STEPS
     objects = ObjectStore.from_settings(stack)
     for k in (1, 2, 3, 4, 5):
         item = catalog.item(original["id"], k)
         assert item is not None and item.hits == 0 and item.size > 0
-        assert objects.exists(latent_key(original["partition"], original["id"], k))
+        assert objects.exists(latent_key(plan(client, original).partition, original["id"], k))
 
 
 def test_identical_prompt_resumes_from_the_largest_k_and_reproduces_the_image(
         original, client, catalog):
     view = submit_and_wait(client, ORIGINAL)
-    assert view["route"] == "gen.resume" and view["route_reason"] == "hit"
-    assert view["similarity"] == pytest.approx(1.0, abs=1e-5)
-    assert view["matched_entry"] == original["id"] and view["k"] == 5
+    assert view["cache"]["route"] == "resume" and view["cache"]["reason"] == "hit"
+    assert view["cache"]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert plan(client, view).entry == original["id"] and view["cache"]["k"] == 5
     assert view["unet_calls"] == STEPS - 5 and view["progress"]["total"] == STEPS - 5
     assert catalog.item(original["id"], 5).hits >= 1
     difference = np.abs(pixels(client, view["id"]) - pixels(client, original["id"]))
@@ -95,34 +103,34 @@ def test_close_edit_resumes_with_the_k_its_similarity_earns(original, client):
     expected_k = REFERENCE_TABLE.k_for(similarity, STEPS)
     assert expected_k is not None and expected_k < 5  # the edit is close, not identical
     view = submit_and_wait(client, CLOSE_EDIT)
-    assert view["route"] == "gen.resume" and view["matched_entry"] == original["id"]
-    assert view["similarity"] == pytest.approx(similarity, abs=1e-3)
-    assert view["k"] == expected_k and view["unet_calls"] == STEPS - expected_k
+    assert view["cache"]["route"] == "resume" and plan(client, view).entry == original["id"]
+    assert view["cache"]["similarity"] == pytest.approx(similarity, abs=1e-3)
+    assert view["cache"]["k"] == expected_k and view["unet_calls"] == STEPS - expected_k
 
 
 def test_a_resumed_job_keeps_its_latents_above_k_and_its_repeat_resumes_from_them(
         original, client, catalog):
     edit = "an oil painting of a lighthouse on a cliff at night"
     first = submit_and_wait(client, edit)
-    assert first["route"] == "gen.resume" and 0 < first["k"] < 5
-    wait_for_items(catalog, first["id"], set(range(first["k"] + 1, 6)))
+    assert first["cache"]["route"] == "resume" and 0 < first["cache"]["k"] < 5
+    wait_for_items(catalog, first["id"], set(range(first["cache"]["k"] + 1, 6)))
     repeat = submit_and_wait(client, edit)
-    assert repeat["route_reason"] == "hit" and repeat["similarity"] == pytest.approx(1.0, abs=1e-5)
-    assert repeat["matched_entry"] == first["id"] and repeat["k"] == 5
+    assert repeat["cache"]["reason"] == "hit" and repeat["cache"]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert plan(client, repeat).entry == first["id"] and repeat["cache"]["k"] == 5
     difference = np.abs(pixels(client, repeat["id"]) - pixels(client, first["id"]))
     assert difference.mean() < 1.0  # the same trajectory continued: only fp16 storage differs
 
 
 def test_unrelated_prompt_runs_full(original, client):
     view = submit_and_wait(client, UNRELATED)
-    assert view["route"] == "gen.full" and view["route_reason"] == "below threshold"
-    assert view["similarity"] < 0.65 and view["unet_calls"] == STEPS
+    assert view["cache"]["route"] == "full" and view["cache"]["reason"] == "below threshold"
+    assert view["cache"]["similarity"] < 0.65 and view["unet_calls"] == STEPS
 
 
 def test_other_size_is_another_partition_and_never_offered(original, client):
     view = submit_and_wait(client, ORIGINAL, width=72)
-    assert view["route"] == "gen.full" and view["route_reason"] == "miss"
-    assert view["partition"] != original["partition"]
+    assert view["cache"]["route"] == "full" and view["cache"]["reason"] == "miss"
+    assert plan(client, view).partition != plan(client, original).partition
 
 
 def _truncate(objects: ObjectStore, key: str) -> None:
@@ -146,18 +154,19 @@ def test_latent_spoiled_between_triage_and_generation_falls_back_to_full(
     busy = client.submit("keeps the GPU worker busy", steps=150, width=128, height=128)
     job_id = client.submit(ORIGINAL, steps=STEPS, seed=2)
     deadline = time.monotonic() + 60
-    while (view := client.status(job_id))["route"] is None:
+    while (view := client.status(job_id))["cache"] is None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert view["route"] == "gen.resume" and view["state"] == "queued"
-    spoiled = latent_key(view["partition"], view["matched_entry"], view["k"])
+    assert view["cache"]["route"] == "resume" and view["state"] == "queued"
+    planned = plan(client, view)
+    spoiled = latent_key(planned.partition, planned.entry, planned.k)
     spoil(ObjectStore.from_settings(stack), spoiled)
     client.cancel(busy)
     view = client.wait(job_id, timeout=180)
     assert view["state"] == "succeeded"
-    assert "unusable" in view["fallback"] and view["unet_calls"] == STEPS
+    assert "unusable" in view["cache"]["fallback"] and view["unet_calls"] == STEPS
     # Dropped, so the next identical prompt is not sent to it again.
-    assert catalog.item(view["matched_entry"], view["k"]) is None
+    assert catalog.item(planned.entry, planned.k) is None
     assert not ObjectStore.from_settings(stack).exists(spoiled)
 
 

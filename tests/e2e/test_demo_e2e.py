@@ -21,7 +21,7 @@ def test_demo_session_reuses_earlier_jobs_and_writes_a_contact_sheet(stack, tmp_
     assert cli.cmd_demo(Client(stack), args) == 0
     printed = capsys.readouterr().out
     assert printed.count("succeeded") == 6
-    assert "gen.resume" in printed  # the session repeats and edits: some jobs resume
+    assert "resume (" in printed  # the session repeats and edits: some jobs resume
     assert "background" in printed  # scene-world prompts
     pngs = [path for path in tmp_path.glob("*.png") if path.name != "sheet.png"]
     assert len(pngs) == 6 and all(Image.open(p).size == (64, 64) for p in pngs)

@@ -46,13 +46,13 @@ def test_client_submit_poll_and_fetch_image(client: Client):
     job_id = client.submit("a red fox in the snow", width=64, height=96, steps=8, seed=3)
     view = client.wait(job_id, timeout=180)
     assert view["state"] == "succeeded", view
-    assert view["route"] == "gen.full" and view["route_reason"] == "miss"
+    assert view["cache"]["route"] == "full" and view["cache"]["reason"] == "miss"
     assert view["progress"] == {"step": 8, "total": 8}
     assert "TEST model" in view["model"]
     t = view["timings"]
     assert (t["submitted_at"] <= t["triage_started_at"] <= t["triage_finished_at"]
             <= t["generation_started_at"] <= t["generation_finished_at"] == t["finished_at"])
-    assert view["image_key"] == image_key(job_id)
+    assert client.jobs.get(job_id).image_key == image_key(job_id)  # not public: an object key
     image = decode_png(client.result(job_id))
     assert image.format == "PNG" and image.size == (64, 96)
     assert "X-Amz-Signature" in view["image_url"]

@@ -77,13 +77,13 @@ def test_metrics_count_a_resume_its_k_and_the_steps_saved(api: httpx.Client) -> 
         assert time.monotonic() < deadline, "the first job's latents were never cached"
         time.sleep(0.2)
     again = finished(api, api.post("/v1/jobs", json=body).json()["id"])
-    assert again["route"] == "gen.resume", again
+    assert again["cache"]["route"] == "resume", again
     after = api.get("/metrics").text
-    k = str(again["k"])
+    k = str(again["cache"]["k"])
     assert metric(after, "t2i_cache_resumes_total", k=k) == \
         metric(before, "t2i_cache_resumes_total", k=k) + 1
     assert metric(after, "t2i_steps_saved_total") == \
-        metric(before, "t2i_steps_saved_total") + again["k"]
+        metric(before, "t2i_steps_saved_total") + again["cache"]["k"]
     assert metric(after, "t2i_triage_decisions_total", route="gen.resume", reason="hit") >= 1
     assert 0 < metric(after, "t2i_cache_hit_ratio") <= 1
 

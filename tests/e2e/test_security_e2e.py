@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from conftest import OTHER_KEY, TENANT_KEY, job_count
+from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 
 pytestmark = pytest.mark.e2e
@@ -67,11 +68,13 @@ def test_tenants_never_reuse_each_others_latents(stack, base_url):
         while True:  # entries are registered asynchronously, on the cache queue
             again = finished(acme, acme.post("/v1/jobs", json=prompt).json()["id"])
             acme_jobs.add(again["id"])
-            if again["route_reason"] == "hit" or time.monotonic() > deadline:
+            if again["cache"]["reason"] == "hit" or time.monotonic() > deadline:
                 break
-        assert again["route_reason"] == "hit" and again["matched_entry"] in acme_jobs
+        jobs = JobStore.from_settings(stack)  # entries and partitions are not public
+        assert again["cache"]["reason"] == "hit" and jobs.get(again["id"]).plan.entry in acme_jobs
         other = finished(globex, globex.post("/v1/jobs", json=prompt).json()["id"])
-        assert other["route_reason"] == "miss" and other["partition"] != first["partition"]
+        assert other["cache"]["reason"] == "miss"
+        assert jobs.get(other["id"]).plan.partition != jobs.get(first["id"]).plan.partition
 
 
 def test_presigned_image_urls_expire(stack):

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from celeryconfig import to_environ
+from core.settings import to_environ
 from infra import servers
 
 pytestmark = pytest.mark.e2e

@@ -22,7 +22,7 @@ import pytest
 
 from bench import load
 from cachemgr.vectors import VectorIndex
-from celeryconfig import Settings, api_key_tenants
+from core.settings import Settings, api_key_tenants
 from core.errors import BrokerUnavailable
 from core.jobs import JobRecord, JobState, parse_request
 from core.objectstore import ObjectStore
@@ -143,7 +143,7 @@ def test_pool_process_killed_mid_generation_job_is_redelivered_and_succeeds_once
     os.kill(pid, signal.SIGKILL)
     view = finished(client, job_id)
     assert view["state"] == "succeeded", view
-    assert view["deliveries"] == 2 and worker_pid(client, job_id) != pid
+    assert client.jobs.get(job_id).deliveries == 2 and worker_pid(client, job_id) != pid
     assert keys_of(stack.config, f"images/{job_id}") == [f"images/{job_id}.png"]
     latents = wait_until(lambda: len(keys_of(stack.config, "cache/")) >= 5 and
                          [k for k in keys_of(stack.config, "cache/") if f"/{job_id}/" in k],
@@ -162,7 +162,7 @@ def test_whole_worker_killed_its_job_comes_back_after_the_visibility_timeout(sta
     worker.wait()
     stack.start("gpu")
     view = finished(client, job_id)
-    assert view["state"] == "succeeded" and view["deliveries"] == 2, view
+    assert view["state"] == "succeeded" and client.jobs.get(job_id).deliveries == 2, view
     assert time.monotonic() - killed_at >= stack.config.visibility_timeout_s - 1
 
 
@@ -265,10 +265,10 @@ def test_object_store_outage_jobs_wait_for_it_and_caching_resumes(stack, client)
     assert client.status(job_id)["state"] == "generating"
     stack.start("s3")
     view = finished(client, job_id)
-    assert view["state"] == "succeeded" and view["waited_for_object_store_s"] > 0, view
+    assert view["state"] == "succeeded" and view["timings"]["waited_for_object_store_s"] > 0, view
     wait_indexed(stack, job_id)
     again = finished(client, client.submit(prompt, steps=10, seed=6))
-    assert again["state"] == "succeeded" and again["route_reason"] == "hit", again
+    assert again["state"] == "succeeded" and again["cache"]["reason"] == "hit", again
 
 
 def test_vector_index_down_routes_to_full_generation_and_recovers(stack, client):
@@ -277,10 +277,10 @@ def test_vector_index_down_routes_to_full_generation_and_recovers(stack, client)
     wait_indexed(stack, first["id"])
     stack.stop("chroma")
     down = finished(client, client.submit(prompt, steps=10, seed=8))
-    assert down["state"] == "succeeded" and down["route_reason"] == "index unavailable", down
+    assert down["state"] == "succeeded" and down["cache"]["reason"] == "index unavailable", down
     stack.start("chroma")
     back = finished(client, client.submit(prompt, steps=10, seed=9))
-    assert back["state"] == "succeeded" and back["route_reason"] == "hit", back
+    assert back["state"] == "succeeded" and back["cache"]["reason"] == "hit", back
 
 
 def test_a_wiped_vector_index_is_rebuilt_from_the_catalog_by_the_sweep(stack, client):
@@ -293,12 +293,13 @@ def test_a_wiped_vector_index_is_rebuilt_from_the_catalog_by_the_sweep(stack, cl
     lost = finished(client, client.submit(prompt, steps=10, seed=13))
     # the worker's collection handle is stale at first (index unavailable), then made anew
     assert lost["state"] == "succeeded", lost
-    assert lost["route_reason"] in ("miss", "index unavailable"), lost
+    assert lost["cache"]["reason"] in ("miss", "index unavailable"), lost
     time.sleep(stack.config.sweep_grace_s)
     report = make_app(stack.config).send_task("cache.sweep").get(timeout=120)
     assert report["reindexed"] >= 1, report
     back = finished(client, client.submit(prompt, steps=10, seed=14))
-    assert back["route_reason"] == "hit" and back["matched_entry"] in (first["id"], lost["id"])
+    assert back["cache"]["reason"] == "hit"
+    assert client.jobs.get(back["id"]).plan.entry in (first["id"], lost["id"])
 
 
 def resident_mb(pid: int) -> float:

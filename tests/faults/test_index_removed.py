@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from celeryconfig import Settings
+from core.settings import Settings
 from conftest import running
 from infra import servers
 from producer.client import Client
@@ -47,7 +47,7 @@ def hit_once_indexed(client: Client, prompt: str, seed: int, timeout: float = 60
     deadline = time.monotonic() + timeout
     while True:
         view = run(client, prompt, seed)
-        if view["route_reason"] == "hit" or time.monotonic() > deadline:
+        if view["cache"]["reason"] == "hit" or time.monotonic() > deadline:
             return view
         seed += 1
 
@@ -62,7 +62,7 @@ def test_a_removed_index_directory_reopens_and_is_refilled_by_the_sweep(config):
     after = run(client, later, 1)
     assert after["state"] == "succeeded", after
     again = hit_once_indexed(client, later, 2)
-    assert again["route_reason"] == "hit", again  # registered into the reopened index
+    assert again["cache"]["reason"] == "hit", again  # registered into the reopened index
     waited = again["timings"]["triage_started_at"] - again["timings"]["submitted_at"]
     assert waited < 3.0, f"triage waited {waited:.1f} s behind registrations"
     assert (Path(config.chroma_dir) / "chroma.sqlite3").exists()
@@ -71,4 +71,4 @@ def test_a_removed_index_directory_reopens_and_is_refilled_by_the_sweep(config):
     report = make_app(config).send_task("cache.sweep").get(timeout=120)
     assert report["reindexed"] >= 1, report
     back = run(client, first, 50)
-    assert back["route_reason"] == "hit", back
+    assert back["cache"]["reason"] == "hit", back

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 import celeryconfig
-from celeryconfig import Settings
+from core import settings
+from core.settings import Settings
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 K8S = INFRA / "k8s"
@@ -26,7 +27,7 @@ APP_IMAGE = "t2i-serve:latest"
 
 
 def code_variables() -> set[str]:
-    return {env for env, _, _ in celeryconfig.describe()} | THIRD_PARTY_VARIABLES
+    return {env for env, _, _ in settings.describe()} | THIRD_PARTY_VARIABLES
 
 
 def routed_queues() -> set[str]:

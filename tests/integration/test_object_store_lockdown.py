@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from celeryconfig import Settings
+from core.settings import Settings
 from core.errors import ObjectStoreUnavailable
 from core.objectstore import ObjectStore
 from infra.servers import _executable

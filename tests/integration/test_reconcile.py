@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from celeryconfig import Settings
+from core.settings import Settings
 from core.jobs import JobRecord, JobRequest, JobState
 from core.jobstore import JobStore, connect
 from workers.app import make_app

@@ -10,6 +10,7 @@ import pytest
 
 from core.errors import InvalidRequest
 from core.jobs import JobRecord, JobRequest, JobState
+from core.plan import CachePlan, Reason, Route
 from core.logs import JobContextFilter, JsonFormatter, job_context
 from core.metrics import (LATENCY_BUCKETS, cumulative_buckets, merged, parse_field, sample,
                           transition_samples)
@@ -27,8 +28,8 @@ def record(state: JobState, **changes: object) -> JobRecord:
 
 def test_a_routed_job_counts_its_triage_and_predictor_decision() -> None:
     old = record(JobState.TRIAGE)
-    new = record(JobState.QUEUED, route="gen.resume", route_reason="hit",
-                 extra={"predicted_hit": True, "predictor_audit": False})
+    new = record(JobState.QUEUED, route="gen.resume",
+                 plan=CachePlan(Route.RESUME, Reason.HIT, predicted_hit=True, audited=False))
     fields = merged(transition_samples(old, new))
     assert fields == {'t2i_triage_decisions_total{reason="hit",route="gen.resume"}': 1.0,
                       't2i_predictor_decisions_total{audited="False",decision="lookup"}': 1.0}

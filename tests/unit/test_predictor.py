@@ -127,22 +127,22 @@ def router(predictor, index, samples, draw=lambda: 0.99, audit=0.1) -> CacheRout
 def test_predicted_miss_skips_the_lookup():
     index, samples = FakeIndex(("e", 0.99)), []
     decision = router(FixedPredictor(False), index, samples)(RECORD)
-    assert decision.task == FULL_TASK and decision.reason == Reason.PREDICTED_MISS
-    assert index.lookups == 0 and decision.details["predicted_hit"] is False
-    assert "lookup_hit" not in decision.details and samples == []
+    assert decision.task == FULL_TASK and decision.plan.reason == Reason.PREDICTED_MISS
+    assert index.lookups == 0 and decision.plan.predicted_hit is False
+    assert not decision.plan.looked_up and samples == []
 
 
 def test_audited_predicted_miss_is_looked_up_and_recorded():
     index, samples = FakeIndex(("e", 0.99)), []
     decision = router(FixedPredictor(False), index, samples, draw=lambda: 0.01)(RECORD)
     assert index.lookups == 1 and decision.task == RESUME_TASK
-    assert decision.details["predictor_audit"] and decision.details["lookup_hit"] is True
+    assert decision.plan.audited and decision.plan.looked_up
     assert len(samples) == 1  # a usable match is a training sample
 
 
 def test_predicted_hit_looks_up_and_only_usable_matches_become_samples():
     samples: list = []
     hit = router(FixedPredictor(True), FakeIndex(("e", 0.99)), samples)(RECORD)
-    assert hit.task == RESUME_TASK and hit.details["k"] == 25 and len(samples) == 1
+    assert hit.task == RESUME_TASK and hit.plan.k == 25 and len(samples) == 1
     far = router(FixedPredictor(True), FakeIndex(("e", 0.2)), samples)(RECORD)
-    assert far.task == FULL_TASK and far.details["lookup_hit"] is False and len(samples) == 1
+    assert far.task == FULL_TASK and far.plan.looked_up and len(samples) == 1

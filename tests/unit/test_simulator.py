@@ -92,9 +92,11 @@ def test_predictor_is_trained_and_scored():
     result = simulate(requests, embeddings, times, config)
     confusion = result.predictor_confusion
     assert sum(confusion.values()) == 300  # scored from the first training on (request 100)
-    # Trained on 40-150 samples here, it lets ~65% of the would-be hits through (recall)
-    # and turns away nearly every unrelated prompt.
-    assert confusion["tp"] / (confusion["tp"] + confusion["fn"]) >= 0.6
+    # Trained, as live triage trains it, only on prompts whose real lookup hit (40-150
+    # samples here), it lets about half the would-be hits through (recall) and turns away
+    # nearly every unrelated prompt. (The simulator once also learned from hits the
+    # predictor had skipped, which no live lookup sees: recall was 0.65 then.)
+    assert confusion["tp"] / (confusion["tp"] + confusion["fn"]) >= 0.45
     assert confusion["tn"] / (confusion["tn"] + confusion["fp"]) >= 0.9
 
 
