@@ -12,7 +12,7 @@ O(1); inserts, hits and removals are O(log n).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 from redis.lock import Lock
@@ -152,3 +152,37 @@ class Catalog:
     def item_count(self) -> int:
         with redis_errors():
             return self._redis.zcard(SCORES)
+
+
+class InMemoryCatalog:
+    """The catalog's in-memory twin (what GPU workers and triage call of it), for worker
+    logic tested without Redis."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, int], CacheItem] = {}
+
+    def register(self, entry: str, partition: str, sizes: dict[int, int], now: float,
+                 prompt: str = "") -> int:
+        new = [k for k in sizes if (entry, k) not in self.items]
+        for k in new:
+            self.items[(entry, k)] = CacheItem(entry, k, partition, sizes[k], now, 0, now,
+                                               prompt)
+        return len(new)
+
+    def stored_ks(self, entry: str) -> frozenset[int]:
+        return frozenset(k for item_entry, k in self.items if item_entry == entry)
+
+    def record_hit(self, entry: str, k: int, now: float) -> int | None:
+        item = self.items.get((entry, k))
+        if item is None:
+            return None
+        self.items[(entry, k)] = replace(item, hits=item.hits + 1, last_used_at=now)
+        return item.hits + 1
+
+    def remove_item(self, entry: str, k: int) -> int | None:
+        if self.items.pop((entry, k), None) is None:
+            return None
+        return len(self.stored_ks(entry))
+
+    def item(self, entry: str, k: int) -> CacheItem | None:
+        return self.items.get((entry, k))

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 import redis
@@ -72,7 +73,39 @@ class MetricsStore:
             return {k: float(v) for k, v in self._redis.hgetall(METRICS_KEY).items()}
 
 
-class JobStore:
+class JobRules:
+    """The job-store operations made of ``update``: one copy for Redis and the in-memory
+    twin."""
+
+    def update(self, job_id: str, change: Callable[[JobRecord], JobRecord]) -> JobRecord:
+        raise NotImplementedError
+
+    def request_cancel(self, job_id: str, now: float) -> JobRecord:
+        """Mark a job cancelled at once if no worker holds it, else ask its worker to stop.
+
+        Cancelling a finished job changes nothing and returns it as it is.
+        """
+        def change(record: JobRecord) -> JobRecord:
+            if record.state.terminal:
+                return record
+            if record.state in (JobState.QUEUED, JobState.TRIAGE):
+                return record.transition(JobState.CANCELLED, cancel_requested=True,
+                                         finished_at=now, error="cancelled by request")
+            return record.transition(record.state, cancel_requested=True)
+
+        return self.update(job_id, change)
+
+    def fail(self, job_id: str, error: str, now: float) -> JobRecord:
+        """Mark a job failed with ``error``; a job already finished keeps its outcome."""
+        def change(record: JobRecord) -> JobRecord:
+            if record.state.terminal:
+                return record
+            return record.transition(JobState.FAILED, finished_at=now, error=error)
+
+        return self.update(job_id, change)
+
+
+class JobStore(JobRules):
     """Job records, and the index of unfinished jobs with their last sign of life (which
     the reconciler reads to find jobs that nothing will move on).
 
@@ -231,26 +264,27 @@ class JobStore:
         with redis_errors():
             self._redis.zrem(ACTIVE_JOBS, job_id)
 
-    def request_cancel(self, job_id: str, now: float) -> JobRecord:
-        """Mark a job cancelled at once if no worker holds it, else ask its worker to stop.
 
-        Cancelling a finished job changes nothing and returns it as it is.
-        """
-        def change(record: JobRecord) -> JobRecord:
-            if record.state.terminal:
-                return record
-            if record.state in (JobState.QUEUED, JobState.TRIAGE):
-                return record.transition(JobState.CANCELLED, cancel_requested=True,
-                                         finished_at=now, error="cancelled by request")
-            return record.transition(record.state, cancel_requested=True)
+class InMemoryJobStore(JobRules):
+    """The job store's in-memory twin, for worker logic tested without Redis: the same
+    state machine (JobRecord.transition) and the same rules (JobRules)."""
 
-        return self.update(job_id, change)
+    def __init__(self) -> None:
+        self.records: dict[str, JobRecord] = {}
 
-    def fail(self, job_id: str, error: str, now: float) -> JobRecord:
-        """Mark a job failed with ``error``; a job already finished keeps its outcome."""
-        def change(record: JobRecord) -> JobRecord:
-            if record.state.terminal:
-                return record
-            return record.transition(JobState.FAILED, finished_at=now, error=error)
+    def create(self, record: JobRecord) -> str:
+        self.records[record.id] = record
+        return record.id
 
-        return self.update(job_id, change)
+    def get(self, job_id: str) -> JobRecord:
+        if job_id not in self.records:
+            raise JobNotFound(job_id)
+        return self.records[job_id]
+
+    def update(self, job_id: str, change: Callable[[JobRecord], JobRecord]) -> JobRecord:
+        self.records[job_id] = change(self.get(job_id))
+        return self.records[job_id]
+
+    def report_progress(self, job_id: str, step: int, total: int) -> bool:
+        self.records[job_id] = replace(self.get(job_id), step=step, total_steps=total)
+        return self.records[job_id].cancel_requested

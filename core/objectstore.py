@@ -100,3 +100,34 @@ class ObjectStore:
         with _s3_errors(key):
             return self._client.presigned_get_object(self.bucket, key,
                                                      expires=timedelta(seconds=ttl_s))
+
+
+class InMemoryObjectStore:
+    """The object store's in-memory twin, for worker logic tested without S3. ``down``
+    makes every call fail as an unreachable store does, so outages can be played out."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.down = False
+
+    def _reachable(self) -> None:
+        if self.down:
+            raise ObjectStoreUnavailable("S3 unreachable: down (in-memory twin)")
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._reachable()
+        self.objects[key] = bytes(data)
+
+    def get(self, key: str) -> bytes:
+        self._reachable()
+        if key not in self.objects:
+            raise ObjectMissing(f"object {key!r} not found (NoSuchKey)")
+        return self.objects[key]
+
+    def delete(self, key: str) -> None:
+        self._reachable()
+        self.objects.pop(key, None)
+
+    def exists(self, key: str) -> bool:
+        self._reachable()
+        return key in self.objects

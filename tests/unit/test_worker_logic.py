@@ -1,0 +1,195 @@
+"""The GPU worker's and triage's job handling in process, with the stores' in-memory twins
+and injected time (no Redis, no S3, no Celery): the tiny diffusers pipeline is real. What the
+fault tests show end to end, here one rule at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cachemgr.catalog import InMemoryCatalog
+from cachemgr.keys import latent_key
+from cachemgr.ktable import REFERENCE_TABLE
+from core.errors import ObjectStoreUnavailable
+from core.jobs import JobRecord, JobRequest, JobState, RequestLimits
+from core.jobstore import InMemoryJobStore
+from core.objectstore import InMemoryObjectStore
+from core.plan import CachePlan, Reason, Route
+from workers.builtin_models import build_tiny_pipeline
+from workers.engine import Engine
+from workers.generation import (CacheConfig, Reliability, generate_full, generate_resume,
+                                store_image)
+from workers.latents import save_latents
+from workers.triage import Triaged, triage_job
+
+STEPS = 10
+REQUEST = JobRequest("a red fox in the snow", "", STEPS, 7.5, 5, 64, 64)
+
+
+class Clock:
+    """Injected time: ``sleep`` advances it instead of waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(build_tiny_pipeline(), "ddim", torch.device("cpu"), "tiny (test)")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def job(jobs: InMemoryJobStore, state: JobState = JobState.QUEUED, **fields: object) -> str:
+    return jobs.create(JobRecord(id="job-1", state=state, request=REQUEST, model="tiny",
+                                 submitted_at=0.0, **fields))
+
+
+def cache_config(catalog: InMemoryCatalog, registered: list) -> CacheConfig:
+    return CacheConfig("tiny", "ddim", False, REFERENCE_TABLE, catalog,
+                       lambda entry, partition, sizes: registered.append((entry, sizes)))
+
+
+def test_a_job_runs_stores_its_image_and_keeps_its_latents(engine, clock):
+    jobs, objects, registered = InMemoryJobStore(), InMemoryObjectStore(), []
+    job(jobs)
+    outcome = generate_full("job-1", jobs, objects, engine, "w1", clock,
+                            cache_config(InMemoryCatalog(), registered), Reliability(sleep=clock.sleep))
+    record = jobs.get("job-1")
+    assert outcome["state"] == "succeeded" and record.state is JobState.SUCCEEDED
+    assert objects.get(record.image_key).startswith(b"\x89PNG")
+    assert record.deliveries == 1 and record.extra["unet_calls"] == STEPS
+    assert [entry for entry, _ in registered] == ["job-1"]
+    assert set(registered[0][1]) == set(REFERENCE_TABLE.k_set(STEPS)) == {1, 2, 3, 4, 5}
+
+
+def test_a_poison_job_is_failed_once_its_workers_died_max_deliveries_times(engine, clock):
+    jobs = InMemoryJobStore()
+    job(jobs, JobState.GENERATING, deliveries=3, worker="gpu@host pid 7")
+    outcome = generate_full("job-1", jobs, InMemoryObjectStore(), engine, "w2", clock, None,
+                            Reliability(max_deliveries=3, sleep=clock.sleep))
+    record = jobs.get("job-1")
+    assert outcome == {"job_id": "job-1", "skipped": True}
+    assert record.state is JobState.FAILED and "each of 3 deliveries" in record.error
+    assert "gpu@host pid 7" in record.error
+
+
+def test_a_redelivery_below_the_limit_runs_again(engine, clock):
+    jobs = InMemoryJobStore()
+    job(jobs, JobState.GENERATING, deliveries=2)
+    generate_full("job-1", jobs, InMemoryObjectStore(), engine, "w2", clock, None,
+                  Reliability(max_deliveries=3, sleep=clock.sleep))
+    assert jobs.get("job-1").state is JobState.SUCCEEDED and jobs.get("job-1").deliveries == 3
+
+
+def test_a_cancel_is_honoured_at_the_next_step(engine, clock):
+    class CancelAtStep3(InMemoryJobStore):
+        def report_progress(self, job_id: str, step: int, total: int) -> bool:
+            if step == 3:
+                self.request_cancel(job_id, clock())
+            return super().report_progress(job_id, step, total)
+
+    jobs = CancelAtStep3()
+    job(jobs)
+    calls: list[int] = []
+    hook = engine.pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        outcome = generate_full("job-1", jobs, InMemoryObjectStore(), engine, "w", clock, None,
+                                Reliability(sleep=clock.sleep))
+    finally:
+        hook.remove()
+    assert outcome["state"] == "cancelled" and jobs.get("job-1").state is JobState.CANCELLED
+    assert len(calls) == 3  # step 3 ran, the fourth never started
+
+
+def test_a_corrupt_cached_latent_falls_back_to_full_and_is_dropped(engine, clock):
+    jobs, objects, catalog, registered = (InMemoryJobStore(), InMemoryObjectStore(),
+                                          InMemoryCatalog(), [])
+    cache = cache_config(catalog, registered)
+    source = JobRecord(id="source", state=JobState.SUCCEEDED, request=REQUEST, model="tiny",
+                       submitted_at=0.0)
+    partition = cache.partition(source)
+    sizes = save_latents(objects, partition, "source", {4: torch.zeros(1, 4, 8, 8)})
+    catalog.register("source", partition, sizes, 0.0, REQUEST.prompt)
+    key = latent_key(partition, "source", 4)
+    objects.put(key, objects.get(key)[:40])  # truncated
+    job(jobs, route="gen.resume", plan=CachePlan(Route.RESUME, Reason.HIT, partition,
+                                                  "source", 4, 4, 0.99, looked_up=True))
+    generate_resume("job-1", jobs, objects, engine, "w", clock, cache,
+                    Reliability(sleep=clock.sleep))
+    record = jobs.get("job-1")
+    assert record.state is JobState.SUCCEEDED and "unusable" in record.extra["fallback"]
+    assert record.extra["unet_calls"] == STEPS
+    assert record.public()["cache"]["route"] == "full"
+    assert catalog.item("source", 4) is None and not objects.exists(key)
+    assert registered[0][0] == "job-1" and set(registered[0][1]) == {1, 2, 3, 4, 5}
+
+
+def test_a_finished_image_waits_out_a_short_object_store_outage(clock):
+    jobs, objects = InMemoryJobStore(), InMemoryObjectStore()
+    job(jobs, JobState.GENERATING)
+    objects.down = True
+
+    def back_after_three_waits(seconds: float) -> None:
+        clock.sleep(seconds)
+        objects.down = len(clock.slept) < 3
+
+    store_image("job-1", b"png", jobs, objects, clock,
+                Reliability(store_outage_s=30.0, sleep=back_after_three_waits))
+    record = jobs.get("job-1")
+    assert record.state is JobState.SUCCEEDED and objects.get(record.image_key) == b"png"
+    assert clock.slept == [0.5, 1.0, 2.0]
+    assert record.extra["waited_for_object_store_s"] == 3.5
+
+
+def test_an_object_store_outage_longer_than_the_budget_is_raised(clock):
+    jobs, objects = InMemoryJobStore(), InMemoryObjectStore()
+    job(jobs, JobState.GENERATING)
+    objects.down = True
+    with pytest.raises(ObjectStoreUnavailable):
+        store_image("job-1", b"png", jobs, objects, clock,
+                    Reliability(store_outage_s=10.0, sleep=clock.sleep))
+    assert sum(clock.slept) <= 10.0 and jobs.get("job-1").state is JobState.GENERATING
+
+
+def planned(record: JobRecord) -> Triaged:
+    return Triaged(CachePlan(Route.FULL, Reason.MISS, "p", looked_up=True), {"embed_ms": 1.0})
+
+
+def test_triage_routes_once_and_a_redelivery_resends_without_deciding_again(clock):
+    jobs, sent, decided = InMemoryJobStore(), [], []
+
+    def decide(record: JobRecord) -> Triaged:
+        decided.append(record.id)
+        return planned(record)
+
+    job(jobs)
+    triage_job("job-1", jobs, RequestLimits(), decide, lambda task, job_id: sent.append(task),
+               clock)
+    assert sent == ["gen.full"] and decided == ["job-1"]
+    record = jobs.get("job-1")
+    assert record.state is JobState.QUEUED and record.plan.reason is Reason.MISS
+    # the triage worker died before acking: the same message comes back
+    again = triage_job("job-1", jobs, RequestLimits(), decide,
+                       lambda task, job_id: sent.append(task), clock)
+    assert again["resent"] and sent == ["gen.full", "gen.full"] and decided == ["job-1"]
+
+
+def test_triage_skips_a_job_a_gpu_worker_already_holds_or_that_finished(clock):
+    for state in (JobState.GENERATING, JobState.SUCCEEDED, JobState.CANCELLED):
+        jobs, sent = InMemoryJobStore(), []
+        job(jobs, state)
+        outcome = triage_job("job-1", jobs, RequestLimits(), planned,
+                             lambda task, job_id: sent.append(task), clock)
+        assert outcome["skipped"] == str(state) and sent == []
