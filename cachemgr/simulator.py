@@ -58,6 +58,7 @@ class SimConfig:
     predictor: PredictorConfig | None = None
     seed: int = 0
     admit_resumed: bool = True     # a resumed job keeps its latents at the K set above its K
+    keep_plans: bool = False       # SimResult.plans: every request's plan (for comparisons)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class SimResult:
     lookups: int = 0
     predictor_confusion: Counter = field(default_factory=Counter)  # tp, fp, tn, fn
     hit_flags: list[bool] = field(default_factory=list)
+    plans: list[CachePlan | None] = field(default_factory=list)   # with keep_plans
 
 
 class ExactIndex:
@@ -291,6 +293,8 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
                                                       bool(plan.predicted_hit)]] += 1
             if teaches_predictor(plan):
                 samples.append(i)
+        if config.keep_plans:
+            result.plans.append(plan)
         if plan is not None and plan.route is Route.RESUME:
             entry, k = int(plan.entry or 0), int(plan.k or 0)
             old = items[(entry, k)]
