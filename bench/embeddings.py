@@ -79,7 +79,7 @@ class EmbeddingStore:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from producer.trace import DEFAULT_TRACE, interleaved
+    from core.trace import DEFAULT_TRACE, interleaved
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

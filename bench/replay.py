@@ -41,7 +41,7 @@ from cachemgr.predictor import train_predictor
 from cachemgr.routing import LOOKUP_CANDIDATES
 from cachemgr.simulator import (Neighbours, PredictorConfig, SimConfig, SimRequest, SimResult,
                                 earlier_neighbours, simulate)
-from producer.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace
+from core.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace
 
 def neighbours_for(requests: list[SimRequest], embeddings: np.ndarray, cache_dir: Path,
                    k: int = 32) -> Neighbours:

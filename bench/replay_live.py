@@ -34,7 +34,7 @@ from core.settings import Settings, ensure_secrets, load_settings
 from infra import servers, stack
 from core.errors import InvalidRequest
 from producer.client import Client
-from producer.trace import DEFAULT_TRACE, TraceRequest, read_trace
+from core.trace import DEFAULT_TRACE, TraceRequest, read_trace
 from quality.evaluator import png_pixels
 from quality.scoring import load_scorer
 

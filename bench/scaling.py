@@ -29,7 +29,7 @@ from core.errors import InvalidRequest
 from core.jobs import RequestLimits, parse_request
 from infra import servers, stack
 from producer.client import Client
-from producer.trace import DEFAULT_TRACE, TraceRequest, read_trace
+from core.trace import DEFAULT_TRACE, TraceRequest, read_trace
 
 
 def timed_batch(client: Client, requests: list[TraceRequest], steps: int, divisor: int,
@@ -48,7 +48,7 @@ def timed_batch(client: Client, requests: list[TraceRequest], steps: int, diviso
 
 
 def second_worker(config: Settings, log_dir: Path) -> int:
-    service = servers.worker("gpu2", "gen.full,gen.resume", config)
+    service = servers.gpu_worker("gpu2", config)
     process = servers.start(service, log_dir / "gpu2.log")
     servers.wait_ready(service, process, log_dir / "gpu2.log")
     return process.pid

@@ -21,7 +21,7 @@ from cachemgr.policies import ItemStats
 from core.jobstore import redis_errors
 
 PREFIX = "t2i:cache:"
-SCORES = PREFIX + "scores"
+SCORES = PREFIX + "scores"   # sorted set: every item as "entry:k" (its scores unused)
 BYTES = PREFIX + "bytes"
 
 # KEYS: item, entry set, scores, bytes. ARGV: entry, k, partition, size, created_at, prompt.
@@ -37,12 +37,12 @@ redis.call('INCRBY', KEYS[4], ARGV[4])
 return 1
 """
 
-# KEYS: item, scores. ARGV: member, k, now. Returns the new hit count, -1 if the item is gone.
+# KEYS: item. ARGV: now. Returns the new hit count, -1 if the item is gone. (Scores are
+# the policies' to compute, from the items: the sorted set only lists them.)
 _HIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local hits = redis.call('HINCRBY', KEYS[1], 'hits', 1)
-redis.call('HSET', KEYS[1], 'last_used_at', ARGV[3])
-redis.call('ZINCRBY', KEYS[2], tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[1], 'last_used_at', ARGV[1])
 return hits
 """
 
@@ -115,7 +115,7 @@ class Catalog:
     def record_hit(self, entry: str, k: int, now: float) -> int | None:
         """Count one reuse of (entry, k) atomically; None if the item is no longer cataloged."""
         with redis_errors():
-            hits = self._hit(keys=[item_key(entry, k), SCORES], args=[f"{entry}:{k}", k, now])
+            hits = self._hit(keys=[item_key(entry, k)], args=[now])
         return None if hits < 0 else int(hits)
 
     def remove_item(self, entry: str, k: int) -> int | None:

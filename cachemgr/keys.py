@@ -41,6 +41,3 @@ def latent_key(partition: str, entry: str, k: int) -> str:
     """Deterministic: a redelivered generation overwrites its latents, never duplicates them."""
     return f"cache/{partition}/{entry}/k{k:03d}.safetensors"
 
-
-def entry_prefix(partition: str, entry: str) -> str:
-    return f"cache/{partition}/{entry}/"

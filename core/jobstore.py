@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import redis
 
+from core.backoff import backoff_s
 from core.errors import BrokerUnavailable, IdempotencyConflict, JobNotFound, T2IError
 from core.jobs import JobRecord, JobState
 from core.metrics import Sample, merged, sample, transition_samples
@@ -131,16 +132,17 @@ class JobStore(JobRules):
 
     def _outlasting(self, what: str, operation: Callable[[], T]) -> T:
         """Run ``operation``, retrying while Redis is unreachable, for up to ``outage_s``."""
-        started, delay = self._now(), 0.5
+        started, attempt = self._now(), 0
         while True:
             try:
                 return operation()
             except BrokerUnavailable as exc:
+                delay = backoff_s(attempt, 0.5, 5.0)
                 if self._now() - started + delay > self._outage_s:
                     raise
                 log.warning("%s: %s; waiting %.1f s for Redis", what, exc, delay)
                 self._sleep(delay)
-                delay = min(2 * delay, 5.0)
+                attempt += 1
 
     @staticmethod
     def key(job_id: str) -> str:

@@ -41,6 +41,9 @@ _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1:
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: is_private misses it
 
 
+RETRY_FIRST_S, RETRY_CAP_S = 1.0, 600.0   # a failed delivery is retried after 1, 2, 4 ... s
+
+
 def tenant_secret(master: str, tenant: str) -> str:
     """Each tenant's own signing secret, derived from the service's, so one tenant cannot
     forge another's deliveries and nothing per tenant needs storing."""
@@ -61,11 +64,6 @@ def verify(secret: str, header: str, body: bytes, now: float, tolerance_s: float
         return False
     expected = sign(secret, timestamp, body)
     return hmac.compare_digest(expected, header) and abs(now - timestamp) <= tolerance_s
-
-
-def retry_delay_s(attempt: int, base_s: float = 1.0, cap_s: float = 600.0) -> float:
-    """Seconds before retry number ``attempt`` (1, 2, ...): doubling, capped."""
-    return min(base_s * 2 ** (attempt - 1), cap_s)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from core.errors import StackError, T2IError
 from core.jobstore import connect
 from core.objectstore import ObjectStore
 from infra import seaweed
+from workers import queues
 from infra.tls import ensure_certificates
 
 LOOPBACK = "127.0.0.1"
@@ -231,10 +232,20 @@ def worker(name: str, queues: str, config: Settings, concurrency: int = 1,
                    ready_timeout_s=120.0)
 
 
+def cpu_worker(name: str, config: Settings) -> Service:
+    """The triage and cache worker (CPU): embeddings, lookups, registrations, maintenance."""
+    return worker(name, f"{queues.TRIAGE},{queues.CACHE}", config)
+
+
+def gpu_worker(name: str, config: Settings) -> Service:
+    """A generation worker: one job at a time per process (a step fills the GPU)."""
+    return worker(name, ",".join(queues.GPU_QUEUES), config)
+
+
 def webhook_worker(name: str, config: Settings) -> Service:
     """The webhook worker: I/O-bound deliveries in a bounded pool of threads, apart from the
     triage and GPU workers so that a slow receiver holds up nobody else."""
-    return worker(name, "webhooks", config, concurrency=config.webhook_concurrency,
+    return worker(name, queues.WEBHOOKS, config, concurrency=config.webhook_concurrency,
                   pool="threads")
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from core import settings
 from core.errors import T2IError
 from producer.client import Client
-from producer.trace import DEFAULT_TRACE, read_trace
+from core.trace import DEFAULT_TRACE, read_trace
 from quality.toy_trace import Behaviour, toy_trace
 
 

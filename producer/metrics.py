@@ -18,8 +18,9 @@ from cachemgr.catalog import Catalog
 from core.errors import T2IError
 from core.jobstore import MetricsStore, connect
 from core.metrics import cumulative_buckets, parse_field
+from workers.queues import CACHE, FULL, RESUME, TRIAGE, WEBHOOKS
 
-QUEUES = ("triage", "gen.full", "gen.resume", "cache")
+QUEUES = (TRIAGE, FULL, RESUME, CACHE, WEBHOOKS)
 
 HELP = {
     "t2i_jobs_submitted_total": "jobs accepted",

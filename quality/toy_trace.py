@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.trace import seeded_merge
+from core.trace import seeded_merge
 from quality.scenes import SIZE, Scene, caption, edit, sample_scene
 
 ACTIONS = ("edit", "reroll", "rephrase", "revisit", "new")

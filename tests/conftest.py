@@ -85,8 +85,8 @@ def stack(s3_server: Settings, base_dir: Path) -> Iterator[Settings]:
     """Redis + S3 + a triage worker + a GPU worker (tiny test model, CPU) + a webhook
     worker + the HTTP API."""
     config = s3_server
-    with running(servers.worker("triage-test", "triage,cache", config),
-                 servers.worker("gpu-test", "gen.full,gen.resume", config),
+    with running(servers.cpu_worker("triage-test", config),
+                 servers.gpu_worker("gpu-test", config),
                  servers.webhook_worker("webhooks-test", config),
                  servers.api(config), log_dir=base_dir / "logs"):
         yield config

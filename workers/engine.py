@@ -33,7 +33,6 @@ StepCallback = Callable[[int, int], None]
 class Generation:
     image_png: bytes
     unet_calls: int
-    final_latent: torch.Tensor
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -128,9 +127,7 @@ class Engine:
             if steps_done in capture_steps:
                 captured[steps_done] = latents.detach().to("cpu", torch.float32).clone()
             on_step(index + 1, total)
-        return Generation(image_png=self._decode(latents), unet_calls=total,
-                          final_latent=latents.detach().to("cpu", torch.float32),
-                          captured=captured)
+        return Generation(image_png=self._decode(latents), unet_calls=total, captured=captured)
 
     def _decode(self, latents: torch.Tensor) -> bytes:
         vae = self.pipe.vae

@@ -16,6 +16,7 @@ from cachemgr.catalog import Catalog
 from cachemgr.keys import latent_key, request_partition
 from cachemgr.ktable import KTable
 from cachemgr.plan import kept_ks
+from core.backoff import backoff_s
 from core.errors import (BrokerUnavailable, CorruptLatent, InvalidTransition, JobCancelled,
                          ObjectMissing, ObjectStoreUnavailable, T2IError)
 from core.jobs import JobRecord, JobState, image_key
@@ -126,18 +127,18 @@ def _put_waiting(job_id: str, key: str, png: bytes, objects: ObjectStore,
                  now: Callable[[], float], reliability: Reliability) -> float:
     """Put the image, waiting out an object-store outage of up to ``store_outage_s`` rather
     than losing the work done; returns the seconds waited."""
-    started = now()
-    delay = 0.5
+    started, attempt = now(), 0
     while True:
         try:
             objects.put(key, png, content_type="image/png")
             return now() - started
         except ObjectStoreUnavailable as exc:
+            delay = backoff_s(attempt, 0.5, 10.0)
             if now() - started + delay > reliability.store_outage_s:
                 raise
             log.warning("job %s: image not stored yet (%s); retrying in %.1fs", job_id, exc, delay)
             reliability.sleep(delay)
-            delay = min(2 * delay, 10.0)
+            attempt += 1
 
 
 def store_image(job_id: str, png: bytes, jobs: JobStore, objects: ObjectStore,

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from celery import Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
+from core.backoff import backoff_s
 from core.errors import BrokerUnavailable, JobNotFound, T2IError, TransientError
 from core.jobs import RequestLimits
 from workers import runtime
@@ -92,10 +93,6 @@ def leave_job_context(task_id: str, **_: Any) -> None:
         leave_job(token)
 
 
-def _backoff_s(retries: int) -> float:
-    return min(2.0 ** retries, 30.0)
-
-
 def _fail(job_id: str, error: str) -> dict[str, Any]:
     runtime.job_store().fail(job_id, error, runtime.clock())
     log.error("job %s: failed: %s", job_id, error)
@@ -125,7 +122,7 @@ def _retried_in_place(task: Task, what: str, work: Callable[[], T]) -> T:
             if attempt >= task.max_retries:
                 raise
             log.warning("%s: %s; retry %d", what, exc, attempt + 1)
-        time.sleep(_backoff_s(attempt))
+        time.sleep(backoff_s(attempt, 1.0, 30.0))
 
 
 def _guarded(task: Task, job_id: str, stage: str,

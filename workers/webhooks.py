@@ -26,8 +26,9 @@ from core.errors import DeliveryFailed, InvalidRequest, JobNotFound, T2IError, W
 from core.jobs import JobRecord
 from core.jobstore import (WEBHOOK_ATTEMPTS, WEBHOOK_OUTBOX, WEBHOOK_RESENT, JobStore,
                            redis_errors)
-from core.webhooks import (SIGNATURE_HEADER, AddressPolicy, Outcome, Resolve, WebhookTarget,
-                           parse_target, retry_delay_s, sign, tenant_secret)
+from core.backoff import backoff_s
+from core.webhooks import (RETRY_CAP_S, RETRY_FIRST_S, SIGNATURE_HEADER, AddressPolicy, Outcome,
+                           Resolve, WebhookTarget, parse_target, sign, tenant_secret)
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def deliver(job_id: str, outbox: WebhookOutbox, jobs: JobStore, delivery: Delive
             outbox.done(job_id)
             state = "failed"
         else:
-            retry_in = retry_delay_s(attempts)
+            retry_in = backoff_s(attempts - 1, RETRY_FIRST_S, RETRY_CAP_S)
             outbox.due_at(job_id, now() + retry_in)
             state = "retrying"
     view = {"status": state, "attempts": attempts, "outcome": str(outcome),

@@ -54,23 +54,24 @@ def test_resume_runs_exactly_n_minus_k_unet_steps(engine: Engine, unet_calls, k)
 
 @pytest.mark.parametrize("k", [2, 5])
 def test_same_prompt_resume_reproduces_the_uninterrupted_run(engine: Engine, k):
-    full = engine.generate(request(), no_op, frozenset({k}))
-    resumed = engine.resume(request(), full.captured[k], k, no_op)
-    assert (resumed.final_latent - full.final_latent).abs().max().item() <= 1e-4
+    full = engine.generate(request(), no_op, frozenset({k, STEPS}))
+    resumed = engine.resume(request(), full.captured[k], k, no_op, frozenset({STEPS}))
+    assert (resumed.captured[STEPS] - full.captured[STEPS]).abs().max().item() <= 1e-4
 
 
 def test_resume_through_fp16_storage_stays_close(engine: Engine):
-    full = engine.generate(request(), no_op, frozenset({5}))
+    full = engine.generate(request(), no_op, frozenset({5, STEPS}))
     stored = decode_latent(encode_latent(full.captured[5], "p"), "p", (1, 4, 8, 8))
-    resumed = engine.resume(request(), stored, 5, no_op)
-    scale = full.final_latent.abs().max().item()
-    assert (resumed.final_latent - full.final_latent).abs().max().item() <= 1e-2 * scale
+    resumed = engine.resume(request(), stored, 5, no_op, frozenset({STEPS}))
+    scale = full.captured[STEPS].abs().max().item()
+    assert (resumed.captured[STEPS] - full.captured[STEPS]).abs().max().item() <= 1e-2 * scale
 
 
 def test_other_prompt_resume_differs_from_the_cached_run(engine: Engine):
-    full = engine.generate(request(), no_op, frozenset({5}))
-    other = engine.resume(request("a blue whale under the sea"), full.captured[5], 5, no_op)
-    assert (other.final_latent - full.final_latent).abs().max().item() > 1e-3
+    full = engine.generate(request(), no_op, frozenset({5, STEPS}))
+    other = engine.resume(request("a blue whale under the sea"), full.captured[5], 5, no_op,
+                          frozenset({STEPS}))
+    assert (other.captured[STEPS] - full.captured[STEPS]).abs().max().item() > 1e-3
 
 
 def test_resume_outside_the_run_is_refused(engine: Engine):

@@ -49,8 +49,8 @@ class Stack:
             "redis": lambda: servers.redis(port, self.base / "redis", persistent=True),
             "s3": lambda: servers.s3(self.config, self.base / "s3"),
             "chroma": lambda: servers.chroma(chroma_port, self.base / "chroma"),
-            "triage": lambda: servers.worker("triage-faults", "triage,cache", self.config),
-            "gpu": lambda: servers.worker("gpu-faults", "gen.full,gen.resume", self.config),
+            "triage": lambda: servers.cpu_worker("triage-faults", self.config),
+            "gpu": lambda: servers.gpu_worker("gpu-faults", self.config),
             "api": lambda: servers.api(self.config),
             "beat": lambda: servers.beat(self.config, self.base / "beat"),
         }[name]()

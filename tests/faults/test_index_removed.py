@@ -32,8 +32,8 @@ def config(s3_server: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
         state_dir=str(base / "state"), chroma_url="", chroma_path="", sweep_grace_s=1.0,
         predictor_enabled=False)
     with running(servers.redis(redis_port, base / "redis"),
-                 servers.worker("triage-index", "triage,cache", config),
-                 servers.worker("gpu-index", "gen.full,gen.resume", config),
+                 servers.cpu_worker("triage-index", config),
+                 servers.gpu_worker("gpu-index", config),
                  log_dir=base / "logs"):
         yield config
 

@@ -15,8 +15,9 @@ from core.logs import JobContextFilter, JsonFormatter, job_context
 from core.metrics import (LATENCY_BUCKETS, cumulative_buckets, merged, parse_field, sample,
                           transition_samples)
 from core.errors import DeliveryFailed, WebhookRefused
-from core.webhooks import (AddressPolicy, parse_allowlist, parse_target, retry_delay_s, sign,
-                           tenant_secret, verify)
+from core.backoff import backoff_s
+from core.webhooks import (RETRY_CAP_S, RETRY_FIRST_S, AddressPolicy, parse_allowlist,
+                           parse_target, sign, tenant_secret, verify)
 
 REQUEST = JobRequest("a fox", "", 10, 7.5, 1, 64, 64)
 
@@ -80,8 +81,8 @@ def test_signatures_verify_only_with_the_right_secret_body_and_time() -> None:
 
 
 def test_retry_delays_double_up_to_a_cap() -> None:
-    assert [retry_delay_s(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
-    assert retry_delay_s(30) == 600
+    assert [backoff_s(n, RETRY_FIRST_S, RETRY_CAP_S) for n in (0, 1, 2, 3)] == [1, 2, 4, 8]
+    assert backoff_s(29, RETRY_FIRST_S, RETRY_CAP_S) == 600
 
 
 @pytest.mark.parametrize("url", [
