@@ -27,9 +27,9 @@ from cachemgr.evictor import Evictor
 from cachemgr.keys import latent_key
 from cachemgr.policies import LCBFU, Budget, select_victims
 from cachemgr.vectors import VectorIndex
-from core.settings import load_settings, ensure_secrets
 from core.jobstore import connect
 from core.objectstore import ObjectStore
+from core.settings import ensure_secrets, load_settings
 from infra import servers
 
 ITEM_BYTES = 32_896  # an SD-1.5 latent (4x64x64 fp16) as safetensors, see bench/results/storage.json

@@ -1,7 +1,8 @@
 """A burst of submissions through the HTTP API from several producers at once, then every job
 followed to its end: accepted submissions per second, and the account of outcomes.
 
-    python -m bench.load --url http://127.0.0.1:8000 --key "$(cat ~/.local/state/t2i/secrets/api-key-default)" -n 2000
+    python -m bench.load --url http://127.0.0.1:8000 \
+        --key "$(cat ~/.local/state/t2i/secrets/api-key-default)" -n 2000
 
 Jobs use 1 denoising step at 64x64, so the run measures the submission path, not the GPU.
 """
@@ -37,7 +38,8 @@ class BurstReport:
 def burst(base_url: str, key: str, count: int, producers: int) -> BurstReport:
     """``count`` submissions split over ``producers`` threads, each with its own connection."""
     def produce(worker: int) -> tuple[list[str], Counter]:
-        ids, refused = [], Counter()
+        ids: list[str] = []
+        refused: Counter[int] = Counter()
         with httpx.Client(base_url=base_url, timeout=60,
                           headers={"Authorization": f"Bearer {key}"}) as http:
             for index in range(worker, count, producers):
@@ -90,7 +92,7 @@ def follow(base_url: str, key: str, job_ids: list[str], timeout_s: float) -> Cou
                       headers={"Authorization": f"Bearer {key}"}) as http, \
             tqdm(total=len(job_ids), desc="jobs finished", unit="job") as bar:
         while pending and time.monotonic() < deadline:
-            still = []
+            still: list[str] = []
             for job_id in pending:
                 if still:  # an older job is still running: look at the rest next round
                     still.append(job_id)

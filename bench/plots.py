@@ -20,7 +20,8 @@ def _budget_label(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| policy | budget (prompts) | embedder | K table | resumed jobs' latents | hit rate | steps saved | mean K on hit | exact-repeat share of hits |",
+    lines = ["| policy | budget (prompts) | embedder | K table | resumed jobs' latents | hit rate "
+             "| steps saved | mean K on hit | exact-repeat share of hits |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kept = "kept" if r.get("admit_resumed") else "not kept"

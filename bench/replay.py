@@ -39,9 +39,17 @@ from cachemgr.ktable import KTable
 from cachemgr.policies import policy_by_name
 from cachemgr.predictor import train_predictor
 from cachemgr.routing import LOOKUP_CANDIDATES
-from cachemgr.simulator import (Neighbours, PredictorConfig, SimConfig, SimRequest, SimResult,
-                                earlier_neighbours, simulate)
+from cachemgr.simulator import (
+    Neighbours,
+    PredictorConfig,
+    SimConfig,
+    SimRequest,
+    SimResult,
+    earlier_neighbours,
+    simulate,
+)
 from core.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace
+
 
 def neighbours_for(requests: list[SimRequest], embeddings: np.ndarray, cache_dir: Path,
                    k: int = 32) -> Neighbours:
@@ -173,6 +181,7 @@ def predictor_eval(requests, embeddings, neighbours, times, table, embedder, arg
     hits_idx = [i for i, hit in enumerate(without.hit_flags) if hit]
     model = train_predictor(embeddings[hits_idx[-5000:]], "timing", nu=args.predictor_nu,
                             min_samples=1)
+    assert model is not None  # min_samples=1: there is always a model
     started = time.perf_counter()
     for vector in embeddings[:300]:
         model.should_look_up(vector)

@@ -30,11 +30,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from core.settings import Settings, ensure_secrets, load_settings
-from infra import servers, stack
 from core.errors import InvalidRequest
-from producer.client import Client
+from core.settings import Settings, ensure_secrets, load_settings
 from core.trace import DEFAULT_TRACE, TraceRequest, read_trace
+from infra import servers, stack
+from producer.client import Client
 from quality.evaluator import png_pixels
 from quality.scoring import load_scorer
 
@@ -137,7 +137,8 @@ def summarise(views: list[dict]) -> dict[str, Any]:
         "latency_p95_s": statistics.quantiles(latencies, n=20)[-1],
         "latency_p99_s": statistics.quantiles(latencies, n=100)[-1],
         "generation_mean_s": statistics.fmean(generation),
-        "embed_ms_mean": mean_of("embed_ms"), "lookup_ms_mean": mean_of("lookup_ms"), "latent_fetch_ms_mean": mean_of("latent_fetch_ms"),
+        "embed_ms_mean": mean_of("embed_ms"), "lookup_ms_mean": mean_of("lookup_ms"),
+        "latent_fetch_ms_mean": mean_of("latent_fetch_ms"),
         "throughput_jobs_per_s": len(done) / (max(v["timings"]["finished_at"] for v in done)
                                               - min(v["timings"]["submitted_at"] for v in done)),
     }
@@ -176,7 +177,7 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
                 for a, b in pairs[:grid_size]]
         grid = np.concatenate(rows, 0)
         Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3),
-                                     Image.NEAREST).save(grid_path)
+                                     Image.Resampling.NEAREST).save(grid_path)
 
     def mean(values: list[float]) -> float | None:
         return statistics.fmean(values) if values else None
@@ -189,7 +190,8 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
         "score_mean_cache_off": mean(list(scores["cache_off"].values())),
         "score_mean_resumed": resumed_on,
         "score_mean_resumed_same_requests_from_scratch": same_off,
-        "score_ratio_resumed_vs_scratch": resumed_on / same_off if same_off else None,
+        "score_ratio_resumed_vs_scratch": (resumed_on / same_off
+                                           if resumed_on is not None and same_off else None),
         "score_mean_full_cache_on": mean([scores["cache_on"][v["id"]] for v in full]),
         "resumed_compared": len(pairs),
         "samples": [{"prompt": v["request"]["prompt"], "k": v["cache"]["k"],
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, config in arms.items():
                 print(f"starting the {name} stack", flush=True)
                 stack.up(config)
-            for name, config in arms.items():
+            for config in arms.values():
                 warm = Client(config)
                 for index in range(args.warmup):
                     warm.wait(warm.submit(f"warm-up {index}", steps=args.steps, width=64,
@@ -314,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         "arrivals": f"Poisson {args.rate}/s" if args.rate else "closed loop",
         "embedder": base.embedder, "wall_s": wall,
         **summary,
-        "latency_ratio_on_off": summary["cache_on"]["latency_mean_s"] / summary["cache_off"]["latency_mean_s"],
+        "latency_ratio_on_off": (summary["cache_on"]["latency_mean_s"]
+                                 / summary["cache_off"]["latency_mean_s"]),
         "throughput_ratio_on_off": (summary["cache_on"]["throughput_jobs_per_s"]
                                     / summary["cache_off"]["throughput_jobs_per_s"]),
     }

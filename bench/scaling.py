@@ -24,12 +24,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench.replay_live import arm_settings, trace_job
-from core.settings import Settings, load_settings
 from core.errors import InvalidRequest
 from core.jobs import RequestLimits, parse_request
+from core.settings import Settings, load_settings
+from core.trace import DEFAULT_TRACE, TraceRequest, read_trace
 from infra import servers, stack
 from producer.client import Client
-from core.trace import DEFAULT_TRACE, TraceRequest, read_trace
 
 
 def timed_batch(client: Client, requests: list[TraceRequest], steps: int, divisor: int,

@@ -15,20 +15,21 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from cachemgr.ktable import REFERENCE_TABLE
 from core.jobs import JobRequest
+from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
 from workers.latents import encode_latent
-from workers.builtin_models import build_tiny_pipeline
 
 
 def measure(name: str, latents: list[torch.Tensor]) -> dict:
     encoded = [encode_latent(latent, "0123456789abcdef") for latent in latents]
-    row = {"latent": name, "shape": list(latents[0].shape), "items": len(encoded),
+    row: dict[str, Any] = {"latent": name, "shape": list(latents[0].shape), "items": len(encoded),
            "bytes_per_item": sum(map(len, encoded)) / len(encoded)}
     row["bytes_per_entry_5_items"] = 5 * row["bytes_per_item"]
     for level in (1, 6):
@@ -56,7 +57,8 @@ def main() -> int:
                                    for _ in range(20)]))
     out = Path("bench/results/storage.json")
     out.write_text(json.dumps({"command": "python -m bench.storage", "rows": rows}, indent=2))
-    print(f"{'latent':18} {'bytes/item':>11} {'bytes/entry':>12} {'zlib1':>7} {'ms':>6} {'zlib6':>7} {'ms':>6}")
+    print(f"{'latent':18} {'bytes/item':>11} {'bytes/entry':>12} {'zlib1':>7} {'ms':>6} "
+          f"{'zlib6':>7} {'ms':>6}")
     for r in rows:
         print(f"{r['latent']:18} {r['bytes_per_item']:11.0f} {r['bytes_per_entry_5_items']:12.0f} "
               f"{r['zlib1_ratio']:7.3f} {r['zlib1_ms_per_item']:6.2f} "

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
 from redis.exceptions import LockError
 
-from cachemgr.catalog import Catalog, CacheItem
+from cachemgr.catalog import CacheItem, Catalog
 from cachemgr.keys import latent_key
 from cachemgr.policies import Budget, Policy, select_victims
 from cachemgr.vectors import VectorIndex
@@ -75,7 +74,7 @@ class Evictor:
                                      free_bytes, free_items, now, self.keep_recent_s)
             report.ran = True
             for victim in victims:
-                self._evict(items[(victim.entry, victim.k)], report)
+                self._evict(items[(str(victim.entry), victim.k)], report)
         finally:
             try:
                 lock.release()

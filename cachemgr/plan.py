@@ -7,8 +7,10 @@ structures in the simulator and the tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
+
+import numpy as np
 
 from cachemgr.ktable import KTable
 from cachemgr.predictor import MatchPredictor, consult
@@ -20,7 +22,7 @@ from core.plan import CachePlan, Reason, Route
 class NearestIndex(Protocol):
     """The nearest cached prompts of a partition (Chroma live, an exact search offline)."""
 
-    def nearest(self, embedding: Sequence[float], partition: str,
+    def nearest(self, embedding: np.ndarray, partition: str,
                 n: int) -> list[tuple[str, float]]: ...
 
 
@@ -28,7 +30,7 @@ StoredKs = Callable[[str], frozenset[int]]
 """entry -> the K values still stored for it (the catalog live, a dict offline)."""
 
 
-def plan_reuse(embedding: Sequence[float], partition: str, steps: int, index: NearestIndex,
+def plan_reuse(embedding: np.ndarray, partition: str, steps: int, index: NearestIndex,
                stored_ks: StoredKs, table: KTable, predictor: MatchPredictor,
                audit_fraction: float, draw: Callable[[], float]) -> CachePlan:
     """Ask the predictor whether a lookup is worth it; if so, weigh the nearest
@@ -36,7 +38,7 @@ def plan_reuse(embedding: Sequence[float], partition: str, steps: int, index: Ne
     hole rule: never more than a stored K). An index that is down plans a full
     generation."""
     verdict = consult(predictor, embedding, audit_fraction, draw)
-    common = {"partition": partition, "predictor": predictor.version,
+    common: dict[str, Any] = {"partition": partition, "predictor": predictor.version,
               "predicted_hit": verdict.predicted_hit, "audited": verdict.audited,
               "table": table.name}
     if not verdict.look_up:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class ItemStats:
-    entry: str
+    entry: str | int   # a cached generation's id (the simulator's are request rows)
     k: int
     size: int
     created_at: float
@@ -29,8 +29,12 @@ class ItemStats:
 
 
 class Policy(Protocol):
-    name: str
-    admits: bool   # False: the policy caches nothing (the no-cache baseline)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def admits(self) -> bool:  # False: the policy caches nothing (the no-cache baseline)
+        ...
 
     def key(self, item: ItemStats, now: float) -> tuple[float, ...]: ...
 
@@ -162,7 +166,7 @@ def select_victims(policy: Policy, items: Sequence[ItemStats], free_bytes: int,
     if not policy.admits:
         return ranked
     remaining = Counter(item.entry for item in items)
-    last_use: dict[str, float] = {}
+    last_use: dict[str | int, float] = {}
     for item in items:
         last_use[item.entry] = max(last_use.get(item.entry, 0.0), item.last_used_at)
     victims: list[ItemStats] = []

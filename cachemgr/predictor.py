@@ -19,7 +19,8 @@ from sklearn.svm import OneClassSVM
 
 
 class MatchPredictor(Protocol):
-    version: str
+    @property
+    def version(self) -> str: ...
 
     def should_look_up(self, embedding: np.ndarray) -> bool: ...
 

@@ -78,8 +78,9 @@ class ReloadingPredictor:
         try:
             latest = self._store.latest_version()
             if latest and latest != self._current.version:
-                self._current = self._store.load(latest)
-                log.info("match predictor %s loaded (%d samples)", latest, self._current.samples)
+                loaded = self._store.load(latest)
+                self._current = loaded
+                log.info("match predictor %s loaded (%d samples)", latest, loaded.samples)
         except T2IError as exc:
             log.warning("match predictor not refreshed: %s", exc)
 

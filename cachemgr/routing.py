@@ -21,11 +21,6 @@ class CacheDecision:
     def resume(self) -> bool:
         return self.k is not None
 
-    def details(self) -> dict[str, object]:
-        """Fields shown on the job record."""
-        return {"similarity": self.similarity, "matched_entry": self.entry,
-                "wanted_k": self.wanted_k, "k": self.k}
-
 
 # How many nearest cached entries triage weighs. The nearest may be an entry kept by a
 # resumed job, which has latents only above the K it resumed from; a slightly farther

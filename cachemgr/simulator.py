@@ -13,6 +13,7 @@ Pure: numpy and the cache modules only; time is the requests' arrival times."""
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,7 +26,6 @@ from cachemgr.plan import kept_ks, plan_reuse, teaches_predictor
 from cachemgr.policies import Budget, ItemStats, Policy, select_victims
 from cachemgr.predictor import AlwaysLookUp, MatchPredictor, train_predictor
 from core.plan import CachePlan, Route
-
 
 # (lookup would find a usable match, predictor said look up) -> confusion cell
 _CONFUSION = {(True, True): "tp", (True, False): "fn", (False, True): "fp", (False, False): "tn"}
@@ -164,8 +164,8 @@ def earlier_neighbours(requests: Sequence[SimRequest], embeddings: np.ndarray, k
     keys = np.full((n, k), -1, np.int64)
     similarities = np.full((n, k), -np.inf, np.float32)
     first_rows = np.asarray(first_row, np.int64)
-    for rows in by_partition.values():
-        rows = np.asarray(rows, np.int64)
+    for partition_rows in by_partition.values():
+        rows = np.asarray(partition_rows, np.int64)
         partition_keys = np.unique(key_of[rows])             # ids grow with first occurrence
         key_first = first_rows[partition_keys]
         key_matrix = embeddings[key_first]
@@ -236,7 +236,7 @@ class _AtRow:
     def __init__(self, index: CachedNearest, row: int) -> None:
         self._index, self._row = index, row
 
-    def nearest(self, embedding: Sequence[float], partition: str,
+    def nearest(self, embedding: np.ndarray, partition: str,
                 n: int) -> list[tuple[str, float]]:
         return [(str(entry), similarity)
                 for entry, similarity in self._index.nearest(self._row, partition, n)]
@@ -260,6 +260,9 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
     samples: list[int] = []
     rng = random.Random(config.seed)
 
+    def stored_ks(entry: str) -> frozenset[int]:
+        return frozenset(stored.get(int(entry), ()))
+
     def admit(row: int, partition: str, ks: set[int] | frozenset[int], now: float) -> None:
         for k in ks:
             items[(row, k)] = ItemStats(row, k, 1, now, 0, now)
@@ -276,14 +279,13 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
             trained = train_predictor(embeddings[samples[-config.predictor.max_samples:]],
                                       version=str(i), nu=config.predictor.nu,
                                       min_samples=config.predictor.min_samples)
-            predictor = trained or predictor
+            if trained is not None:
+                predictor = trained
         plan = None
         if config.policy.admits:
-            def plan_with(used: MatchPredictor, audit_fraction: float) -> CachePlan:
-                return plan_reuse(vector, request.partition, request.steps, _AtRow(index, i),
-                                  lambda entry: frozenset(stored.get(int(entry), ())),
-                                  config.table, used, audit_fraction, rng.random)
-
+            plan_with = functools.partial(plan_reuse, vector, request.partition, request.steps,
+                                          _AtRow(index, i), stored_ks, config.table,
+                                          draw=rng.random)
             plan = plan_with(predictor, config.predictor.audit_fraction if config.predictor
                              else 0.0)
             result.lookups += plan.looked_up
@@ -324,10 +326,11 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
         if free_items:
             for victim in select_victims(config.policy, list(items.values()), 0, free_items,
                                          now, config.keep_recent_s):
-                del items[(victim.entry, victim.k)]
-                stored[victim.entry].discard(victim.k)
-                if not stored[victim.entry]:
-                    del stored[victim.entry]
-                    index.remove(victim.entry)
+                row = int(victim.entry)
+                del items[(row, victim.k)]
+                stored[row].discard(victim.k)
+                if not stored[row]:
+                    del stored[row]
+                    index.remove(row)
                 result.evictions += 1
     return result

@@ -7,6 +7,7 @@ download a model). Cosine space; a lookup never leaves the job's partition.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 import chromadb
 import httpx
+import numpy as np
 from chromadb.config import Settings as ChromaSettings
 from chromadb.errors import ChromaError
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 
 _BATCH = 1000
+Vector = Sequence[float] | np.ndarray
 T = TypeVar("T")
 
 
@@ -34,6 +37,10 @@ def _chroma_errors() -> Iterator[None]:
         yield
     except (ChromaError, ValueError, OSError, httpx.HTTPError, sqlite3.Error) as exc:
         raise VectorIndexUnavailable(f"Chroma failed: {exc}") from exc
+
+
+def _upsert(collection: Any, **items: Any) -> None:
+    collection.upsert(**items)
 
 
 class VectorIndex:
@@ -105,23 +112,24 @@ class VectorIndex:
         with _chroma_errors():
             return operation(self._collection(partition))
 
-    def add(self, entry: str, embedding: Sequence[float], partition: str, prompt: str,
+    def add(self, entry: str, embedding: Vector, partition: str, prompt: str,
             created_at: float) -> None:
         self._call(partition, lambda collection: collection.upsert(
             ids=[entry], embeddings=[list(map(float, embedding))],
             metadatas=[{"created_at": created_at, "prompt": prompt[:500]}]))
 
-    def add_many(self, entries: Sequence[str], embeddings: Sequence[Sequence[float]],
+    def add_many(self, entries: Sequence[str], embeddings: Sequence[Vector] | np.ndarray,
                  partition: str, created_at: float) -> None:
         """Bulk insert (rebuilding an index, benchmarks), in chunks Chroma accepts."""
         entries = list(entries)
         for start in range(0, len(entries), _BATCH):
             chunk = entries[start:start + _BATCH]
             vectors = [list(map(float, e)) for e in embeddings[start:start + _BATCH]]
-            self._call(partition, lambda collection: collection.upsert(
-                ids=chunk, embeddings=vectors, metadatas=[{"created_at": created_at}] * len(chunk)))
+            metadatas = [{"created_at": created_at}] * len(chunk)
+            self._call(partition, functools.partial(_upsert, ids=chunk, embeddings=vectors,
+                                                    metadatas=metadatas))
 
-    def nearest(self, embedding: Sequence[float], partition: str,
+    def nearest(self, embedding: Vector, partition: str,
                 n: int = 1) -> list[tuple[str, float]]:
         """Up to ``n`` closest entries in ``partition`` with their cosine similarities,
         nearest first (empty if the partition is)."""

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import redis
 
@@ -42,6 +42,13 @@ def redis_errors() -> Iterator[None]:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
+
+
+def transaction(client: redis.Redis, apply: Callable[[redis.client.Pipeline], T],
+                *watched: str) -> T:
+    """redis-py's optimistic transaction (WATCH, then ``apply``'s MULTI/EXEC, retried on a
+    concurrent write), returning what ``apply`` returns."""
+    return cast(T, client.transaction(cast(Any, apply), *watched, value_from_callable=True))
 
 
 def connect(url: str, timeout_s: float = 10.0) -> redis.Redis:
@@ -186,7 +193,7 @@ class JobStore(JobRules):
                 self._queue_create(pipe, record)
                 return record.id
 
-            return self._redis.transaction(claim_slot, key, value_from_callable=True)
+            return transaction(self._redis, claim_slot, key)
 
     def release_idempotency(self, slot: str) -> None:
         """Free a key whose job never got enqueued, so the client's retry makes a new one."""
@@ -235,7 +242,7 @@ class JobStore(JobRules):
 
         def transact() -> JobRecord:
             with redis_errors():
-                return self._redis.transaction(apply, key, value_from_callable=True)
+                return transaction(self._redis, apply, key)
 
         new = self._outlasting(f"job {job_id}: update", transact)
         if outboxed and self._webhook_due is not None:

@@ -12,7 +12,7 @@ import contextvars
 import json
 import logging
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 _job: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("t2i_job",
                                                                              default=None)
@@ -48,7 +48,7 @@ class JobContextFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from core.jobs import JobRecord, JobState
 
@@ -34,7 +35,7 @@ class Sample:
         return self.name + "{" + ",".join(f'{k}="{v}"' for k, v in self.labels) + "}"
 
 
-def sample(name: str, value: float = 1.0, **labels: object) -> Sample:
+def sample(name: str, value: float = 1.0, **labels: Any) -> Sample:
     return Sample(name, tuple(sorted((k, str(v)) for k, v in labels.items())), value)
 
 
@@ -48,7 +49,7 @@ def parse_field(text: str) -> tuple[str, dict[str, str]]:
     return name, labels
 
 
-def histogram(name: str, seconds: float, **labels: object) -> list[Sample]:
+def histogram(name: str, seconds: float, **labels: Any) -> list[Sample]:
     """The samples one observation adds: its bucket (cumulated at read time), sum, count."""
     index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
     bucket = str(LATENCY_BUCKETS[index]) if index < len(LATENCY_BUCKETS) else "+Inf"

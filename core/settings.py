@@ -142,32 +142,42 @@ def parse_api_keys(text: str) -> dict[str, str]:
 class Settings:
     # Servers
     redis_url: str = _setting("T2I_REDIS_URL", "redis://127.0.0.1:6390/0",
-                              "Redis for job records and the cache catalog", check=_url("redis", "rediss", "unix"))
+                              "Redis for job records and the cache catalog",
+                              check=_url("redis", "rediss", "unix"))
     broker_url: str = _setting("T2I_BROKER_URL", "",
-                               "Celery broker; empty means T2I_REDIS_URL", check=_url("redis", "rediss", "amqp", "amqps", "sqs", empty=True))
+                               "Celery broker; empty means T2I_REDIS_URL",
+                               check=_url("redis", "rediss", "amqp", "amqps", "sqs", empty=True))
     result_backend: str = _setting("T2I_RESULT_BACKEND", "",
-                                   "Celery result backend; empty means T2I_REDIS_URL", check=_url("redis", "rediss", "db+postgresql", "rpc", empty=True))
+                                   "Celery result backend; empty means T2I_REDIS_URL",
+                                   check=_url("redis", "rediss", "db+postgresql", "rpc",
+                                              empty=True))
     s3_endpoint: str = _setting("T2I_S3_ENDPOINT", "127.0.0.1:8333",
-                                "S3 API host:port (MinIO in production, SeaweedFS locally)", check=_host_port)
+                                "S3 API host:port (MinIO in production, SeaweedFS locally)",
+                                check=_host_port)
     s3_access_key: str = _setting("T2I_S3_ACCESS_KEY", "t2i-local", "S3 access key id",
                                   check=_not_empty)
     s3_secret_key: str = _setting("T2I_S3_SECRET_KEY", "",
                                   "S3 secret key; empty: generated at first start into "
                                   "STATE_DIR/secrets/s3-secret-key (0600)", secret=True)
     s3_secure: bool = _setting("T2I_S3_SECURE", False, "use HTTPS for S3")
-    s3_region: str = _setting("T2I_S3_REGION", "us-east-1", "S3 region (signatures need one)", check=_not_empty)
-    s3_bucket: str = _setting("T2I_S3_BUCKET", "t2i", "bucket for images and cached latents", check=_bucket_name)
+    s3_region: str = _setting("T2I_S3_REGION", "us-east-1", "S3 region (signatures need one)",
+    check=_not_empty)
+    s3_bucket: str = _setting("T2I_S3_BUCKET", "t2i", "bucket for images and cached latents",
+    check=_bucket_name)
     chroma_path: str = _setting("T2I_CHROMA_PATH", "",
                                 "embedded Chroma directory; empty means STATE_DIR/chroma")
     chroma_url: str = _setting("T2I_CHROMA_URL", "",
-                               "Chroma server URL (http://host:port); overrides T2I_CHROMA_PATH", check=_url("http", "https", empty=True))
+                               "Chroma server URL (http://host:port); overrides T2I_CHROMA_PATH",
+                               check=_url("http", "https", empty=True))
     state_dir: str = _setting("T2I_STATE_DIR", "~/.local/state/t2i",
-                              "local stack: data, logs, PIDs, the built test model", check=_not_empty)
+                              "local stack: data, logs, PIDs, the built test model",
+                              check=_not_empty)
     api_host: str = _setting("T2I_API_HOST", "127.0.0.1", "HTTP API bind address", check=_not_empty)
     api_port: int = _setting("T2I_API_PORT", 8000, "HTTP API port", check=_port)
     api_read_timeout_s: float = _setting("T2I_API_READ_TIMEOUT_S", 10.0,
                                          "HTTP API: a request (head and body) must arrive within "
-                                         "this of its first byte, or the connection is closed", check=_positive)
+                                         "this of its first byte, or the connection is closed",
+                                         check=_positive)
     api_max_connections: int = _setting("T2I_API_MAX_CONNECTIONS", 1000,
                                         "HTTP API: open connections per process; more are "
                                         "answered 503", check=_at_least(1))
@@ -185,9 +195,12 @@ class Settings:
     cache_scope: str = _setting("T2I_CACHE_SCOPE", "tenant",
                                 "tenant: a tenant's jobs reuse only its own latents (a shared "
                                 "approximate cache leaks prompts across users); shared: all "
-                                "tenants share one cache, for more savings", check=_one_of("tenant", "shared"))
+                                "tenants share one cache, for more savings",
+                                check=_one_of("tenant", "shared"))
     s3_master_port: int = _setting("T2I_S3_MASTER_PORT", 9333,
-                                   "local stack: SeaweedFS master port (S3 port is in T2I_S3_ENDPOINT)", check=_port)
+                                   "local stack: SeaweedFS master port (S3 port is in "
+                                   "T2I_S3_ENDPOINT)",
+                                   check=_port)
 
     # Model
     model: str = _setting("T2I_MODEL", "tiny",
@@ -196,11 +209,13 @@ class Settings:
                           "built here: SD 1.5's cost per step on a GPU), "
                           "'scene' (the scene-world model trained by quality.world_model, "
                           "committed), a local diffusers directory, or a hub id", check=_not_empty)
-    scheduler: str = _setting("T2I_SCHEDULER", "ddim", "ddim or euler", check=_one_of("ddim", "euler"))
+    scheduler: str = _setting("T2I_SCHEDULER", "ddim", "ddim or euler",
+    check=_one_of("ddim", "euler"))
     device: str = _setting("T2I_DEVICE", "auto", "auto, cpu, cuda, cuda:N", check=_device)
     torch_threads: int = _setting("T2I_TORCH_THREADS", 0,
                                   "CPU threads per worker process for torch; 0 = torch's default "
-                                  "(set 1 when several workers share few cores)", check=_at_least(0))
+                                  "(set 1 when several workers share few cores)",
+                                  check=_at_least(0))
     hf_hub_offline: bool = _setting("HF_HUB_OFFLINE", False,
                                     "never reach the hub when loading a model")
 
@@ -209,9 +224,11 @@ class Settings:
                                    "approximate caching on (1) or off (0: every job runs in full)")
     embedder: str = _setting("T2I_EMBEDDER", "minilm",
                              "prompt embedder for the lookup: minilm (all-MiniLM-L6-v2, 384-d) "
-                             "or clip (the served model's text encoder, pooled)", check=_one_of("minilm", "clip"))
+                             "or clip (the served model's text encoder, pooled)",
+                             check=_one_of("minilm", "clip"))
     k_table: str = _setting("T2I_K_TABLE", "reference",
-                            "similarity -> K table: 'reference' (NIRVANA's) or a JSON file path", check=_k_table)
+                            "similarity -> K table: 'reference' (NIRVANA's) or a JSON file path",
+                            check=_k_table)
 
     cache_admit_resumed: bool = _setting("T2I_CACHE_ADMIT_RESUMED", True,
                                          "a job resumed from K keeps its own latents at the K "
@@ -219,56 +236,76 @@ class Settings:
                                          "full generations are cached)")
 
     cache_policy: str = _setting("T2I_CACHE_POLICY", "lcbfu",
-                                 "eviction policy: lcbfu, lru, lfu, fifo or none", check=_policy_name)
+                                 "eviction policy: lcbfu, lru, lfu, fifo or none",
+                                 check=_policy_name)
     cache_max_bytes: int = _setting("T2I_CACHE_MAX_BYTES", 2 * 1024**3,
-                                    "latent bytes the cache may hold (0 = no limit)", check=_at_least(0))
+                                    "latent bytes the cache may hold (0 = no limit)",
+                                    check=_at_least(0))
     cache_max_items: int = _setting("T2I_CACHE_MAX_ITEMS", 0,
-                                    "(entry, K) items the cache may hold (0 = no limit)", check=_at_least(0))
+                                    "(entry, K) items the cache may hold (0 = no limit)",
+                                    check=_at_least(0))
     cache_low_water: float = _setting("T2I_CACHE_LOW_WATER", 0.9,
-                                      "eviction stops at this fraction of the budget", check=_fraction)
+                                      "eviction stops at this fraction of the budget",
+                                      check=_fraction)
     cache_keep_recent_s: float = _setting("T2I_CACHE_KEEP_RECENT_S", 0.0,
                                           "spare the last item of a prompt used this recently "
                                           "(0 = off)", check=_at_least(0))
     cache_decay_half_life_s: float = _setting("T2I_CACHE_DECAY_HALF_LIFE_S", 0.0,
                                               "LCBFU score decays with idle time at this "
                                               "half-life (0 = plain K x hits)", check=_at_least(0))
-    evict_interval_s: float = _setting("T2I_EVICT_INTERVAL_S", 5.0, "beat: eviction check period", check=_positive)
-    sweep_interval_s: float = _setting("T2I_SWEEP_INTERVAL_S", 300.0, "beat: orphan sweep period", check=_positive)
+    evict_interval_s: float = _setting("T2I_EVICT_INTERVAL_S", 5.0, "beat: eviction check period",
+    check=_positive)
+    sweep_interval_s: float = _setting("T2I_SWEEP_INTERVAL_S", 300.0, "beat: orphan sweep period",
+    check=_positive)
     sweep_grace_s: float = _setting("T2I_SWEEP_GRACE_S", 600.0,
-                                    "the sweep leaves objects and records younger than this", check=_at_least(0))
+                                    "the sweep leaves objects and records younger than this",
+                                    check=_at_least(0))
 
     predictor_enabled: bool = _setting("T2I_PREDICTOR", False,
                                        "use the one-class SVM match predictor once trained "
                                        "(off by default: see docs/cache-manager.md)")
     predictor_min_samples: int = _setting("T2I_PREDICTOR_MIN_SAMPLES", 200,
-                                          "matched prompts needed before the first training", check=_at_least(1))
+                                          "matched prompts needed before the first training",
+                                          check=_at_least(1))
     predictor_max_samples: int = _setting("T2I_PREDICTOR_MAX_SAMPLES", 5000,
-                                          "most recent matched prompts kept for training", check=_at_least(1))
+                                          "most recent matched prompts kept for training",
+                                          check=_at_least(1))
     predictor_nu: float = _setting("T2I_PREDICTOR_NU", 0.1,
-                                   "SVM nu: at most this share of training prompts is outside", check=_fraction)
+                                   "SVM nu: at most this share of training prompts is outside",
+                                   check=_fraction)
     predictor_audit_fraction: float = _setting("T2I_PREDICTOR_AUDIT_FRACTION", 0.1,
                                                "share of predicted misses looked up anyway, "
                                                "to measure the predictor", check=_between(0, 1))
     predictor_train_interval_s: float = _setting("T2I_PREDICTOR_TRAIN_INTERVAL_S", 600.0,
                                                  "beat: predictor training period", check=_positive)
     predictor_check_interval_s: float = _setting("T2I_PREDICTOR_CHECK_INTERVAL_S", 10.0,
-                                                 "triage checks for a newer model this often", check=_positive)
+                                                 "triage checks for a newer model this often",
+                                                 check=_positive)
 
     # Request defaults and limits
-    default_steps: int = _setting("T2I_DEFAULT_STEPS", 50, "denoising steps when a job names none", check=_at_least(1))
-    max_steps: int = _setting("T2I_MAX_STEPS", 150, "most steps a job may ask for", check=_at_least(1))
-    default_size: int = _setting("T2I_DEFAULT_SIZE", 512, "width and height when a job names none", check=_image_side)
+    default_steps: int = _setting("T2I_DEFAULT_STEPS", 50, "denoising steps when a job names none",
+    check=_at_least(1))
+    max_steps: int = _setting("T2I_MAX_STEPS", 150, "most steps a job may ask for",
+    check=_at_least(1))
+    default_size: int = _setting("T2I_DEFAULT_SIZE", 512, "width and height when a job names none",
+    check=_image_side)
     max_size: int = _setting("T2I_MAX_SIZE", 1024, "largest width or height", check=_image_side)
-    default_guidance: float = _setting("T2I_DEFAULT_GUIDANCE", 7.5, "classifier-free guidance scale", check=_between(0, 50))
-    max_prompt_chars: int = _setting("T2I_MAX_PROMPT_CHARS", 2000, "longest prompt accepted", check=_at_least(1))
+    default_guidance: float = _setting("T2I_DEFAULT_GUIDANCE", 7.5,
+                                       "classifier-free guidance scale",
+    check=_between(0, 50))
+    max_prompt_chars: int = _setting("T2I_MAX_PROMPT_CHARS", 2000, "longest prompt accepted",
+    check=_at_least(1))
 
     # Long GPU tasks
     soft_time_limit_s: int = _setting("T2I_SOFT_TIME_LIMIT_S", 600,
-                                      "a generation is asked to stop after this long", check=_at_least(1))
-    time_limit_s: int = _setting("T2I_TIME_LIMIT_S", 660, "a generation is killed after this long", check=_at_least(1))
+                                      "a generation is asked to stop after this long",
+                                      check=_at_least(1))
+    time_limit_s: int = _setting("T2I_TIME_LIMIT_S", 660, "a generation is killed after this long",
+    check=_at_least(1))
     visibility_timeout_s: int = _setting("T2I_VISIBILITY_TIMEOUT_S", 7200,
                                          "unacked messages are redelivered after this long; "
-                                         "must exceed the longest queue wait plus run time", check=_at_least(1))
+                                         "must exceed the longest queue wait plus run time",
+                                         check=_at_least(1))
     max_deliveries: int = _setting("T2I_MAX_DELIVERIES", 3,
                                    "a job whose worker died this many times while generating it "
                                    "is failed, not retried (a poison job)", check=_at_least(1))
@@ -279,13 +316,18 @@ class Settings:
                                      "a worker holding a job waits this long for Redis to come "
                                      "back before it gives the job up", check=_at_least(0))
     reconcile_interval_s: float = _setting("T2I_RECONCILE_INTERVAL_S", 30.0,
-                                           "beat: how often stranded jobs are looked for", check=_positive)
+                                           "beat: how often stranded jobs are looked for",
+                                           check=_positive)
     reconcile_quiet_s: float = _setting("T2I_RECONCILE_QUIET_S", 120.0,
                                         "an unfinished job with no sign of life for this long "
                                         "and no broker message is re-sent to its stage's queue "
-                                        "(failed after T2I_MAX_DELIVERIES re-sends)", check=_positive)
-    job_ttl_s: int = _setting("T2I_JOB_TTL_S", 7 * 24 * 3600, "job records expire after this long", check=_at_least(60))
-    image_url_ttl_s: int = _setting("T2I_IMAGE_URL_TTL_S", 3600, "presigned image URLs expire after", check=_between(1, 7 * 24 * 3600))
+                                        "(failed after T2I_MAX_DELIVERIES re-sends)",
+                                        check=_positive)
+    job_ttl_s: int = _setting("T2I_JOB_TTL_S", 7 * 24 * 3600, "job records expire after this long",
+    check=_at_least(60))
+    image_url_ttl_s: int = _setting("T2I_IMAGE_URL_TTL_S", 3600,
+                                    "presigned image URLs expire after",
+    check=_between(1, 7 * 24 * 3600))
 
     # Webhooks and logs
     webhook_secret: str = _setting("T2I_WEBHOOK_SECRET", "",
@@ -299,12 +341,14 @@ class Settings:
                                   "empty: only public addresses", check=_allowlist)
     webhook_max_attempts: int = _setting("T2I_WEBHOOK_MAX_ATTEMPTS", 8,
                                          "a webhook is given up after this many failed POSTs "
-                                         "(retries back off 1, 2, 4 ... s, at most 10 min)", check=_at_least(1))
+                                         "(retries back off 1, 2, 4 ... s, at most 10 min)",
+                                         check=_at_least(1))
     webhook_timeout_s: float = _setting("T2I_WEBHOOK_TIMEOUT_S", 5.0,
                                         "total deadline of one POST: connect, send and the "
                                         "answer's status line", check=_positive)
     webhook_concurrency: int = _setting("T2I_WEBHOOK_CONCURRENCY", 16,
-                                        "deliveries the webhook worker runs at once (threads)", check=_at_least(1))
+                                        "deliveries the webhook worker runs at once (threads)",
+                                        check=_at_least(1))
     webhook_sweep_interval_s: float = _setting("T2I_WEBHOOK_SWEEP_INTERVAL_S", 30.0,
                                                "beat: how often deliveries whose message was "
                                                "lost are sent again", check=_positive)
@@ -312,7 +356,8 @@ class Settings:
                                       "a worker touches this file every 10 s once ready (its "
                                       "liveness probe needs no broker); empty: none")
     log_format: str = _setting("T2I_LOG_FORMAT", "json",
-                               "json: one JSON object per line with the job id; text: plain", check=_one_of("json", "text"))
+                               "json: one JSON object per line with the job id; text: plain",
+                               check=_one_of("json", "text"))
 
     @property
     def broker(self) -> str:
@@ -328,7 +373,9 @@ class Settings:
 
     @property
     def chroma_dir(self) -> Path:
-        return Path(self.chroma_path).expanduser() if self.chroma_path else self.state_path / "chroma"
+        if self.chroma_path:
+            return Path(self.chroma_path).expanduser()
+        return self.state_path / "chroma"
 
     @property
     def redis_port(self) -> int:
@@ -391,12 +438,12 @@ def load_settings(environ: Mapping[str, str] | None = None,
     raises SettingError naming the variable and its bad value. Secrets the environment
     leaves empty are read from STATE_DIR/secrets when those files exist (never made here)."""
     environ = os.environ if environ is None else environ
-    values = {f.name: _parse(environ[f.metadata["env"]], str(f.type), f.metadata["env"])
+    values: dict[str, Any] = {f.name: _parse(environ[f.metadata["env"]], str(f.type), f.metadata["env"])
               for f in fields(Settings) if f.metadata["env"] in environ}
     config = Settings(**values)
     if read_secrets:
         directory = config.state_path / "secrets"
-        found = {name: _from_file(name, (directory / file).read_text().strip())
+        found: dict[str, Any] = {name: _from_file(name, (directory / file).read_text().strip())
                  for name, file in _SECRET_FILES.items()
                  if not getattr(config, name) and (directory / file).is_file()}
         config = replace(config, **found)
@@ -413,7 +460,7 @@ def ensure_secrets(config: Settings) -> Settings:
     if not missing:
         return config
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    found = {}
+    found: dict[str, Any] = {}
     for name, file in missing.items():
         path = directory / file
         try:
@@ -433,8 +480,9 @@ def require_secret(config: Settings, name: str) -> str:
     value = getattr(config, name)
     if not value:
         env = next(f.metadata["env"] for f in fields(Settings) if f.name == name)
-        raise SettingError(f"{env} is not set and {config.state_path / 'secrets' / _SECRET_FILES[name]} "
-                           "does not exist: run `t2i-stack up` (which makes it) or set it")
+        path = config.state_path / "secrets" / _SECRET_FILES[name]
+        raise SettingError(f"{env} is not set and {path} does not exist: run `t2i-stack up` "
+                           "(which makes it) or set it")
     return value
 
 
@@ -449,7 +497,8 @@ def to_environ(config: Settings) -> dict[str, str]:
     environ = {}
     for f in fields(Settings):
         value = getattr(config, f.name)
-        environ[f.metadata["env"]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        environ[f.metadata["env"]] = text
     return environ
 
 

@@ -27,11 +27,16 @@ class TraceRequest:
     steps: int | None
 
 
-def _number(text: str, kind: type) -> object:
-    return kind(text) if text.strip() else None
+def _float(text: str) -> float | None:
+    return float(text) if text.strip() else None
 
 
-def read_trace(path: Path, limit: int | None = None, channel: str | None = None) -> Iterator[TraceRequest]:
+def _int(text: str) -> int | None:
+    return int(text) if text.strip() else None
+
+
+def read_trace(path: Path, limit: int | None = None,
+               channel: str | None = None) -> Iterator[TraceRequest]:
     """Rows of the trace in file order (chronological within a channel); rows with an empty
     prompt are skipped. ``channel`` keeps one channel only."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -45,7 +50,7 @@ def read_trace(path: Path, limit: int | None = None, channel: str | None = None)
             yield TraceRequest(channel=row["channel"], seq=int(row["seq"]), user=row["user_hash"],
                                prompt=row["prompt"], seed=int(row["seed"] or 0),
                                width=int(row["width"] or 512), height=int(row["height"] or 512),
-                               cfg=_number(row["cfg"], float), steps=_number(row["steps"], int))
+                               cfg=_float(row["cfg"]), steps=_int(row["steps"]))
             count += 1
             if limit is not None and count >= limit:
                 return

@@ -16,7 +16,7 @@ def require_auth_everywhere() -> None:
     from flower.views.monitor import Healthcheck, Metrics
 
     for handler in (Metrics, Healthcheck):
-        handler.get = tornado.web.authenticated(handler.get)  # type: ignore[method-assign]
+        handler.get = tornado.web.authenticated(handler.get)
 
 
 def main() -> None:

@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.settings import Settings, require_secret, to_environ
 from core.errors import StackError, T2IError
 from core.jobstore import connect
 from core.objectstore import ObjectStore
+from core.settings import Settings, require_secret, to_environ
 from infra import seaweed
-from workers import queues
 from infra.tls import ensure_certificates
+from workers import queues
 
 LOOPBACK = "127.0.0.1"
 REDIS_INSTALL_HINT = "install it with: apt-get update && apt-get install -y redis-server"

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from core.settings import Settings, ensure_secrets, load_settings
 from core.errors import StackError, T2IError
+from core.settings import Settings, ensure_secrets, load_settings
 from infra import servers
 
 SERVICES: dict[str, Callable[[Settings], servers.Service]] = {

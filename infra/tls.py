@@ -32,7 +32,7 @@ def ensure_certificates(directory: Path, names: list[str]) -> Path:
     if all((directory / f"{name}.key").exists() for name in names):
         return directory
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + _VALID
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("t2i local stack CA")

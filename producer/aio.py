@@ -18,8 +18,16 @@ from typing import Any
 
 import httpx
 
-from core.errors import (ApiUnavailable, IdempotencyConflict, InvalidRequest, JobNotFinished,
-                         JobNotFound, T2IError, Timeout, Unauthorized)
+from core.errors import (
+    ApiUnavailable,
+    IdempotencyConflict,
+    InvalidRequest,
+    JobNotFinished,
+    JobNotFound,
+    T2IError,
+    Timeout,
+    Unauthorized,
+)
 from core.jobs import JobState
 
 LONG_POLL_S = 30.0

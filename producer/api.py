@@ -15,13 +15,21 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from core.settings import api_key_tenants, require_secret
 from core import logs
-from core.errors import (IdempotencyConflict, InvalidRequest, JobNotFinished, JobNotFound,
-                         ObjectMissing, T2IError, TransientError, Unauthorized)
+from core.errors import (
+    IdempotencyConflict,
+    InvalidRequest,
+    JobNotFinished,
+    JobNotFound,
+    ObjectMissing,
+    T2IError,
+    TransientError,
+    Unauthorized,
+)
 from core.jobs import JobState
 from core.jobstore import JobStore, connect
 from core.objectstore import ObjectStore
+from core.settings import api_key_tenants, require_secret
 from core.webhooks import tenant_secret
 from producer.client import Client
 from producer.metrics import ApiMetrics
@@ -50,7 +58,7 @@ class JobSubmission(BaseModel):
                                     "finishes, signed (X-T2I-Signature)")
 
 
-SECURED = {"security": [{"bearer": []}, {"apiKey": []}]}
+SECURED: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]}
 
 
 def _error(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:

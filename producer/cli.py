@@ -10,7 +10,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ from tqdm import tqdm
 
 from core import settings
 from core.errors import T2IError
-from producer.client import Client
 from core.trace import DEFAULT_TRACE, read_trace
+from producer.client import Client
 from quality.toy_trace import Behaviour, toy_trace
 
 
@@ -135,7 +134,7 @@ def contact_sheet(paths: list[Path], columns: int = 6):
 
     if not paths:
         return None
-    tiles = [Image.open(path).convert("RGB").resize((128, 128), Image.NEAREST) for path in paths]
+    tiles = [Image.open(path).convert("RGB").resize((128, 128), Image.Resampling.NEAREST) for path in paths]
     rows = -(-len(tiles) // columns)
     sheet = Image.new("RGB", (128 * min(columns, len(tiles)), 128 * rows), "white")
     for index, tile in enumerate(tiles):

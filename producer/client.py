@@ -13,16 +13,22 @@ import time
 import uuid
 from typing import Any
 
-from core.settings import Settings, load_settings
-from core.errors import (BrokerUnavailable, DeliveryFailed, InvalidRequest, JobNotFinished,
-                         JobNotFound, Timeout, WebhookRefused)
+from core.errors import (
+    BrokerUnavailable,
+    DeliveryFailed,
+    InvalidRequest,
+    JobNotFinished,
+    JobNotFound,
+    Timeout,
+    WebhookRefused,
+)
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
+from core.settings import Settings, load_settings
 from core.webhooks import AddressPolicy, parse_allowlist, parse_target
 from workers.app import TRIAGE_TASK, WEBHOOK_TASK, enqueue, make_app
 from workers.webhooks import resolve_host
-
 
 DEFAULT_TENANT = "default"
 _IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
@@ -103,8 +109,9 @@ class Client:
             enqueue(self.celery, TRIAGE_TASK, job_id)
         except BrokerUnavailable as exc:
             # The record must not promise a job that no queue holds, nor the key hold it.
+            reason = f"not enqueued: {exc}"
             self.jobs.update(job_id, lambda r: r.transition(
-                JobState.FAILED, error=f"not enqueued: {exc}", finished_at=time.time()))
+                JobState.FAILED, error=reason, finished_at=time.time()))
             if idempotency:
                 self.jobs.release_idempotency(idempotency[0])
             raise

@@ -10,8 +10,12 @@ from collections.abc import Iterator
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, Metric)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from cachemgr.catalog import Catalog
@@ -38,7 +42,8 @@ HELP = {
 
 def _counter_families(values: dict[str, float]) -> Iterator[Metric]:
     counters: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-    histograms: dict[str, dict[tuple, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    histograms: dict[str, dict[tuple[tuple[str, str], ...], dict[str, float]]] = defaultdict(
+        lambda: defaultdict(dict))
     for field, value in values.items():
         name, labels = parse_field(field)
         for part in ("_bucket_raw", "_sum", "_count"):
@@ -55,13 +60,13 @@ def _counter_families(values: dict[str, float]) -> Iterator[Metric]:
         for labels, value in series:
             family.add_metric([labels.get(key, "") for key in names], value)
         yield family
-    for name, series in sorted(histograms.items()):
-        names = sorted({key for labels in series for key, _ in labels})
-        family = HistogramMetricFamily(name, HELP.get(name, name), labels=names)
-        for labels, parts in series.items():
-            family.add_metric([dict(labels).get(key, "") for key in names],
-                              cumulative_buckets(parts), parts.get("_sum", 0.0))
-        yield family
+    for name, by_labels in sorted(histograms.items()):
+        names = sorted({key for labels in by_labels for key, _ in labels})
+        histogram = HistogramMetricFamily(name, HELP.get(name, name), labels=names)
+        for label_pairs, parts in by_labels.items():
+            histogram.add_metric([dict(label_pairs).get(key, "") for key in names],
+                                 cumulative_buckets(parts), parts.get("_sum", 0.0))
+        yield histogram
 
 
 class ServiceCollector(Collector):

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [np.concatenate(pairs[i:i + 4], 1) for i in range(0, len(pairs) - 3, 4)]
     if rows:
         Image.fromarray(np.concatenate(rows, 0)).resize(
-            (rows[0].shape[1] * 3, len(rows) * 64 * 3), Image.NEAREST).save(
+            (rows[0].shape[1] * 3, len(rows) * 64 * 3), Image.Resampling.NEAREST).save(
             out.with_name(out.name + "-samples.png"))
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     return 0

@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cachemgr.ktable import derive_table
-from core.settings import load_settings
 from core.jobs import JobRequest
+from core.settings import load_settings
 from quality.evaluator import png_pixels
 from quality.scenes import caption, edit, sample_scene
 from quality.scoring import Scorer, load_scorer
@@ -107,7 +107,9 @@ def measure(engine: Engine, scorer: Scorer, cells: list[Cell], steps: int, ks: l
     bar = tqdm(total=sum(len(c.pairs) for c in cells), desc="profiling pairs", unit="pair",
                disable=not progress)
     for index, cell in enumerate(cells):
-        second_prompts, scratch, resumed = [], [], {k: [] for k in ks}
+        second_prompts: list[str] = []
+        scratch: list[np.ndarray] = []
+        resumed: dict[int, list[np.ndarray]] = {k: [] for k in ks}
         for pair_index, (first, second, _) in enumerate(cell.pairs):
             pair_seed = seed + 1000 * index + pair_index
             source = engine.generate(request(first, pair_seed), quiet, frozenset(ks))

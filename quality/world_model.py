@@ -29,8 +29,16 @@ import torch
 from tqdm import tqdm
 
 from quality.evaluator import to_tensor
-from quality.scenes import (BACKGROUND_TEMPLATES, COLOURS, POSITION_WORDS, SHAPE_WORDS,
-                            SIZE_WORDS, caption, render, sample_scene)
+from quality.scenes import (
+    BACKGROUND_TEMPLATES,
+    COLOURS,
+    POSITION_WORDS,
+    SHAPE_WORDS,
+    SIZE_WORDS,
+    caption,
+    render,
+    sample_scene,
+)
 from workers.builtin_models import SD1_NOISE_SCHEDULE, sd1_ddim_scheduler
 
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the whole test suite against real servers and workers.
+# Set up (scripts/setup.sh), lint and type check (configured in pyproject.toml), and run the
+# whole test suite against real servers and workers.
 # Test-only system packages come from apt: Chromium (Flower in a browser) and docker-compose
 # (validates infra/compose.yaml; no Docker daemon is used).
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/unit -x
@@ -12,4 +13,7 @@ if ! command -v chromium >/dev/null || ! command -v docker-compose >/dev/null; t
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium docker-compose >/dev/null
 fi
+echo "==> lint (ruff) and type check (mypy)"
+.venv/bin/ruff check .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -ra "$@"

@@ -14,10 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.settings import Settings, load_settings, ensure_secrets
 from core.jobstore import KEY_PREFIX, connect
+from core.settings import Settings, ensure_secrets, load_settings
 from infra import servers
-
 
 # Two tenants of the HTTP API (test keys, not secrets).
 TENANT, TENANT_KEY = "acme", "acme-test-key-0123456789"

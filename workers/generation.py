@@ -17,12 +17,19 @@ from cachemgr.keys import latent_key, request_partition
 from cachemgr.ktable import KTable
 from cachemgr.plan import kept_ks
 from core.backoff import backoff_s
-from core.errors import (BrokerUnavailable, CorruptLatent, InvalidTransition, JobCancelled,
-                         ObjectMissing, ObjectStoreUnavailable, T2IError)
+from core.errors import (
+    BrokerUnavailable,
+    CorruptLatent,
+    InvalidTransition,
+    JobCancelled,
+    ObjectMissing,
+    ObjectStoreUnavailable,
+    T2IError,
+)
 from core.jobs import JobRecord, JobState, image_key
-from core.plan import CachePlan
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
+from core.plan import CachePlan
 from workers.engine import Engine, Generation
 from workers.latents import load_latent, save_latents
 
@@ -218,10 +225,11 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
     if plan is None or plan.entry is None or plan.k is None:  # routed by no resume plan
         return generate_full(job_id, jobs, objects, engine, worker, now, cache, reliability)
     entry, k, partition = plan.entry, plan.k, plan.partition
-    record = start_generation(job_id, jobs, engine.label, worker, now, reliability,
-                              total_steps=record.request.steps - k)
-    if record is None:
+    started = start_generation(job_id, jobs, engine.label, worker, now, reliability,
+                               total_steps=record.request.steps - k)
+    if started is None:
         return {"job_id": job_id, "skipped": True}
+    record = started
     request = record.request
     fetch_started = time.perf_counter()
     try:

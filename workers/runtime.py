@@ -8,9 +8,9 @@ import time
 
 from cachemgr.catalog import Catalog
 from cachemgr.ktable import KTable
-from core.settings import Settings, load_settings
 from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
+from core.settings import Settings, load_settings
 
 clock = time.time
 

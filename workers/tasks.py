@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import itertools
 import logging
 import os
 import threading
@@ -23,13 +22,25 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.backoff import backoff_s
 from core.errors import BrokerUnavailable, JobNotFound, T2IError, TransientError
 from core.jobs import RequestLimits
-from workers import runtime
-from workers.queues import FULL, JOB_QUEUES, RESUME, TRIAGE
-from core.logs import enter_job, install as install_log_format, leave_job
+from core.logs import enter_job, leave_job
+from core.logs import install as install_log_format
 from core.metrics import sample
-from workers.app import (EVICT_TASK, FULL_TASK, RECONCILE_TASK, REGISTER_TASK,
-                         RESUME_TASK, SWEEP_TASK, TRAIN_PREDICTOR_TASK, TRIAGE_TASK,
-                         WEBHOOK_SWEEP_TASK, WEBHOOK_TASK, app, enqueue)
+from workers import runtime
+from workers.app import (
+    EVICT_TASK,
+    FULL_TASK,
+    RECONCILE_TASK,
+    REGISTER_TASK,
+    RESUME_TASK,
+    SWEEP_TASK,
+    TRAIN_PREDICTOR_TASK,
+    TRIAGE_TASK,
+    WEBHOOK_SWEEP_TASK,
+    WEBHOOK_TASK,
+    app,
+    enqueue,
+)
+from workers.queues import FULL, JOB_QUEUES, RESUME, TRIAGE
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +121,8 @@ def _retried_in_place(task: Task, what: str, work: Callable[[], T]) -> T:
     T2I_REDIS_OUTAGE_S; the last failure is raised. Not Celery's ``retry``: that publishes
     a new message, and when the store that failed is Redis the publish fails too and Celery
     drops the message (a lost job, seen in the fault tests)."""
-    started = time.monotonic()
-    for attempt in itertools.count():
+    started, attempt = time.monotonic(), 0
+    while True:
         try:
             return work()
         except BrokerUnavailable as exc:
@@ -123,6 +134,7 @@ def _retried_in_place(task: Task, what: str, work: Callable[[], T]) -> T:
                 raise
             log.warning("%s: %s; retry %d", what, exc, attempt + 1)
         time.sleep(backoff_s(attempt, 1.0, 30.0))
+        attempt += 1
 
 
 def _guarded(task: Task, job_id: str, stage: str,

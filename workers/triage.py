@@ -19,8 +19,8 @@ from cachemgr.predictor import MatchPredictor
 from cachemgr.vectors import VectorIndex
 from core.errors import InvalidRequest, InvalidTransition, VectorIndexUnavailable
 from core.jobs import JobRecord, JobState, RequestLimits, parse_request
-from core.plan import FULL_CACHE_OFF, CachePlan, Reason, Route
 from core.jobstore import JobStore
+from core.plan import FULL_CACHE_OFF, CachePlan, Reason, Route
 from workers.app import FULL_TASK, RESUME_TASK
 from workers.embedder import Embedder
 
@@ -101,7 +101,8 @@ def triage_job(job_id: str, jobs: JobStore, limits: RequestLimits, decide: Decid
         try:
             parse_request(asdict(record.request), limits, random_seed=record.request.seed)
         except InvalidRequest as exc:
-            jobs.update(job_id, lambda r: r.transition(JobState.FAILED, error=f"invalid request: {exc}",
+            reason = f"invalid request: {exc}"
+            jobs.update(job_id, lambda r: r.transition(JobState.FAILED, error=reason,
                                                         finished_at=now()))
             log.warning("job %s: refused at triage: %s", job_id, exc)
             return {"job_id": job_id, "failed": str(exc)}

@@ -22,13 +22,29 @@ from dataclasses import dataclass, replace
 import httpx
 import redis
 
+from core.backoff import backoff_s
 from core.errors import DeliveryFailed, InvalidRequest, JobNotFound, T2IError, WebhookRefused
 from core.jobs import JobRecord
-from core.jobstore import (WEBHOOK_ATTEMPTS, WEBHOOK_OUTBOX, WEBHOOK_RESENT, JobStore,
-                           redis_errors)
-from core.backoff import backoff_s
-from core.webhooks import (RETRY_CAP_S, RETRY_FIRST_S, SIGNATURE_HEADER, AddressPolicy, Outcome,
-                           Resolve, WebhookTarget, parse_target, sign, tenant_secret)
+from core.jobstore import (
+    WEBHOOK_ATTEMPTS,
+    WEBHOOK_OUTBOX,
+    WEBHOOK_RESENT,
+    JobStore,
+    redis_errors,
+    transaction,
+)
+from core.webhooks import (
+    RETRY_CAP_S,
+    RETRY_FIRST_S,
+    SIGNATURE_HEADER,
+    AddressPolicy,
+    Outcome,
+    Resolve,
+    WebhookTarget,
+    parse_target,
+    sign,
+    tenant_secret,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +54,7 @@ Send = Callable[[str, WebhookTarget, bytes, dict[str, str]], int]
 
 def resolve_host(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to (IP literals in any spelling included)."""
-    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
 async def _post(address: str, target: WebhookTarget, body: bytes, headers: dict[str, str],
@@ -86,7 +102,7 @@ class WebhookOutbox:
             return True
 
         with redis_errors():
-            return self._redis.transaction(claim, WEBHOOK_OUTBOX, value_from_callable=True)
+            return transaction(self._redis, claim, WEBHOOK_OUTBOX)
 
     def overdue(self, before: float, resent_before: float, limit: int = 1000) -> list[str]:
         """Entries due before ``before`` whose message was not re-sent since

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_replay_command import write_trace
 
 from bench import scaling
-from test_replay_command import write_trace
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,8 @@ from cachemgr.catalog import Catalog
 from cachemgr.keys import latent_key
 from cachemgr.ktable import REFERENCE_TABLE
 from core.jobstore import connect
-from core.plan import CachePlan
 from core.objectstore import ObjectStore
+from core.plan import CachePlan
 from producer.client import Client
 from workers.embedder import MiniLMEmbedder
 from workers.latents import encode_latent
@@ -115,7 +115,8 @@ def test_a_resumed_job_keeps_its_latents_above_k_and_its_repeat_resumes_from_the
     assert first["cache"]["route"] == "resume" and 0 < first["cache"]["k"] < 5
     wait_for_items(catalog, first["id"], set(range(first["cache"]["k"] + 1, 6)))
     repeat = submit_and_wait(client, edit)
-    assert repeat["cache"]["reason"] == "hit" and repeat["cache"]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert repeat["cache"]["reason"] == "hit"
+    assert repeat["cache"]["similarity"] == pytest.approx(1.0, abs=1e-5)
     assert plan(client, repeat).entry == first["id"] and repeat["cache"]["k"] == 5
     difference = np.abs(pixels(client, repeat["id"]) - pixels(client, first["id"]))
     assert difference.mean() < 1.0  # the same trajectory continued: only fp16 storage differs

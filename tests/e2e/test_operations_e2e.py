@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from conftest import TENANT_KEY, WEBHOOK_PORT, job_count
+from core.errors import IdempotencyConflict, InvalidRequest
 from core.jobs import REQUEST_FIELDS
 from core.webhooks import SIGNATURE_HEADER, verify
 from producer.aio import AsyncClient
-from core.errors import IdempotencyConflict, InvalidRequest
 
 pytestmark = pytest.mark.e2e
 

@@ -101,8 +101,8 @@ def test_receivers_that_never_answer_hold_up_no_other_tenants_triage(stack, base
                 "webhook_url": f"http://127.0.0.1:{SILENT_WEBHOOK_PORT}/hook"}).json()["id"]
                 for i in range(10)]
             for job_id in hooked:
-                wait_for(lambda: acme.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded",
-                         120, f"job {job_id}")
+                wait_for(lambda job_id=job_id: acme.get(f"/v1/jobs/{job_id}").json()["state"]
+                         == "succeeded", 120, f"job {job_id}")
             wait_for(lambda: len(silent.connections) >= 10, 30, "ten deliveries under way")
             other = globex.post("/v1/jobs", json={"prompt": "an unrelated heron",
                                                   **SMALL}).json()["id"]

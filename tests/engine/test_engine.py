@@ -7,9 +7,9 @@ import torch
 
 from core.errors import CorruptLatent, JobCancelled
 from core.jobs import JobRequest
+from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
 from workers.latents import decode_latent, encode_latent
-from workers.builtin_models import build_tiny_pipeline
 
 STEPS = 10
 

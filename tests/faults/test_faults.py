@@ -22,10 +22,10 @@ import pytest
 
 from bench import load
 from cachemgr.vectors import VectorIndex
-from core.settings import Settings, api_key_tenants
 from core.errors import BrokerUnavailable
 from core.jobs import JobRecord, JobState, parse_request
 from core.objectstore import ObjectStore
+from core.settings import Settings, api_key_tenants
 from infra import servers
 from producer.client import Client
 from workers.app import make_app

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
 from conftest import running
+from core.settings import Settings
 from infra import servers
 from producer.client import Client
 from workers.app import make_app

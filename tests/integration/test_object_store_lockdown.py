@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.settings import Settings
 from core.errors import ObjectStoreUnavailable
 from core.objectstore import ObjectStore
+from core.settings import Settings
 from infra.servers import _executable
 
 CANARY = "images/lockdown-canary.png"

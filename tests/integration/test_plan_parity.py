@@ -62,7 +62,7 @@ def live_plans(embedder, redis_url: str, tmp_path) -> list:
         kept = kept_ks(plan, REFERENCE_TABLE, steps, admit_resumed=True)
         if kept:  # what the GPU worker registers once the job is done
             register_entry(record.id, plan.partition, {k: 100 for k in kept}, jobs, embedder,
-                           vectors, catalog, lambda: float(i))
+                           vectors, catalog, lambda now=float(i): now)
     return plans
 
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cachemgr.predictor_store import (SAMPLES, VERSION, PredictorStore, ReloadingPredictor,
-                                      train_and_publish)
+from cachemgr.predictor_store import (
+    SAMPLES,
+    VERSION,
+    PredictorStore,
+    ReloadingPredictor,
+    train_and_publish,
+)
 from core.jobstore import connect
 from core.objectstore import ObjectStore
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 
 import pytest
 
-from core.settings import Settings
 from core.jobs import JobRecord, JobRequest, JobState
 from core.jobstore import JobStore, connect
+from core.settings import Settings
 from workers.app import make_app
 from workers.reconcile import broker_job_ids, reconcile
 

@@ -7,8 +7,13 @@ import urllib.request
 
 import pytest
 
-from core.errors import (BrokerUnavailable, IdempotencyConflict, JobNotFound, ObjectMissing,
-                         ObjectStoreUnavailable)
+from core.errors import (
+    BrokerUnavailable,
+    IdempotencyConflict,
+    JobNotFound,
+    ObjectMissing,
+    ObjectStoreUnavailable,
+)
 from core.jobs import JobRecord, JobRequest, JobState
 from core.jobstore import WEBHOOK_OUTBOX, JobStore, connect
 from core.objectstore import ObjectStore
@@ -86,7 +91,8 @@ def test_duplicate_webhook_messages_claim_each_delivery_once(redis_url: str):
     for index in range(20):
         connect(redis_url).zadd(WEBHOOK_OUTBOX, {f"hook-{index}": 0})
     for index in range(20):
-        won = run_concurrently(lambda: outbox.claim(f"hook-{index}", now=10.0, lease_s=60.0), 8)
+        won = run_concurrently(lambda job_id=f"hook-{index}": outbox.claim(
+            job_id, now=10.0, lease_s=60.0), 8)
         assert won.count(True) == 1, index
     assert not outbox.claim("hook-0", now=60.0, lease_s=60.0)   # leased until 70
     assert outbox.claim("hook-0", now=70.0, lease_s=60.0)       # a crashed attempt's comes back

@@ -5,11 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.errors import InvalidRequest, InvalidTransition
-from core.jobs import (ALLOWED_TRANSITIONS, JobRecord, JobRequest, JobState, RequestLimits,
-                       image_key, parse_request)
+from core.jobs import (
+    ALLOWED_TRANSITIONS,
+    JobRecord,
+    JobRequest,
+    JobState,
+    RequestLimits,
+    image_key,
+    parse_request,
+)
 
 LIMITS = RequestLimits(default_steps=50, max_steps=150, default_size=512, max_size=1024,
                        default_guidance=7.5, max_prompt_chars=100)

@@ -8,16 +8,29 @@ from dataclasses import replace
 
 import pytest
 
-from core.errors import InvalidRequest
-from core.jobs import JobRecord, JobRequest, JobState
-from core.plan import CachePlan, Reason, Route
-from core.logs import JobContextFilter, JsonFormatter, job_context
-from core.metrics import (LATENCY_BUCKETS, cumulative_buckets, merged, parse_field, sample,
-                          transition_samples)
-from core.errors import DeliveryFailed, WebhookRefused
 from core.backoff import backoff_s
-from core.webhooks import (RETRY_CAP_S, RETRY_FIRST_S, AddressPolicy, parse_allowlist,
-                           parse_target, sign, tenant_secret, verify)
+from core.errors import DeliveryFailed, InvalidRequest, WebhookRefused
+from core.jobs import JobRecord, JobRequest, JobState
+from core.logs import JobContextFilter, JsonFormatter, job_context
+from core.metrics import (
+    LATENCY_BUCKETS,
+    cumulative_buckets,
+    merged,
+    parse_field,
+    sample,
+    transition_samples,
+)
+from core.plan import CachePlan, Reason, Route
+from core.webhooks import (
+    RETRY_CAP_S,
+    RETRY_FIRST_S,
+    AddressPolicy,
+    parse_allowlist,
+    parse_target,
+    sign,
+    tenant_secret,
+    verify,
+)
 
 REQUEST = JobRequest("a fox", "", 10, 7.5, 1, 64, 64)
 

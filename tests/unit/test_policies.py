@@ -4,10 +4,20 @@ Time is injected (``now``); no I/O."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cachemgr.policies import (FIFO, LCBFU, LFU, LRU, Budget, ItemStats, NoCache, policy_by_name,
-                               select_victims)
+from cachemgr.policies import (
+    FIFO,
+    LCBFU,
+    LFU,
+    LRU,
+    Budget,
+    ItemStats,
+    NoCache,
+    policy_by_name,
+    select_victims,
+)
 
 ALL = [LCBFU(), LCBFU(half_life_s=60.0), LRU(), LFU(), FIFO()]
 NOW = 1000.0

@@ -7,9 +7,22 @@ import random
 import numpy as np
 import pytest
 
-from quality.scenes import (COLOURS, POSITION_WORDS, POSITIONS, SHAPE_WORDS, SIZE, SIZE_WORDS,
-                            Scene, SceneObject, adherence, caption, edit, parse_caption, render,
-                            sample_scene)
+from quality.scenes import (
+    COLOURS,
+    POSITION_WORDS,
+    POSITIONS,
+    SHAPE_WORDS,
+    SIZE,
+    SIZE_WORDS,
+    Scene,
+    SceneObject,
+    adherence,
+    caption,
+    edit,
+    parse_caption,
+    render,
+    sample_scene,
+)
 
 
 def test_scenes_and_captions_are_seeded() -> None:

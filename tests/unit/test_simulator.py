@@ -6,8 +6,14 @@ import numpy as np
 
 from cachemgr.ktable import REFERENCE_TABLE
 from cachemgr.policies import LCBFU, LRU, NoCache
-from cachemgr.simulator import (ExactIndex, PredictorConfig, SimConfig, SimRequest,
-                                earlier_neighbours, simulate)
+from cachemgr.simulator import (
+    ExactIndex,
+    PredictorConfig,
+    SimConfig,
+    SimRequest,
+    earlier_neighbours,
+    simulate,
+)
 
 
 def unit(v) -> np.ndarray:

@@ -17,8 +17,7 @@ from core.objectstore import InMemoryObjectStore
 from core.plan import CachePlan, Reason, Route
 from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
-from workers.generation import (CacheConfig, Reliability, generate_full, generate_resume,
-                                store_image)
+from workers.generation import CacheConfig, Reliability, generate_full, generate_resume, store_image
 from workers.latents import save_latents
 from workers.triage import Triaged, triage_job
 
@@ -191,5 +190,5 @@ def test_triage_skips_a_job_a_gpu_worker_already_holds_or_that_finished(clock):
         jobs, sent = InMemoryJobStore(), []
         job(jobs, state)
         outcome = triage_job("job-1", jobs, RequestLimits(), planned,
-                             lambda task, job_id: sent.append(task), clock)
+                             lambda task, job_id, sent=sent: sent.append(task), clock)
         assert outcome["skipped"] == str(state) and sent == []
