@@ -185,7 +185,8 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 @dataclass(frozen=True)
 class JobRecord:
-    """What a poller sees. Stored as a flat Redis hash (see to_fields / from_fields)."""
+    """A job's record, stored as a flat Redis hash (see to_fields / from_fields); what a
+    poller sees of it is ``public()``."""
 
     id: str
     state: JobState

@@ -222,7 +222,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
         return generate_full(job_id, jobs, objects, engine, worker, now, None, reliability)
     record = jobs.get(job_id)
     plan = record.plan
-    if plan is None or plan.entry is None or plan.k is None:  # routed by no resume plan
+    if plan is None or plan.entry is None or plan.k is None:  # nothing to resume from
         return generate_full(job_id, jobs, objects, engine, worker, now, cache, reliability)
     entry, k, partition = plan.entry, plan.k, plan.partition
     started = start_generation(job_id, jobs, engine.label, worker, now, reliability,

@@ -55,7 +55,7 @@ def hit_once_indexed(client: Client, prompt: str, seed: int, timeout: float = 60
 def test_a_removed_index_directory_reopens_and_is_refilled_by_the_sweep(config):
     client = Client(config)
     first = "index fault: a brass lantern on a stone wall"
-    assert hit_once_indexed(client, first, 1)["route_reason"] == "hit"
+    assert hit_once_indexed(client, first, 1)["cache"]["reason"] == "hit"
     shutil.rmtree(config.chroma_dir)
 
     later = "index fault: a paper crane on a windowsill"
