@@ -96,34 +96,25 @@ def _k_table(value: str) -> str | None:
         "is neither 'reference' nor a JSON file that exists"
 
 
-def _policy_name(value: str) -> str | None:
-    from cachemgr.policies import policy_by_name  # pure; imported late: it is large
+def _parses(parse: Callable[[str], object]) -> Check:
+    """A check that the value parses; the parser's error is the problem."""
+    def check(value: str) -> str | None:
+        try:
+            parse(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    return check
 
-    try:
-        policy_by_name(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
+
+def _policy(name: str) -> object:
+    from cachemgr.policies import policy_by_name  # pure, but cachemgr builds on core
+
+    return policy_by_name(name)
 
 
 def _user_password(value: str) -> str | None:
     return None if not value or ":" in value else "must be user:password"
-
-
-def _api_keys(value: str) -> str | None:
-    try:
-        parse_api_keys(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _allowlist(value: str) -> str | None:
-    try:
-        parse_allowlist(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
 
 
 def parse_api_keys(text: str) -> dict[str, str]:
@@ -191,7 +182,7 @@ class Settings:
     api_keys: str = _setting("T2I_API_KEYS", "",
                              "comma-separated tenant:key pairs the HTTP API accepts; empty: "
                              "tenant 'default' with a key generated into "
-                             "STATE_DIR/secrets/api-key-default", secret=True, check=_api_keys)
+                             "STATE_DIR/secrets/api-key-default", secret=True, check=_parses(parse_api_keys))
     cache_scope: str = _setting("T2I_CACHE_SCOPE", "tenant",
                                 "tenant: a tenant's jobs reuse only its own latents (a shared "
                                 "approximate cache leaks prompts across users); shared: all "
@@ -237,7 +228,7 @@ class Settings:
 
     cache_policy: str = _setting("T2I_CACHE_POLICY", "lcbfu",
                                  "eviction policy: lcbfu, lru, lfu, fifo or none",
-                                 check=_policy_name)
+                                 check=_parses(_policy))
     cache_max_bytes: int = _setting("T2I_CACHE_MAX_BYTES", 2 * 1024**3,
                                     "latent bytes the cache may hold (0 = no limit)",
                                     check=_at_least(0))
@@ -338,7 +329,7 @@ class Settings:
                                   "internal webhook receivers allowed despite the address "
                                   "policy: comma-separated networks or addresses, each with "
                                   "an optional port (10.0.0.0/8, 127.0.0.1:9000, [fd00::1]:443); "
-                                  "empty: only public addresses", check=_allowlist)
+                                  "empty: only public addresses", check=_parses(parse_allowlist))
     webhook_max_attempts: int = _setting("T2I_WEBHOOK_MAX_ATTEMPTS", 8,
                                          "a webhook is given up after this many failed POSTs "
                                          "(retries back off 1, 2, 4 ... s, at most 10 min)",
