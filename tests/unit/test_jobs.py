@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -158,3 +159,42 @@ def test_a_stranded_job_goes_back_to_the_queue_of_its_stage_or_fails_after_enoug
                               "triage.route", 3)
     assert isinstance(gave_up, GiveUp) and "lost 3 times" in gave_up.reason
     assert stranded_action(record(JobState.SUCCEEDED), "triage.route", 3) is None
+
+
+def test_records_written_before_typed_plans_still_read():
+    """The fields the previous version stored: the plan is rebuilt from them."""
+    from core.plan import Reason, Route
+
+    older = {"id": "old", "state": "succeeded", "model": "tiny", "submitted_at": "1.0",
+             "request": JobRequest("a fox", "", 10, 7.5, 1, 64, 64).to_json(),
+             "route": "gen.resume", "route_reason": "hole fallback",
+             "extra": json.dumps({"k": 3, "wanted_k": 4, "matched_entry": "e1",
+                                  "partition": "p1", "similarity": 0.93, "lookup_hit": True,
+                                  "unet_calls": 7})}
+    record = JobRecord.from_fields(older)
+    plan = record.plan
+    assert (plan.route, plan.reason, plan.entry, plan.partition, plan.k, plan.wanted_k) == \
+        (Route.RESUME, Reason.HOLE, "e1", "p1", 3, 4) and plan.looked_up
+    assert record.public()["cache"] == {"route": "resume", "k": 3, "similarity": 0.93,
+                                        "reason": "hole fallback", "fallback": None}
+    assert JobRecord.from_fields(record.to_fields()) == record
+    routed_in_full = JobRecord.from_fields({**older, "route": "gen.full", "route_reason": "miss",
+                                            "extra": "{}"})
+    assert routed_in_full.plan.route is Route.FULL and routed_in_full.plan.reason is Reason.MISS
+    assert JobRecord.from_fields({k: v for k, v in older.items() if k != "route"}).plan is None
+
+
+def test_the_public_view_has_no_internal_ids_or_task_names():
+    from core.plan import CachePlan, Reason, Route
+
+    record = JobRecord(id="j", state=JobState.SUCCEEDED, model="tiny", submitted_at=0.0,
+                       request=JobRequest("a fox", "", 10, 7.5, 1, 64, 64), route="gen.resume",
+                       image_key="images/j.png", deliveries=2, worker="gpu@h pid 1",
+                       plan=CachePlan(Route.RESUME, Reason.HIT, "partition-hash", "entry-id",
+                                      5, 5, 0.97, looked_up=True, predictor="v1", table="ref"))
+    text = json.dumps(record.public())
+    for internal in ("partition-hash", "entry-id", "gen.resume", "images/j.png", "gpu@h",
+                     "deliveries", "v1"):
+        assert internal not in text, internal
+    assert record.public()["cache"] == {"route": "resume", "k": 5, "similarity": 0.97,
+                                        "reason": "hit", "fallback": None}
