@@ -39,8 +39,8 @@ def plan_reuse(embedding: np.ndarray, partition: str, steps: int, index: Nearest
     generation."""
     verdict = consult(predictor, embedding, audit_fraction, draw)
     common: dict[str, Any] = {"partition": partition, "predictor": predictor.version,
-              "predicted_hit": verdict.predicted_hit, "audited": verdict.audited,
-              "table": table.name}
+                              "predicted_hit": verdict.predicted_hit,
+                              "audited": verdict.audited, "table": table.name}
     if not verdict.look_up:
         return CachePlan(Route.FULL, Reason.PREDICTED_MISS, **common)
     try:
