@@ -27,7 +27,7 @@ from core.jobstore import connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, require_secret, to_environ
 from infra import seaweed
-from infra.tls import ensure_certificates
+from infra.tls import ensure_certificates, write_private
 from workers import queues
 
 LOOPBACK = "127.0.0.1"
@@ -182,9 +182,7 @@ def s3(config: Settings, data_dir: Path) -> Service:
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}
     identities_path = data_dir / "s3-identities.json"
-    descriptor = os.open(identities_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(identities, handle)
+    write_private(identities_path, json.dumps(identities).encode())
     ports = {"master": config.s3_master_port, "s3": config.s3_port,
              **{name: free_port() for name in ("master_grpc", "volume", "volume_grpc", "filer",
                                                "filer_grpc", "s3_grpc")}}

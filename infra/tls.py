@@ -20,7 +20,8 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` readable by its user only (0600 from the start, never briefly wider)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(data)
@@ -62,7 +63,7 @@ def ensure_certificates(directory: Path, names: list[str]) -> Path:
             .sign(ca_key, hashes.SHA256()))
         (directory / f"{name}.crt").write_bytes(certificate.public_bytes(
             serialization.Encoding.PEM))
-        _write_private(directory / f"{name}.key", key.private_bytes(
+        write_private(directory / f"{name}.key", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
     return directory
