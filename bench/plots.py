@@ -19,15 +19,22 @@ def _budget_label(row: dict) -> str:
     return str(row["budget_prompts"]) if row["budget_prompts"] else "unbounded"
 
 
+KINDS = ("exact", "re-roll", "near edit", "chained")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| policy | budget (prompts) | embedder | K table | resumed jobs' latents | hit rate "
-             "| steps saved | mean K on hit | exact-repeat share of hits |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """One line per configuration; steps saved split by what the hits reused (of all
+    requested steps, so the four add up to the total)."""
+    lines = ["| policy | budget (prompts) | embedder | K table | reuse rules | resumed jobs' "
+             "latents | hit rate | steps saved | " + " | ".join(f"of which {k}" for k in KINDS)
+             + " | mean K on resume |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(KINDS) + "---|"]
     for r in rows:
         kept = "kept" if r.get("admit_resumed") else "not kept"
-        lines.append(f"| {r['policy']} | {_budget_label(r)} | {r['embedder']} | {r['k_table']} | {kept} | "
-                     f"{r['hit_rate']:.1%} | {r['steps_saved_frac']:.1%} | "
-                     f"{r['mean_k_on_hit']:.1f} | {r['hits_exact_repeat_frac']:.1%} |")
+        split = " | ".join(f"{r['steps_saved_frac_by_kind'].get(k, 0.0):.1%}" for k in KINDS)
+        lines.append(f"| {r['policy']} | {_budget_label(r)} | {r['embedder']} | {r['k_table']} | "
+                     f"{r['rules']} | {kept} | {r['hit_rate']:.1%} | {r['steps_saved_frac']:.1%} | "
+                     f"{split} | {r['mean_k_on_hit']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -38,11 +45,11 @@ def write_sweep_plots(rows: list[dict], out: Path) -> list[Path]:
     budgets = sorted({r["budget_prompts"] or 0 for r in rows}, key=lambda b: b or float("inf"))
     labels = [str(b) if b else "unbounded" for b in budgets]
     figure, axis = plt.subplots(figsize=(7, 4))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
+    for policy, rules in dict.fromkeys((r["policy"], r["rules"]) for r in rows):
         by_budget = {r["budget_prompts"] or 0: r["steps_saved_frac"] for r in rows
-                     if r["policy"] == policy}
+                     if (r["policy"], r["rules"]) == (policy, rules)}
         axis.plot(labels, [100 * by_budget.get(b, float("nan")) for b in budgets], marker="o",
-                  label=policy)
+                  label=f"{policy}, {rules} rules")
     axis.set_xlabel("cache budget (prompts' worth of items)")
     axis.set_ylabel("denoising steps saved (%)")
     axis.set_title(f"Steps saved by policy and budget ({rows[0]['requests']} requests)")

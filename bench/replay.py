@@ -36,6 +36,7 @@ from tqdm import tqdm
 from bench.embeddings import DEFAULT_CACHE_DIR, EmbeddingStore
 from cachemgr.keys import cache_scope, partition_key
 from cachemgr.ktable import KTable
+from cachemgr.plan import OLD_RULES, ReuseRules, SeedPolicy
 from cachemgr.policies import policy_by_name
 from cachemgr.predictor import train_predictor
 from cachemgr.routing import LOOKUP_CANDIDATES
@@ -48,6 +49,7 @@ from cachemgr.simulator import (
     earlier_neighbours,
     simulate,
 )
+from core.plan import SeedRule
 from core.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace
 
 
@@ -75,26 +77,36 @@ def sim_requests(trace: list[TraceRequest], per_user: bool) -> list[SimRequest]:
                        partition=partition_key("replay", "ddim", r.steps or 50, r.width, r.height,
                                                r.cfg if r.cfg is not None else 7.5,
                                                cache_scope(r.user or f"no-user-{index}",
-                                                           shared=not per_user)))
+                                                           shared=not per_user)), seed=r.seed)
             for index, r in enumerate(trace)]
 
 
-def row(result: SimResult, policy: str, budget: int, embedder: str, table: str) -> dict:
+# The reuse rules a replay can run side by side (cachemgr.plan.ReuseRules): the live ones,
+# the same without the seed cap (re-rolls keep too little of their variation, see
+# DEFAULT_SEED_POLICY), and the old rules (seeds ignored, no lineage, no exact path).
+RULES = {"new": ReuseRules(), "new-uncapped": ReuseRules(seed=SeedPolicy(SeedRule.NOISE_SWAP)),
+         "old": OLD_RULES}
+
+
+def row(result: SimResult, policy: str, budget: int, embedder: str, table: str,
+        rules: str) -> dict:
     hits = max(result.hits, 1)
+    resumes = max(sum(result.k_histogram.values()), 1)
     window = max(1, result.requests // 50)
     flags = np.array(result.hit_flags, dtype=float)
     return {
         "policy": policy, "budget_items": 5 * budget if budget else None,
         "budget_prompts": budget or None, "embedder": embedder, "k_table": table,
-        "requests": result.requests, "hit_rate": result.hits / result.requests,
+        "rules": rules, "requests": result.requests, "hit_rate": result.hits / result.requests,
         "steps_saved_frac": result.steps_saved / result.steps_requested,
-        "mean_k_on_hit": sum(k * n for k, n in result.k_histogram.items()) / hits,
+        "steps_saved_frac_by_kind": {kind: n / result.steps_requested
+                                     for kind, n in sorted(result.steps_saved_by_kind.items())},
+        "hits_by_kind": dict(sorted(result.hits_by_kind.items())),
+        "mean_k_on_hit": sum(k * n for k, n in result.k_histogram.items()) / resumes,
         "k_histogram": {str(k): n for k, n in sorted(result.k_histogram.items())},
-        "hits_exact_repeat_frac": result.hits_exact_repeat / hits,
         "hits_same_user_frac_of_known": (result.hits_same_user
                                          / max(result.hits_same_user + result.hits_cross_user, 1)),
         "hits_user_unknown_frac": result.hits_user_unknown / hits,
-        "steps_saved_exact_repeat_frac": result.steps_saved_exact_repeat / max(result.steps_saved, 1),
         "steps_saved_same_user_frac": result.steps_saved_same_user / max(result.steps_saved, 1),
         "evictions": result.evictions, "max_items": result.max_items, "lookups": result.lookups,
         "hit_rate_window": window,
@@ -208,12 +220,13 @@ def predictor_eval(requests, embeddings, neighbours, times, table, embedder, arg
 _SWEEP: dict = {}
 
 
-def _simulate_one(config: tuple[str, int]) -> SimResult:
-    policy_name, budget = config
+def _simulate_one(config: tuple[str, int, str]) -> SimResult:
+    policy_name, budget, rules = config
     return simulate(_SWEEP["requests"], _SWEEP["embeddings"], _SWEEP["times"],
                     SimConfig(policy_by_name(policy_name), _SWEEP["table"], budget_prompts=budget,
                               keep_recent_s=_SWEEP["keep_recent_s"],
-                              admit_resumed=_SWEEP["admit_resumed"]), _SWEEP["neighbours"])
+                              admit_resumed=_SWEEP["admit_resumed"], rules=RULES[rules]),
+                    _SWEEP["neighbours"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="a resumed job keeps its latents above its K, as the live system "
                              "does by default (T2I_CACHE_ADMIT_RESUMED)")
     parser.add_argument("--budgets", default="0", help="comma-separated prompts; 0 = unbounded")
+    parser.add_argument("--rules", default="new",
+                        help="comma-separated reuse rules: new (the live ones: seeds honoured, "
+                             "lineage capped, exact path), new-uncapped (the same but "
+                             "another seed's latent serves any K), old (before them)")
     parser.add_argument("--embedder", default="minilm", help="minilm or clip")
     parser.add_argument("--k-table", default="reference", help="'reference' or a JSON path")
     parser.add_argument("--cache-scope", choices=["shared", "user"], default="shared",
@@ -273,17 +290,18 @@ def main(argv: list[str] | None = None) -> int:
                                                   table, args.embedder, args)
         print(json.dumps(result["predictor_eval"], indent=2))
     else:
-        configs = [(p, int(b)) for p in args.policies.split(",") for b in args.budgets.split(",")]
+        configs = [(p, int(b), rules) for rules in args.rules.split(",")
+                   for p in args.policies.split(",") for b in args.budgets.split(",")]
         _SWEEP.update(requests=requests, embeddings=embeddings, times=times, table=table,
                       neighbours=neighbours, keep_recent_s=args.keep_recent_s,
                       admit_resumed=args.admit_resumed)
         with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
             sims = list(tqdm(pool.imap(_simulate_one, configs), total=len(configs),
                              desc="simulating", unit="config"))
-        rows = [row(sim, policy_name, budget, args.embedder, table.name)
+        rows = [row(sim, policy_name, budget, args.embedder, table.name, rules)
                 | {"keep_recent_s": args.keep_recent_s, "cache_scope": args.cache_scope,
                    "admit_resumed": args.admit_resumed}
-                for (policy_name, budget), sim in zip(configs, sims)]
+                for (policy_name, budget, rules), sim in zip(configs, sims)]
         result["rows"] = rows
         from bench.plots import markdown_table, write_sweep_plots
 
@@ -291,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         write_sweep_plots(rows, out)
         for r in rows:
             print(f"{r['policy']:6} budget {r['budget_prompts'] or 'unbounded':>9} "
-                  f"hit rate {r['hit_rate']:.3f} steps saved {r['steps_saved_frac']:.3f} "
-                  f"mean K {r['mean_k_on_hit']:.1f}")
+                  f"{r['rules']:8} hit rate {r['hit_rate']:.3f} steps saved "
+                  f"{r['steps_saved_frac']:.3f} {r['steps_saved_frac_by_kind']}")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     print(f"written {out.with_suffix('.json')}")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import platform
 import random
@@ -23,6 +24,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,8 @@ from core.settings import Settings, ensure_secrets, load_settings
 from core.trace import DEFAULT_TRACE, TraceRequest, read_trace
 from infra import servers, stack
 from producer.client import Client
-from quality.evaluator import png_pixels
+from quality.evaluator import Evaluator, png_pixels, to_tensor
+from quality.reroll import feature_distance, pixel_distance, ratio
 from quality.scoring import load_scorer
 
 
@@ -103,16 +107,23 @@ def was_resumed(view: dict) -> bool:
     return (view["cache"] or {}).get("route") == "resume"
 
 
+def was_exact(view: dict) -> bool:
+    """An identical finished request's image answered the job (no step ran)."""
+    return (view["cache"] or {}).get("route") == "exact"
+
+
 def summarise(views: list[dict]) -> dict[str, Any]:
     def span(view: dict, start: str, end: str) -> float:
         return view["timings"][end] - view["timings"][start]
 
     done = [v for v in views if v["state"] == "succeeded"]
     resumed = [v for v in done if was_resumed(v)]
+    exact = [v for v in done if was_exact(v)]
     latencies = [span(v, "submitted_at", "finished_at") for v in done]
-    generation = [span(v, "generation_started_at", "generation_finished_at") for v in done]
+    generation = [span(v, "generation_started_at", "generation_finished_at") for v in done
+                  if not was_exact(v)]
     requested = sum(v["request"]["steps"] for v in done)
-    saved = sum(v["cache"]["k"] for v in resumed)
+    saved = requested - sum(v["unet_calls"] for v in done)  # what ran, as the workers counted
     reasons: dict[str, int] = {}
     for v in done:
         reason = (v["cache"] or {}).get("reason") or "none"
@@ -125,7 +136,10 @@ def summarise(views: list[dict]) -> dict[str, Any]:
     return {
         "jobs": len(views), "succeeded": len(done),
         "refused": sum(1 for v in views if v["state"] == "refused"),
-        "hit_rate": len(resumed) / len(done) if done else 0.0,
+        "hit_rate": (len(resumed) + len(exact)) / len(done) if done else 0.0,
+        "exact": len(exact),
+        "seed_rules": dict(Counter(v["cache"]["seed_rule"] for v in resumed
+                                   if v["cache"].get("seed_rule"))),
         "mean_k_on_hit_of_50": (statistics.fmean(v["cache"]["k"] * 50 / v["request"]["steps"]
                                                 for v in resumed)
                                 if resumed else None),
@@ -184,8 +198,13 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
 
     resumed_on = mean([scores["cache_on"][a] for a, _ in pairs])
     same_off = mean([scores["cache_off"][b] for _, b in pairs])
+    adherence_ratio = (ratio(np.array([scores["cache_on"][a] for a, _ in pairs]),
+                             np.array([scores["cache_off"][b] for _, b in pairs]),
+                             resamples(len(pairs))) if pairs else None)
     return {
         "scorer": scorer.name,
+        "score_ratio_resumed_vs_scratch_ci95": adherence_ratio,
+        "reroll_diversity": reroll_diversity(views, images, getattr(scorer, "judge", None)),
         "score_mean_cache_on": mean(list(scores["cache_on"].values())),
         "score_mean_cache_off": mean(list(scores["cache_off"].values())),
         "score_mean_resumed": resumed_on,
@@ -202,14 +221,65 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
     }
 
 
+def resamples(count: int, draws: int = 2000, seed: int = 0) -> np.ndarray:
+    """Bootstrap resamples (rows of indices) over ``count`` paired units."""
+    return np.random.default_rng(seed).integers(0, count, size=(draws, count))
+
+
+def reroll_diversity(views: dict[str, list[dict]], images: dict[str, dict[str, np.ndarray]],
+                     judge: Evaluator | None) -> dict[str, Any] | None:
+    """Re-roll diversity of each arm: per prompt asked with several seeds, the mean pairwise
+    distance between its images (pixels; the evaluator's features when the scorer has
+    one), cache on over cache off (the same requests from scratch), with a 95% bootstrap
+    interval over prompts."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for name, arm_views in views.items():
+        by_prompt: dict[str, dict[int, str]] = {}
+        for view in arm_views:
+            if view["state"] == "succeeded":
+                by_prompt.setdefault(view["request"]["prompt"], {})[view["request"]["seed"]] = \
+                    view["id"]
+        groups[name] = {prompt: [ids[seed] for seed in sorted(ids)]
+                        for prompt, ids in by_prompt.items() if len(ids) >= 2}
+    prompts = sorted(set(groups["cache_on"]) & set(groups["cache_off"]))
+    prompts = [p for p in prompts if len(groups["cache_on"][p]) == len(groups["cache_off"][p])]
+    if not prompts:
+        return None
+
+    def per_prompt(name: str, distance: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                   embed: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        values = []
+        for prompt in prompts:
+            items = embed(np.stack([images[name][i] for i in groups[name][prompt]]))
+            values.append(np.mean([distance(items[a], items[b]) for a, b in
+                                   itertools.combinations(range(len(items)), 2)]))
+        return np.array(values)
+
+    measures: dict[str, tuple[Callable, Callable]] = {"pixels": (pixel_distance, lambda x: x)}
+    if judge is not None:
+        measures["evaluator_features"] = (
+            feature_distance, lambda x: judge.embed(to_tensor(x)).numpy())
+    draws = resamples(len(prompts))
+    report: dict[str, Any] = {"prompts": len(prompts),
+                              "images": sum(len(groups["cache_on"][p]) for p in prompts)}
+    for measure, (distance, embed) in measures.items():
+        on, off = per_prompt("cache_on", distance, embed), per_prompt("cache_off", distance, embed)
+        report[measure] = {"cache_on": float(on.mean()), "cache_off": float(off.mean()),
+                           "ratio_on_off": ratio(on, off, draws)}
+    return report
+
+
 def markdown(result: dict[str, Any]) -> str:
     on, off = result["cache_on"], result["cache_off"]
     rows = [
         ("jobs succeeded", f"{on['succeeded']}/{on['jobs']}", f"{off['succeeded']}/{off['jobs']}"),
         ("refused at submit (invalid)", f"{on['refused']}", f"{off['refused']}"),
-        ("hit rate", f"{on['hit_rate']:.1%}", f"{off['hit_rate']:.1%}"),
+        ("hit rate (resumed or exact)", f"{on['hit_rate']:.1%}", f"{off['hit_rate']:.1%}"),
+        ("exact path (identical request)", f"{on['exact']}", f"{off['exact']}"),
+        ("seed rules on resumes", f"{on['seed_rules'] or '-'}", "-"),
         ("mean K on hits (of 50)", f"{on['mean_k_on_hit_of_50'] or 0:.1f}", "-"),
-        ("denoising steps saved", f"{on['steps_saved_frac']:.1%}", f"{off['steps_saved_frac']:.1%}"),
+        ("denoising steps saved (UNet calls counted)", f"{on['steps_saved_frac']:.1%}",
+         f"{off['steps_saved_frac']:.1%}"),
         ("mean latency (s)", f"{on['latency_mean_s']:.3f}", f"{off['latency_mean_s']:.3f}"),
         ("p50 / p95 / p99 latency (s)",
          f"{on['latency_p50_s']:.3f} / {on['latency_p95_s']:.3f} / {on['latency_p99_s']:.3f}",
@@ -243,7 +313,21 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{show(quality['score_mean_resumed'])} | "
                   f"{show(quality['score_mean_resumed_same_requests_from_scratch'])} |",
                   "", f"Resumed vs the same requests from scratch: "
-                  f"**{show(quality['score_ratio_resumed_vs_scratch'])}**."]
+                  f"**{show(quality['score_ratio_resumed_vs_scratch'])}**"
+                  + (" (95% bootstrap interval over the resumed requests "
+                     f"{quality['score_ratio_resumed_vs_scratch_ci95']['ci95']})."
+                     if quality.get("score_ratio_resumed_vs_scratch_ci95") else ".")]
+        if diversity := quality.get("reroll_diversity"):
+            lines += ["", f"Re-roll diversity (mean pairwise distance between the images of "
+                          f"one prompt under different seeds; {diversity['prompts']} prompts, "
+                          f"{diversity['images']} images per arm):", "",
+                      "| measure | cache on | cache off | on / off (95% CI) |",
+                      "|---|---|---|---|"]
+            for measure in ("pixels", "evaluator_features"):
+                if cell := diversity.get(measure):
+                    lines.append(f"| {measure} | {cell['cache_on']:.4f} | {cell['cache_off']:.4f} "
+                                 f"| **{cell['ratio_on_off']['value']:.3f}** "
+                                 f"{cell['ratio_on_off']['ci95']} |")
     return "\n".join(lines) + "\n"
 
 

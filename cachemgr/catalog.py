@@ -5,6 +5,8 @@ Keys (all under ``t2i:cache:``):
   entry:{entry}     set of the K values stored for an entry
   scores            sorted set "{entry}:{k}" -> K x hits (the LCBFU score, kept current)
   bytes             running total of stored latent bytes
+  lineage:{entry}   JSON: which prompt ran which steps of the entry's latents, their noise
+                    seed (core.plan.Lineage); removed with the entry's last item
 Scripts keep each change atomic, so a redelivered registration never double counts and
 two removals of one item never double subtract. The budget check (bytes and item count) is
 O(1); inserts, hits and removals are O(log n).
@@ -12,13 +14,16 @@ O(1); inserts, hits and removals are O(log n).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 
 import redis
 from redis.lock import Lock
 
 from cachemgr.policies import ItemStats
+from cachemgr.routing import CachedEntry
 from core.jobstore import redis_errors
+from core.plan import Lineage
 
 PREFIX = "t2i:cache:"
 SCORES = PREFIX + "scores"   # sorted set: every item as "entry:k" (its scores unused)
@@ -46,7 +51,7 @@ redis.call('HSET', KEYS[1], 'last_used_at', ARGV[1])
 return hits
 """
 
-# KEYS: item, entry set, scores, bytes. ARGV: member, k.
+# KEYS: item, entry set, scores, bytes, lineage. ARGV: member, k.
 # Returns the number of items the entry still has, or -1 if this item was already gone.
 _REMOVE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -55,7 +60,9 @@ redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('DECRBY', KEYS[4], size)
-return redis.call('SCARD', KEYS[2])
+local left = redis.call('SCARD', KEYS[2])
+if left == 0 then redis.call('DEL', KEYS[5]) end
+return left
 """
 
 
@@ -91,6 +98,10 @@ def entry_key(entry: str) -> str:
     return f"{PREFIX}entry:{entry}"
 
 
+def lineage_key(entry: str) -> str:
+    return f"{PREFIX}lineage:{entry}"
+
+
 class Catalog:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
@@ -99,10 +110,13 @@ class Catalog:
         self._remove = client.register_script(_REMOVE)
 
     def register(self, entry: str, partition: str, sizes: dict[int, int], now: float,
-                 prompt: str = "") -> int:
-        """Record the items of a new entry; returns how many were new."""
+                 prompt: str = "", lineage: Lineage | None = None) -> int:
+        """Record the items of a new entry (its lineage first, so an item is never seen
+        without it); returns how many were new."""
         added = 0
         with redis_errors():
+            if lineage is not None:
+                self._redis.set(lineage_key(entry), json.dumps(lineage.to_dict()))
             for k, size in sorted(sizes.items()):
                 added += self._register(keys=[item_key(entry, k), entry_key(entry), SCORES, BYTES],
                                         args=[entry, k, partition, size, now, prompt])
@@ -111,6 +125,19 @@ class Catalog:
     def stored_ks(self, entry: str) -> frozenset[int]:
         with redis_errors():
             return frozenset(int(k) for k in self._redis.smembers(entry_key(entry)))
+
+    def entry(self, entry: str) -> CachedEntry | None:
+        """Its stored Ks and lineage, for triage; None when it has no item or no lineage
+        (cached before lineage was kept: not offered, as its seed is unknown)."""
+        with redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.smembers(entry_key(entry))
+            pipe.get(lineage_key(entry))
+            ks, lineage = pipe.execute()
+        if not ks or not lineage:
+            return None
+        return CachedEntry(frozenset(int(k) for k in ks),
+                           Lineage.from_dict(json.loads(lineage)))
 
     def record_hit(self, entry: str, k: int, now: float) -> int | None:
         """Count one reuse of (entry, k) atomically; None if the item is no longer cataloged."""
@@ -122,8 +149,8 @@ class Catalog:
         """Drop (entry, k) from the catalog; returns how many items the entry has left, or
         None if it was already gone (another evictor, or the sweep, got there first)."""
         with redis_errors():
-            left = self._remove(keys=[item_key(entry, k), entry_key(entry), SCORES, BYTES],
-                                args=[f"{entry}:{k}", k])
+            left = self._remove(keys=[item_key(entry, k), entry_key(entry), SCORES, BYTES,
+                                      lineage_key(entry)], args=[f"{entry}:{k}", k])
         return None if left < 0 else int(left)
 
     def item(self, entry: str, k: int) -> CacheItem | None:
@@ -160,9 +187,12 @@ class InMemoryCatalog:
 
     def __init__(self) -> None:
         self.items: dict[tuple[str, int], CacheItem] = {}
+        self.lineages: dict[str, Lineage] = {}
 
     def register(self, entry: str, partition: str, sizes: dict[int, int], now: float,
-                 prompt: str = "") -> int:
+                 prompt: str = "", lineage: Lineage | None = None) -> int:
+        if lineage is not None:
+            self.lineages[entry] = lineage
         new = [k for k in sizes if (entry, k) not in self.items]
         for k in new:
             self.items[(entry, k)] = CacheItem(entry, k, partition, sizes[k], now, 0, now,
@@ -171,6 +201,10 @@ class InMemoryCatalog:
 
     def stored_ks(self, entry: str) -> frozenset[int]:
         return frozenset(k for item_entry, k in self.items if item_entry == entry)
+
+    def entry(self, entry: str) -> CachedEntry | None:
+        ks, lineage = self.stored_ks(entry), self.lineages.get(entry)
+        return CachedEntry(ks, lineage) if ks and lineage else None
 
     def record_hit(self, entry: str, k: int, now: float) -> int | None:
         item = self.items.get((entry, k))
@@ -182,7 +216,10 @@ class InMemoryCatalog:
     def remove_item(self, entry: str, k: int) -> int | None:
         if self.items.pop((entry, k), None) is None:
             return None
-        return len(self.stored_ks(entry))
+        left = len(self.stored_ks(entry))
+        if not left:
+            self.lineages.pop(entry, None)
+        return left
 
     def item(self, entry: str, k: int) -> CacheItem | None:
         return self.items.get((entry, k))

@@ -37,6 +37,14 @@ def request_partition(model: str, scheduler: str, request: JobRequest, tenant: s
                          request.guidance, cache_scope(tenant, shared))
 
 
+def identical_key(partition: str, request: JobRequest) -> str:
+    """Requests with the same digest would make the same image: same partition (model,
+    scheduler, steps, size, guidance, tenant unless shared) and prompt, negative prompt
+    and seed."""
+    spec = f"{partition}|{request.prompt}|{request.negative_prompt}|{request.seed}"
+    return hashlib.sha256(spec.encode()).hexdigest()[:32]
+
+
 def latent_key(partition: str, entry: str, k: int) -> str:
     """Deterministic: a redelivered generation overwrites its latents, never duplicates them."""
     return f"cache/{partition}/{entry}/k{k:03d}.safetensors"

@@ -1,22 +1,32 @@
 """The reuse decision, whole and in one place: what triage plans for a job, what a job
-keeps for later jobs, and what the match predictor learns from. Triage, the GPU worker and
-the simulator all call these functions, so no copy of a rule can drift. Pure: the vector
-index and the stored Ks are ports, implemented by Chroma and Redis live and by in-memory
+keeps for later jobs (and the lineage it records), and what the match predictor learns
+from. Triage, the GPU worker and the simulator all call these functions, so no copy of a
+rule can drift. Pure: the vector index, the cached entries and the similarity to earlier
+prompts are ports, implemented by Chroma, Redis and the embedder live and by in-memory
 structures in the simulator and the tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
 
 from cachemgr.ktable import KTable
 from cachemgr.predictor import MatchPredictor, consult
-from cachemgr.routing import LOOKUP_CANDIDATES, CacheDecision, decide
+from cachemgr.routing import (
+    LOOKUP_CANDIDATES,
+    AncestorSimilarity,
+    Bounds,
+    CacheDecision,
+    EntryInfo,
+    decide,
+)
 from core.errors import VectorIndexUnavailable
-from core.plan import CachePlan, Reason, Route
+from core.plan import CachePlan, Lineage, Reason, Reseed, Route, SeedRule, Segment
 
 
 class NearestIndex(Protocol):
@@ -26,34 +36,102 @@ class NearestIndex(Protocol):
                 n: int) -> list[tuple[str, float]]: ...
 
 
-StoredKs = Callable[[str], frozenset[int]]
-"""entry -> the K values still stored for it (the catalog live, a dict offline)."""
+@dataclass(frozen=True)
+class SeedPolicy:
+    """What a hit from another seed's latent does, so a re-roll gets its own picture."""
+
+    rule: SeedRule
+    k_cap: int | None = None        # of the table's reference steps (K_CAP, or with any rule)
+    renoise_fraction: float = 0.5   # RENOISE runs from this fraction of K
+
+    def cap(self, table: KTable, steps: int) -> int | None:
+        """The cap on K (of ``steps``) for a hit from another seed's latent."""
+        return None if self.k_cap is None else table.scale(self.k_cap, steps)
 
 
-def plan_reuse(embedding: np.ndarray, partition: str, steps: int, index: NearestIndex,
-               stored_ks: StoredKs, table: KTable, predictor: MatchPredictor,
-               audit_fraction: float, draw: Callable[[], float]) -> CachePlan:
+# The re-roll diversity profile (bench/results/reroll-diversity-scene.json, 24 prompts x 4
+# seeds, 25 steps) picks it: swapping the cached latent's noise for the job's keeps 97%
+# [88, 103] of from-scratch re-roll diversity (evaluator features) at 95% [87, 103] of
+# its adherence at K 1 of 25, and only 90% at K 2; re-noising and a stochastic tail keep
+# under 75% at any K. So another seed's latent serves at most K 2 of 50.
+DEFAULT_SEED_POLICY = SeedPolicy(SeedRule.NOISE_SWAP, k_cap=2)
+
+# The rule after which a job's latents carry its own seed's noise; after the others they
+# carry a mix, which is not any seed's: keep the entry's, so a later hit is reseeded.
+_TAKES_JOB_NOISE = frozenset({SeedRule.NOISE_SWAP})
+
+
+@dataclass(frozen=True)
+class ReuseRules:
+    """Which of the reuse rules apply. Live, all of them; the replay also runs the old rules
+    (seeds ignored, no lineage, no exact path) beside them, to measure what they change."""
+
+    seed: SeedPolicy | None = DEFAULT_SEED_POLICY
+    lineage: bool = True
+    exact: bool = True
+
+
+OLD_RULES = ReuseRules(seed=None, lineage=False, exact=False)
+
+
+@dataclass(frozen=True)
+class Query:
+    """The request as the reuse decision sees it."""
+
+    embedding: np.ndarray
+    partition: str
+    steps: int
+    seed: int
+
+
+def plan_exact(source: str | None, steps: int, partition: str) -> CachePlan | None:
+    """An identical finished request's image (``source`` is its job id): no step runs."""
+    if source is None:
+        return None
+    return CachePlan(Route.EXACT, Reason.EXACT_REPEAT, partition=partition, entry=source,
+                     k=steps, similarity=1.0)
+
+
+def plan_reuse(query: Query, index: NearestIndex, entries: EntryInfo,
+               ancestor_similarity: AncestorSimilarity, table: KTable,
+               predictor: MatchPredictor, audit_fraction: float, draw: Callable[[], float],
+               rules: ReuseRules = ReuseRules()) -> CachePlan:
     """Ask the predictor whether a lookup is worth it; if so, weigh the nearest
-    LOOKUP_CANDIDATES cached entries of the partition and take the largest usable K (the
-    hole rule: never more than a stored K). An index that is down plans a full
-    generation."""
-    verdict = consult(predictor, embedding, audit_fraction, draw)
-    common: dict[str, Any] = {"partition": partition, "predictor": predictor.version,
+    LOOKUP_CANDIDATES cached entries of the partition and take the largest K the table,
+    the seed policy, the lineage and the stored Ks allow (cachemgr.routing). An index that
+    is down plans a full generation."""
+    verdict = consult(predictor, query.embedding, audit_fraction, draw)
+    common: dict[str, Any] = {"partition": query.partition, "predictor": predictor.version,
                               "predicted_hit": verdict.predicted_hit,
                               "audited": verdict.audited, "table": table.name}
     if not verdict.look_up:
         return CachePlan(Route.FULL, Reason.PREDICTED_MISS, **common)
     try:
-        matches = index.nearest(embedding, partition, LOOKUP_CANDIDATES)
+        matches = index.nearest(query.embedding, query.partition, LOOKUP_CANDIDATES)
     except VectorIndexUnavailable:
         return CachePlan(Route.FULL, Reason.INDEX_UNAVAILABLE, **common)
-    return _from_decision(decide(matches, stored_ks, table, steps), common)
+    policy = rules.seed
+    seed_cap = policy.cap(table, query.steps) if policy is not None else None
+    bounds = Bounds(table, query.steps, query.seed, seed_cap, rules.lineage,
+                    ancestor_similarity)
+    return _from_decision(decide(matches, entries, bounds), query.seed, policy, common)
 
 
-def _from_decision(decision: CacheDecision, common: dict[str, Any]) -> CachePlan:
-    return CachePlan(Route.RESUME if decision.resume else Route.FULL, decision.reason,
-                     entry=decision.entry, k=decision.k, wanted_k=decision.wanted_k,
-                     similarity=decision.similarity, looked_up=True, **common)
+def _from_decision(decision: CacheDecision, seed: int, policy: SeedPolicy | None,
+                   common: dict[str, Any]) -> CachePlan:
+    if not decision.resume:
+        return CachePlan(Route.FULL, decision.reason, entry=decision.entry,
+                         wanted_k=decision.wanted_k, similarity=decision.similarity,
+                         looked_up=True, **common)
+    k, lineage = int(decision.k or 0), decision.lineage
+    reseed = None
+    if policy is not None and lineage is not None and lineage.noise_seed != seed:
+        run_from = (min(k - 1, max(1, round(k * policy.renoise_fraction)))
+                    if policy.rule is SeedRule.RENOISE else k)
+        reseed = Reseed(policy.rule, lineage.noise_seed, run_from)
+    return CachePlan(Route.RESUME, decision.reason, entry=decision.entry, k=k,
+                     wanted_k=decision.wanted_k, similarity=decision.similarity,
+                     looked_up=True, source_lineage=lineage, reseed=reseed, **common)
 
 
 def teaches_predictor(plan: CachePlan) -> bool:
@@ -62,11 +140,50 @@ def teaches_predictor(plan: CachePlan) -> bool:
     return plan.looked_up and plan.route is Route.RESUME
 
 
-def kept_ks(plan: CachePlan | None, table: KTable, steps: int,
-            admit_resumed: bool) -> frozenset[int]:
+def kept_ks(plan: CachePlan | None, table: KTable, steps: int, admit_resumed: bool,
+            rules: ReuseRules = ReuseRules()) -> frozenset[int]:
     """The steps after which a job keeps its latent for later jobs: a full generation its
-    table's K set; a resumed one the K set above its K (below it, it ran none of its own),
-    or nothing when resumed jobs are not admitted."""
+    table's K set and the seed cap's K (what a hit from another seed may resume from); a
+    resumed one the K set above its K (below it, it ran none of its own), or nothing when
+    resumed jobs are not admitted; an exact repeat nothing (it ran none)."""
     if plan is None or plan.route is Route.FULL or plan.k is None:
-        return table.k_set(steps)
+        cap = rules.seed.cap(table, steps) if rules.seed is not None else None
+        return table.k_set(steps) | ({cap} if cap is not None and 0 < cap < steps else set())
+    if plan.route is Route.EXACT:
+        return frozenset()
     return table.resumed_capture(steps, plan.k) if admit_resumed else frozenset()
+
+
+def lineage_after(plan: CachePlan | None, source: str, prompt: str, steps: int,
+                  seed: int) -> Lineage:
+    """The lineage of the latents a job keeps: its own, after the resumed entry's steps up
+    to K; their noise is the job's own seed's unless a resume kept the entry's noise."""
+    if plan is None or plan.route is not Route.RESUME or plan.source_lineage is None \
+            or plan.k is None:
+        return Lineage.own(source, prompt, steps, seed)
+    parent = plan.source_lineage
+    takes_job_noise = plan.reseed is not None and plan.reseed.rule in _TAKES_JOB_NOISE
+    return Lineage(parent.through(plan.k) + (Segment(source, prompt, steps),),
+                   seed if takes_job_noise else parent.noise_seed)
+
+
+class HitKind(StrEnum):
+    """What a hit reused, for the savings split that says where they come from."""
+
+    EXACT = "exact"          # the same prompt and seed: the picture the user already had
+    REROLL = "re-roll"       # the same prompt, another seed
+    NEAR = "near edit"       # another prompt's latent, all of whose steps it ran
+    CHAINED = "chained"      # a latent whose first steps came from yet another prompt
+
+
+def hit_kind(plan: CachePlan, prompt: str, seed: int) -> HitKind:
+    """The kind of a hit (a plan that routes EXACT or RESUME)."""
+    lineage = plan.source_lineage
+    if plan.route is Route.EXACT or lineage is None or plan.k is None:
+        return HitKind.EXACT if plan.route is Route.EXACT else HitKind.NEAR
+    segments = lineage.through(plan.k)
+    if len(segments) > 1:
+        return HitKind.CHAINED
+    if segments[0].prompt == prompt:
+        return HitKind.EXACT if lineage.noise_seed == seed else HitKind.REROLL
+    return HitKind.NEAR

@@ -13,7 +13,6 @@ Pure: numpy and the cache modules only; time is the requests' arrival times."""
 
 from __future__ import annotations
 
-import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,10 +21,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cachemgr.ktable import KTable
-from cachemgr.plan import kept_ks, plan_reuse, teaches_predictor
+from cachemgr.plan import (
+    Query,
+    ReuseRules,
+    hit_kind,
+    kept_ks,
+    lineage_after,
+    plan_exact,
+    plan_reuse,
+    teaches_predictor,
+)
 from cachemgr.policies import Budget, ItemStats, Policy, select_victims
 from cachemgr.predictor import AlwaysLookUp, MatchPredictor, train_predictor
-from core.plan import CachePlan, Route
+from cachemgr.routing import CachedEntry
+from core.plan import CachePlan, Lineage, Route
 
 # (lookup would find a usable match, predictor said look up) -> confusion cell
 _CONFUSION = {(True, True): "tp", (True, False): "fn", (False, True): "fp", (False, False): "tn"}
@@ -37,6 +46,7 @@ class SimRequest:
     prompt: str
     steps: int
     partition: str
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class SimConfig:
     seed: int = 0
     admit_resumed: bool = True     # a resumed job keeps its latents at the K set above its K
     keep_plans: bool = False       # SimResult.plans: every request's plan (for comparisons)
+    rules: ReuseRules = ReuseRules()
 
 
 @dataclass
@@ -67,13 +78,12 @@ class SimResult:
     hits: int = 0
     steps_requested: int = 0
     steps_saved: int = 0
-    k_histogram: Counter = field(default_factory=Counter)          # K (of 50) on hits
-    hits_exact_repeat: int = 0
-    hits_near: int = 0
+    k_histogram: Counter = field(default_factory=Counter)          # K (of 50) on resumes
+    hits_by_kind: Counter = field(default_factory=Counter)         # cachemgr.plan.hit_kind
+    steps_saved_by_kind: Counter = field(default_factory=Counter)
     hits_same_user: int = 0        # both users known (the trace lacks them in places)
     hits_cross_user: int = 0
     hits_user_unknown: int = 0
-    steps_saved_exact_repeat: int = 0
     steps_saved_same_user: int = 0
     evictions: int = 0
     max_items: int = 0
@@ -245,14 +255,16 @@ class _AtRow:
 def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequence[float],
              config: SimConfig, neighbours: Neighbours | None = None) -> SimResult:
     """Replay ``requests`` (row i of ``embeddings`` is request i's prompt) through the cache.
-    ``neighbours`` (from ``earlier_neighbours``) may be shared by runs on the same requests."""
+    ``neighbours`` (from ``earlier_neighbours``) may be shared by runs on the same requests.
+    Every finished image is kept, so an identical request always finds one (exact path)."""
     result = SimResult()
     neighbours = neighbours or earlier_neighbours(requests, embeddings)
     floor = min(threshold for threshold, _ in config.table.thresholds)
     index = CachedNearest(embeddings, neighbours, floor)
     items: dict[tuple[int, int], ItemStats] = {}
     stored: dict[int, set[int]] = {}
-    first_seen: dict[tuple[str, str], int] = {}
+    lineages: dict[int, Lineage] = {}
+    finished: dict[tuple[str, str, int], int] = {}   # identical requests -> first row
     # A prompt's worth of items: one per row of the table (a full generation's K set).
     budget = Budget(max_items=len(config.table.thresholds) * config.budget_prompts,
                     low_water=config.low_water)
@@ -260,8 +272,9 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
     samples: list[int] = []
     rng = random.Random(config.seed)
 
-    def stored_ks(entry: str) -> frozenset[int]:
-        return frozenset(stored.get(int(entry), ()))
+    def entry_info(entry: str) -> CachedEntry | None:
+        row = int(entry)
+        return CachedEntry(frozenset(stored[row]), lineages[row]) if row in stored else None
 
     def admit(row: int, partition: str, ks: set[int] | frozenset[int], now: float) -> None:
         for k in ks:
@@ -274,7 +287,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
         now, vector = float(times[i]), embeddings[i]
         result.requests += 1
         result.steps_requested += request.steps
-        exact_key = (request.partition, request.prompt)
+        identical = (request.partition, request.prompt, request.seed)
         if config.predictor and i and i % config.predictor.retrain_every == 0:
             trained = train_predictor(embeddings[samples[-config.predictor.max_samples:]],
                                       version=str(i), nu=config.predictor.nu,
@@ -283,9 +296,18 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
                 predictor = trained
         plan = None
         if config.policy.admits:
-            plan_with = functools.partial(plan_reuse, vector, request.partition, request.steps,
-                                          _AtRow(index, i), stored_ks, config.table,
-                                          draw=rng.random)
+            plan = plan_exact(str(finished[identical]) if config.rules.exact and
+                              identical in finished else None, request.steps, request.partition)
+        if config.policy.admits and plan is None:
+            query = Query(vector, request.partition, request.steps, request.seed)
+
+            def plan_with(consulted: MatchPredictor, audit: float, row: int = i,
+                          query: Query = query) -> CachePlan:
+                return plan_reuse(query, _AtRow(index, row), entry_info,
+                                  lambda segment: float(embeddings[int(segment.source)] @
+                                                        query.embedding),
+                                  config.table, consulted, audit, rng.random, config.rules)
+
             plan = plan_with(predictor, config.predictor.audit_fraction if config.predictor
                              else 0.0)
             result.lookups += plan.looked_up
@@ -297,30 +319,37 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
                 samples.append(i)
         if config.keep_plans:
             result.plans.append(plan)
-        if plan is not None and plan.route is Route.RESUME:
-            entry, k = int(plan.entry or 0), int(plan.k or 0)
-            old = items[(entry, k)]
-            items[(entry, k)] = ItemStats(entry, k, old.size, old.created_at, old.hits + 1, now)
+        if plan is not None and plan.route is not Route.FULL:
+            entry, saved = int(plan.entry or 0), plan.steps_saved
+            if plan.route is Route.RESUME:
+                k = int(plan.k or 0)
+                old = items[(entry, k)]
+                items[(entry, k)] = ItemStats(entry, k, old.size, old.created_at, old.hits + 1,
+                                              now)
+                result.k_histogram[round(k * 50 / request.steps)] += 1
             result.hits += 1
-            result.steps_saved += k
-            result.k_histogram[round(k * 50 / request.steps)] += 1
-            exact = first_seen.get(exact_key) is not None
+            result.steps_saved += saved
+            kind = hit_kind(plan, request.prompt, request.seed)
+            result.hits_by_kind[kind] += 1
+            result.steps_saved_by_kind[kind] += saved
             users_known = bool(request.user) and bool(requests[entry].user)
             same_user = users_known and requests[entry].user == request.user
-            result.hits_exact_repeat += exact
-            result.hits_near += not exact
             result.hits_same_user += same_user
             result.hits_cross_user += users_known and not same_user
             result.hits_user_unknown += not users_known
-            result.steps_saved_exact_repeat += k if exact else 0
-            result.steps_saved_same_user += k if same_user else 0
+            result.steps_saved_same_user += saved if same_user else 0
             result.hit_flags.append(True)
         else:
             result.hit_flags.append(False)
         if config.policy.admits:
-            admit(i, request.partition, kept_ks(plan, config.table, request.steps,
-                                                config.admit_resumed), now)
-        first_seen.setdefault(exact_key, i)
+            kept = kept_ks(plan, config.table, request.steps, config.admit_resumed,
+                           config.rules)
+            if kept:
+                lineages[i] = lineage_after(plan, str(i), request.prompt, request.steps,
+                                            request.seed)
+            admit(i, request.partition, kept, now)
+        if plan is None or plan.route is not Route.EXACT:
+            finished.setdefault(identical, i)
         result.max_items = max(result.max_items, len(items))
         _, free_items = budget.excess(0, len(items))
         if free_items:
@@ -331,6 +360,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
                 stored[row].discard(victim.k)
                 if not stored[row]:
                     del stored[row]
+                    del lineages[row]
                     index.remove(row)
                 result.evictions += 1
     return result

@@ -174,7 +174,8 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.TRIAGE, JobState.GENERATING, JobState.FAILED,
                                 JobState.CANCELLED}),
     JobState.TRIAGE: frozenset({JobState.TRIAGE, JobState.QUEUED, JobState.FAILED,
-                                JobState.CANCELLED}),
+                                JobState.CANCELLED,
+                                JobState.SUCCEEDED}),  # the exact path: no step to run
     JobState.GENERATING: frozenset({JobState.GENERATING, JobState.SUCCEEDED, JobState.FAILED,
                                     JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),

@@ -4,9 +4,11 @@ hand its message back. Pure: the reconciler (workers.reconcile) gathers the fact
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.jobs import JobRecord, JobState
+from core.plan import Reason
 
 
 @dataclass(frozen=True)
@@ -21,13 +23,24 @@ class GiveUp:
     reason: str
 
 
-def stranded_action(record: JobRecord, triage_task: str,
-                    max_requeues: int) -> Requeue | GiveUp | None:
+@dataclass(frozen=True)
+class Wait:
+    """Not stranded: it follows an identical job still in flight, whose worker sends it on."""
+
+
+def stranded_action(record: JobRecord, triage_task: str, max_requeues: int,
+                    live: Callable[[str], bool]) -> Requeue | GiveUp | Wait | None:
     """The step that moves a stranded job on: back into the queue of its stage (triage, or
     the generation queue triage chose), or failed with a reason once it has been re-sent
-    ``max_requeues`` times (whatever loses it will lose it again). None when it is done."""
+    ``max_requeues`` times (whatever loses it will lose it again). None when it is done.
+    A follower of an identical job waits while that job is ``live``; once it ended, the
+    follower goes back to triage (its image, or a generation of its own)."""
     if record.state.terminal:
         return None
+    plan = record.plan
+    if (record.state is JobState.QUEUED and plan is not None and plan.reason is Reason.IN_FLIGHT
+            and plan.entry is not None and live(plan.entry)):
+        return Wait()
     if record.requeues >= max_requeues:
         return GiveUp(f"its message was lost {record.requeues} times (last in state "
                       f"{record.state}); not re-sent again")

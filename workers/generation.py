@@ -1,6 +1,7 @@
 """Generation on GPU workers: run the engine, store the image, finish the job record, and
 (with the cache on) keep the latents of generations and resume from them. A resumed job
-keeps only its latents above the K it resumed from: below it, it ran none of its own."""
+keeps only its latents above the K it resumed from: below it, it ran none of its own. A
+finished job also answers the identical requests that waited for it (single flight)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any
 import torch
 
 from cachemgr.catalog import Catalog
-from cachemgr.keys import latent_key, request_partition
+from cachemgr.identical import IdenticalRequests
+from cachemgr.keys import identical_key, latent_key, request_partition
 from cachemgr.ktable import KTable
 from cachemgr.plan import kept_ks
 from core.backoff import backoff_s
@@ -59,11 +61,31 @@ class CacheConfig:
     table: KTable
     catalog: Catalog
     register: RegisterEntry
+    identical: IdenticalRequests
+    retriage: Callable[[str], None]  # sends a job (a follower) back to triage
     admit_resumed: bool = True     # T2I_CACHE_ADMIT_RESUMED
 
     def partition(self, record: JobRecord) -> str:
         return request_partition(self.model, self.scheduler, record.request, record.tenant,
                                  self.shared)
+
+    def land(self, record: JobRecord, succeeded: bool) -> None:
+        """The job ended: if it succeeded, identical requests get its image from now on;
+        either way the identical requests that waited for it go back to triage (they are
+        served its image, or one of them generates). Never fails the job: a follower it
+        misses is sent back by the reconciler."""
+        digest = identical_key(self.partition(record), record.request)
+        try:
+            if succeeded:
+                self.identical.remember(digest, record.id)
+            followers = self.identical.land(digest, record.id)
+            for follower in followers:
+                self.retriage(follower)
+        except T2IError as exc:
+            log.warning("job %s: identical requests not told: %s", record.id, exc)
+            return
+        if followers:
+            log.info("job %s: %d identical jobs sent back to triage", record.id, len(followers))
 
     def kept(self, plan: CachePlan | None, steps: int) -> frozenset[int]:
         """The Ks a job keeps (cachemgr.plan.kept_ks; None: it runs in full)."""
@@ -123,11 +145,14 @@ def step_reporter(job_id: str, jobs: JobStore) -> Callable[[int, int], None]:
     return on_step
 
 
-def finish_cancelled(job_id: str, jobs: JobStore, now: Callable[[], float]) -> dict[str, Any]:
-    jobs.update(job_id, lambda r: r.transition(JobState.CANCELLED, finished_at=now(),
-                                                error="cancelled by request"))
-    log.info("job %s: cancelled during generation", job_id)
-    return {"job_id": job_id, "state": "cancelled"}
+def finish_cancelled(record: JobRecord, jobs: JobStore, now: Callable[[], float],
+                     cache: CacheConfig | None) -> dict[str, Any]:
+    jobs.update(record.id, lambda r: r.transition(JobState.CANCELLED, finished_at=now(),
+                                                   error="cancelled by request"))
+    log.info("job %s: cancelled during generation", record.id)
+    if cache:
+        cache.land(record, succeeded=False)
+    return {"job_id": record.id, "state": "cancelled"}
 
 
 def _put_waiting(job_id: str, key: str, png: bytes, objects: ObjectStore,
@@ -196,12 +221,23 @@ def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore, engine: E
     try:
         result: Generation = engine.generate(request, step_reporter(job_id, jobs), capture)
     except JobCancelled:
-        return finish_cancelled(job_id, jobs, now)
+        return finish_cancelled(record, jobs, now, cache)
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
                           unet_calls=result.unet_calls, **fields)
-    if cache and result.captured:
-        _cache_entry(record, result.captured, objects, cache)
+    if cache:
+        cache.land(record, succeeded=True)
+        if result.captured:
+            _cache_entry(record, result.captured, objects, cache)
     return outcome
+
+
+def _skipped(job_id: str, jobs: JobStore, cache: CacheConfig | None) -> dict[str, Any]:
+    """A job not to run (finished or cancelled while queued, or poison): identical jobs
+    that waited for it go back to triage now, not when the reconciler finds them."""
+    if cache:
+        record = jobs.get(job_id)
+        cache.land(record, succeeded=record.state is JobState.SUCCEEDED)
+    return {"job_id": job_id, "skipped": True}
 
 
 def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Engine,
@@ -209,7 +245,7 @@ def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Eng
                   reliability: Reliability) -> dict[str, Any]:
     record = start_generation(job_id, jobs, engine.label, worker, now, reliability)
     if record is None:
-        return {"job_id": job_id, "skipped": True}
+        return _skipped(job_id, jobs, cache)
     return _run_full(record, jobs, objects, engine, now, cache, reliability)
 
 
@@ -226,9 +262,9 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
         return generate_full(job_id, jobs, objects, engine, worker, now, cache, reliability)
     entry, k, partition = plan.entry, plan.k, plan.partition
     started = start_generation(job_id, jobs, engine.label, worker, now, reliability,
-                               total_steps=record.request.steps - k)
+                               total_steps=record.request.steps - plan.steps_saved)
     if started is None:
-        return {"job_id": job_id, "skipped": True}
+        return _skipped(job_id, jobs, cache)
     record = started
     request = record.request
     fetch_started = time.perf_counter()
@@ -244,9 +280,10 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
     fetched = time.perf_counter()
     capture = cache.kept(plan, request.steps)
     try:
-        result = engine.resume(request, latent, k, step_reporter(job_id, jobs), capture)
+        result = engine.resume(request, latent, k, step_reporter(job_id, jobs), capture,
+                               plan.reseed)
     except JobCancelled:
-        return finish_cancelled(job_id, jobs, now)
+        return finish_cancelled(record, jobs, now, cache)
     try:
         hits = cache.catalog.record_hit(entry, k, now())
     except BrokerUnavailable as exc:  # a lost hit only lowers one eviction score a little
@@ -256,6 +293,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
                           unet_calls=result.unet_calls, resumed_from_k=k,
                           latent_fetch_ms=round((fetched - fetch_started) * 1e3, 3))
+    cache.land(record, succeeded=True)
     if result.captured:
         _cache_entry(record, result.captured, objects, cache)
     return outcome

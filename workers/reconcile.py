@@ -23,7 +23,7 @@ import redis
 
 from core.errors import JobNotFound
 from core.jobstore import JobStore, redis_errors
-from core.reconcile import GiveUp, Requeue, stranded_action
+from core.reconcile import GiveUp, Requeue, Wait, stranded_action
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ def broker_job_ids(client: redis.Redis, queues: Iterable[str]) -> set[str]:
     return {job_id for raw in raws if (job_id := _job_id(raw))}
 
 
+def _live(jobs: JobStore, job_id: str) -> bool:
+    try:
+        return not jobs.get(job_id).state.terminal
+    except JobNotFound:
+        return False
+
+
 @dataclass
 class ReconcileReport:
     requeued: list[str] = field(default_factory=list)
@@ -93,7 +100,10 @@ def reconcile(jobs: JobStore, held_ids: Callable[[], set[str]],
         except JobNotFound:  # expired
             jobs.forget_active(job_id)
             continue
-        action = stranded_action(record, triage_task, max_requeues)
+        action = stranded_action(record, triage_task, max_requeues,
+                                 lambda leader: _live(jobs, leader))
+        if isinstance(action, Wait):
+            continue
         if action is None:
             jobs.forget_active(job_id)
         elif isinstance(action, GiveUp):

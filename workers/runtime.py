@@ -7,6 +7,7 @@ import functools
 import time
 
 from cachemgr.catalog import Catalog
+from cachemgr.identical import IdenticalRequests
 from cachemgr.ktable import KTable
 from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
@@ -49,6 +50,11 @@ def metrics() -> MetricsStore:
 @functools.cache
 def catalog() -> Catalog:
     return Catalog(redis_client())
+
+
+@functools.cache
+def identical_requests() -> IdenticalRequests:
+    return IdenticalRequests(redis_client(), settings().job_ttl_s)
 
 
 @functools.cache
@@ -118,8 +124,9 @@ def router():
         predictor = ReloadingPredictor(predictor_store(), config.predictor_check_interval_s, clock)
         training = {"add_sample": predictor_store().add_sample,
                     "audit_fraction": config.predictor_audit_fraction}
-    return CacheRouter(embedder(), vectors(), catalog(), k_table(), predictor, config.model,
-                       config.scheduler, config.cache_scope == "shared", **training)
+    return CacheRouter(embedder(), vectors(), catalog(), identical_requests(), object_store(),
+                       job_store(), k_table(), predictor, config.model, config.scheduler,
+                       config.cache_scope == "shared", **training)
 
 
 @functools.cache
@@ -133,7 +140,7 @@ def reliability():
 @functools.cache
 def cache_config():
     """What GPU workers need to write and read the cache; None when the cache is off."""
-    from workers.app import REGISTER_TASK, app, enqueue
+    from workers.app import REGISTER_TASK, TRIAGE_TASK, app, enqueue
     from workers.generation import CacheConfig
 
     config = settings()
@@ -144,7 +151,8 @@ def cache_config():
         enqueue(app, REGISTER_TASK, entry, partition=partition, sizes=sizes)
 
     return CacheConfig(config.model, config.scheduler, config.cache_scope == "shared", k_table(),
-                       catalog(), register, config.cache_admit_resumed)
+                       catalog(), register, identical_requests(),
+                       functools.partial(enqueue, app, TRIAGE_TASK), config.cache_admit_resumed)
 
 
 @functools.cache

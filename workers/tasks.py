@@ -104,9 +104,14 @@ def leave_job_context(task_id: str, **_: Any) -> None:
         leave_job(token)
 
 
-def _fail(job_id: str, error: str) -> dict[str, Any]:
-    runtime.job_store().fail(job_id, error, runtime.clock())
+def _fail(job_id: str, error: str, stage: str) -> dict[str, Any]:
+    """Fail the job; a generation that fails also sends the identical jobs that waited for
+    it back to triage."""
+    record = runtime.job_store().fail(job_id, error, runtime.clock())
     log.error("job %s: failed: %s", job_id, error)
+    cache = runtime.cache_config() if stage == "generation" else None
+    if cache is not None:
+        cache.land(record, succeeded=False)
     return {"job_id": job_id, "state": "failed", "error": error}
 
 
@@ -146,12 +151,12 @@ def _guarded(task: Task, job_id: str, stage: str,
         log.warning("job %s: no record (expired or never created); dropped", job_id)
         return {"job_id": job_id, "skipped": "no record"}
     except TransientError as exc:
-        return _fail(job_id, f"{stage} gave up after {task.max_retries} retries: {exc}")
+        return _fail(job_id, f"{stage} gave up after {task.max_retries} retries: {exc}", stage)
     except SoftTimeLimitExceeded:
-        return _fail(job_id, f"{stage} time limit exceeded")
+        return _fail(job_id, f"{stage} time limit exceeded", stage)
     except Exception as exc:  # noqa: BLE001 - any other error fails this job, not the worker
         log.exception("job %s: %s error", job_id, stage)
-        return _fail(job_id, f"{stage} error: {type(exc).__name__}: {exc}")
+        return _fail(job_id, f"{stage} error: {type(exc).__name__}: {exc}", stage)
 
 
 @app.task(name=TRIAGE_TASK, bind=True, max_retries=MAX_RETRIES)
@@ -160,7 +165,8 @@ def triage_route(self: Task, job_id: str) -> dict[str, Any]:
 
     return _guarded(self, job_id, "triage", lambda: triage_job(
         job_id, runtime.job_store(), RequestLimits.from_settings(runtime.settings()),
-        runtime.router(), functools.partial(enqueue, app), runtime.clock))
+        runtime.router(), functools.partial(enqueue, app), runtime.clock,
+        runtime.object_store()))
 
 
 @app.task(name=FULL_TASK, bind=True, max_retries=MAX_RETRIES)

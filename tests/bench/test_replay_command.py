@@ -7,6 +7,8 @@ import csv
 import gzip
 import json
 
+import pytest
+
 from bench import replay
 
 HEADER = ["channel", "seq", "user_hash", "prompt", "seed", "n_images", "width", "height", "cfg",
@@ -29,19 +31,30 @@ def test_policy_sweep_writes_rows(tmp_path):
     write_trace(trace)
     out = tmp_path / "result"
     assert replay.main(["--trace", str(trace), "--policies", "lcbfu,none", "--budgets", "0,1",
-                        "--cache-dir", str(tmp_path / "emb"), "--out", str(out)]) == 0
+                        "--rules", "new,old", "--cache-dir", str(tmp_path / "emb"),
+                        "--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [(r["policy"], r["budget_prompts"]) for r in rows] == [
-        ("lcbfu", None), ("lcbfu", 1), ("none", None), ("none", 1)]
+    assert [(r["policy"], r["budget_prompts"], r["rules"]) for r in rows] == [
+        (policy, budget, rules) for rules in ("new", "old") for policy in ("lcbfu", "none")
+        for budget in (None, 1)]
     unbounded = rows[0]
+    # The trace's one repeat has another seed: a re-roll, saving what the split says.
+    assert set(unbounded["steps_saved_frac_by_kind"]) <= {"re-roll", "near edit", "chained"}
+    assert unbounded["steps_saved_frac_by_kind"]["re-roll"] > 0
+    assert sum(unbounded["steps_saved_frac_by_kind"].values()) == \
+        pytest.approx(unbounded["steps_saved_frac"])
     assert unbounded["requests"] == 5  # the empty prompt is skipped
-    assert unbounded["hit_rate"] >= 0.2 and unbounded["k_histogram"].get("25", 0) >= 1
+    # Another seed's latent serves K 2 of 50 (the seed cap); the old rules took K 25.
+    assert unbounded["hit_rate"] >= 0.2 and unbounded["k_histogram"].get("2", 0) >= 1
+    assert rows[4]["k_histogram"].get("25", 0) >= 1
     assert rows[2]["hit_rate"] == 0.0
     assert list((tmp_path / "emb" / "minilm").glob("chunk-*.npy"))  # kept for the next run
     assert list((tmp_path / "emb" / "neighbours").glob("neighbours-5-*.npz"))
     assert (tmp_path / "result-steps-saved.png").stat().st_size > 0
     assert (tmp_path / "result-k-and-hits.png").stat().st_size > 0
-    assert "| lcbfu | unbounded | minilm | reference | kept |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| lcbfu | unbounded | minilm | reference | new | kept |" in table
+    assert "| lcbfu | unbounded | minilm | reference | old | kept |" in table
     assert unbounded["admit_resumed"] is True
 
 

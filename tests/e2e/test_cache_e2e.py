@@ -84,16 +84,23 @@ def test_first_prompt_runs_full_and_registers_five_items(original, catalog, stac
         assert objects.exists(latent_key(plan(client, original).partition, original["id"], k))
 
 
-def test_identical_prompt_resumes_from_the_largest_k_and_reproduces_the_image(
-        original, client, catalog):
+def test_an_identical_request_is_answered_by_the_exact_path_with_no_step(original, client):
     view = submit_and_wait(client, ORIGINAL)
+    assert view["cache"]["route"] == "exact" and view["cache"]["reason"] == "exact repeat"
+    assert view["unet_calls"] == 0 and view["id"] != original["id"]
+    assert client.result(view["id"]) == client.result(original["id"])
+
+
+def test_a_reroll_resumes_from_the_largest_k_with_its_own_noise(original, client, catalog):
+    view = submit_and_wait(client, ORIGINAL, seed=3)
     assert view["cache"]["route"] == "resume" and view["cache"]["reason"] == "hit"
+    assert view["cache"]["seed_rule"] == "noise swap"
     assert view["cache"]["similarity"] == pytest.approx(1.0, abs=1e-5)
     assert plan(client, view).entry == original["id"] and view["cache"]["k"] == 5
     assert view["unet_calls"] == STEPS - 5 and view["progress"]["total"] == STEPS - 5
     assert catalog.item(original["id"], 5).hits >= 1
     difference = np.abs(pixels(client, view["id"]) - pixels(client, original["id"]))
-    assert difference.mean() < 1.0  # same seed: only fp16 storage of the latent differs
+    assert difference.mean() > 1.0  # another seed: another picture
 
 
 def test_close_edit_resumes_with_the_k_its_similarity_earns(original, client):
@@ -114,12 +121,14 @@ def test_a_resumed_job_keeps_its_latents_above_k_and_its_repeat_resumes_from_the
     first = submit_and_wait(client, edit)
     assert first["cache"]["route"] == "resume" and 0 < first["cache"]["k"] < 5
     wait_for_items(catalog, first["id"], set(range(first["cache"]["k"] + 1, 6)))
-    repeat = submit_and_wait(client, edit)
-    assert repeat["cache"]["reason"] == "hit"
-    assert repeat["cache"]["similarity"] == pytest.approx(1.0, abs=1e-5)
-    assert plan(client, repeat).entry == first["id"] and repeat["cache"]["k"] == 5
-    difference = np.abs(pixels(client, repeat["id"]) - pixels(client, first["id"]))
-    assert difference.mean() < 1.0  # the same trajectory continued: only fp16 storage differs
+    reroll = submit_and_wait(client, edit, seed=2)
+    assert reroll["cache"]["reason"] == "hit"
+    assert reroll["cache"]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    # A chain (steps 1..K of the original, then the edit's): allowed, as the original is
+    # exactly as near the edit as it was when the edit resumed from it.
+    chain = plan(client, reroll).source_lineage
+    assert [segment.source for segment in chain.segments] == [original["id"], first["id"]]
+    assert plan(client, reroll).entry == first["id"] and reroll["cache"]["k"] == 5
 
 
 def test_unrelated_prompt_runs_full(original, client):
@@ -147,13 +156,13 @@ def _wrong_shape(objects: ObjectStore, key: str) -> None:
     objects.put(key, encode_latent(torch.randn(1, 4, 16, 16), partition))
 
 
-@pytest.mark.parametrize("spoil", [ObjectStore.delete, _truncate, _from_another_model,
-                                   _wrong_shape], ids=["deleted", "truncated",
-                                                       "another-model", "wrong-shape"])
+@pytest.mark.parametrize("spoil, seed", [(ObjectStore.delete, 20), (_truncate, 21),
+                                         (_from_another_model, 22), (_wrong_shape, 23)],
+                         ids=["deleted", "truncated", "another-model", "wrong-shape"])
 def test_latent_spoiled_between_triage_and_generation_falls_back_to_full(
-        original, client, catalog, stack, spoil):
+        original, client, catalog, stack, spoil, seed):
     busy = client.submit("keeps the GPU worker busy", steps=150, width=128, height=128)
-    job_id = client.submit(ORIGINAL, steps=STEPS, seed=2)
+    job_id = client.submit(ORIGINAL, steps=STEPS, seed=seed)  # a re-roll: not exact
     deadline = time.monotonic() + 60
     while (view := client.status(job_id))["cache"] is None:
         assert time.monotonic() < deadline

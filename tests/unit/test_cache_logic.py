@@ -6,7 +6,8 @@ import pytest
 
 from cachemgr.keys import cache_scope, latent_key, partition_key
 from cachemgr.ktable import REFERENCE_TABLE, KTable, derive_table, largest_stored_at_most
-from cachemgr.routing import Reason, decide
+from cachemgr.routing import Bounds, CachedEntry, decide
+from core.plan import Lineage, Reason, Segment
 
 
 @pytest.mark.parametrize("similarity, k", [
@@ -85,36 +86,91 @@ def test_partitions_separate_everything_that_changes_a_latent():
     assert latent_key(key, "e1", 5) == f"cache/{key}/e1/k005.safetensors"
 
 
-def stored(ks):
-    return lambda entry: frozenset(ks)
+def own(entry, seed=0, steps=50):
+    return Lineage.own(entry, f"prompt of {entry}", steps, seed)
+
+
+def stored(ks, seed=0):
+    return lambda entry: CachedEntry(frozenset(ks), own(entry, seed))
+
+
+def bounds(seed=0, seed_cap=None, lineage=True, ancestors=None, steps=50):
+    similarities = ancestors or {}
+    return Bounds(REFERENCE_TABLE, steps, seed, seed_cap, lineage,
+                  lambda segment: similarities[segment.source])
 
 
 def test_decide_hit_hole_and_misses():
-    table, n = REFERENCE_TABLE, 50
-    assert decide([], stored({5}), table, n).reason is Reason.MISS
-    below = decide([("e", 0.5)], stored({5}), table, n)
+    assert decide([], stored({5}), bounds()).reason is Reason.MISS
+    below = decide([("e", 0.5)], stored({5}), bounds())
     assert below.reason is Reason.BELOW_THRESHOLD and not below.resume and below.similarity == 0.5
-    hit = decide([("e", 0.97)], stored({5, 10, 15, 20, 25}), table, n)
+    hit = decide([("e", 0.97)], stored({5, 10, 15, 20, 25}), bounds())
     assert (hit.reason, hit.k, hit.wanted_k, hit.entry) == (Reason.HIT, 25, 25, "e")
-    hole = decide([("e", 0.97)], stored({5, 15}), table, n)
+    hole = decide([("e", 0.97)], stored({5, 15}), bounds())
     assert (hole.reason, hole.k, hole.wanted_k) == (Reason.HOLE, 15, 25) and hole.resume
-    empty = decide([("e", 0.7)], stored({10, 25}), table, n)
+    empty = decide([("e", 0.7)], stored({10, 25}), bounds())
     assert (empty.reason, empty.resume, empty.wanted_k) == (Reason.NO_STORED_K, False, 5)
+    gone = decide([("e", 0.97)], lambda entry: None, bounds())
+    assert (gone.reason, gone.resume) == (Reason.NO_STORED_K, False)
 
 
 def test_decide_weighs_the_nearest_few_for_the_largest_k():
-    table, n = REFERENCE_TABLE, 50
     ks = {"resumed": frozenset({15, 20, 25}), "full": frozenset({5, 10, 15, 20, 25}),
           "full2": frozenset({5, 10, 15, 20, 25})}
+
+    def entries(entry):
+        return CachedEntry(ks[entry], own(entry))
     # The nearest was kept by a job resumed at K=10: nothing at or below the K=10 earned.
-    farther = decide([("resumed", 0.80), ("full", 0.78)], ks.__getitem__, table, n)
+    farther = decide([("resumed", 0.80), ("full", 0.78)], entries, bounds())
     assert (farther.reason, farther.entry, farther.k) == (Reason.HIT, "full", 10)
     # A tie in K goes to the nearer; a farther entry without the hole wins over it.
-    tie = decide([("full", 0.96), ("full2", 0.955)], ks.__getitem__, table, n)
+    tie = decide([("full", 0.96), ("full2", 0.955)], entries, bounds())
     assert (tie.entry, tie.k) == ("full", 25)
     ks["holed"] = frozenset({5})
-    larger = decide([("holed", 0.96), ("full", 0.955)], ks.__getitem__, table, n)
+    larger = decide([("holed", 0.96), ("full", 0.955)], entries, bounds())
     assert (larger.reason, larger.entry, larger.k) == (Reason.HIT, "full", 25)
     # No usable match: the nearest's reason.
-    none = decide([("resumed", 0.70), ("full", 0.5)], ks.__getitem__, table, n)
+    none = decide([("resumed", 0.70), ("full", 0.5)], entries, bounds())
     assert (none.reason, none.entry, none.resume) == (Reason.NO_STORED_K, "resumed", False)
+
+
+def chained_b():
+    """B resumed from A at K=10, keeping its latents at K 15, 20, 25: steps 1-10 are A's."""
+    lineage = Lineage((Segment("A", "prompt a", 10), Segment("B", "prompt b", 50)), 0)
+    return lambda entry: CachedEntry(frozenset({15, 20, 25}), lineage)
+
+
+def test_a_chain_takes_no_more_steps_from_the_first_prompt_than_its_similarity_allows():
+    """A -> B at K 10, then C at 0.96 to B would resume at K 25: it may only if C is near
+    enough to A for K 10 (the reference table: 0.75), since steps 1-10 came from A."""
+    far_from_a = decide([("B", 0.96)], chained_b(), bounds(ancestors={"A": 0.70}))
+    assert (far_from_a.reason, far_from_a.resume, far_from_a.wanted_k) == (
+        Reason.LINEAGE_CAP, False, 25)
+    near_a = decide([("B", 0.96)], chained_b(), bounds(ancestors={"A": 0.80}))
+    assert (near_a.reason, near_a.k) == (Reason.HIT, 25)
+    # The old rule (lineage ignored) took K 25 whatever A was.
+    old = decide([("B", 0.96)], chained_b(), bounds(lineage=False, ancestors={"A": 0.1}))
+    assert old.k == 25
+
+
+def test_a_chain_falls_back_to_a_smaller_k_the_lineage_allows():
+    """C is 0.96 to B and 0.80 to A (K 10 from A); with K 25 evicted it takes K 20."""
+    lineage = Lineage((Segment("A", "prompt a", 10), Segment("B", "prompt b", 50)), 0)
+    decision = decide([("B", 0.96)], lambda entry: CachedEntry(frozenset({15, 20}), lineage),
+                      bounds(ancestors={"A": 0.80}))
+    assert (decision.reason, decision.k) == (Reason.HOLE, 20)
+    # A at 0.70 grants 5 < 10: no K of B is usable; another candidate still can be.
+    full = {"B": CachedEntry(frozenset({15, 20}), lineage),
+            "D": CachedEntry(frozenset({5, 10, 15}), own("D"))}
+    other = decide([("B", 0.96), ("D", 0.80)], full.get, bounds(ancestors={"A": 0.70}))
+    assert (other.entry, other.k, other.reason) == ("D", 10, Reason.HIT)
+
+
+def test_a_seed_cap_bounds_hits_from_another_seeds_latent_only():
+    entries = stored({5, 10, 15, 20, 25}, seed=7)
+    same_seed = decide([("e", 0.97)], entries, bounds(seed=7, seed_cap=10))
+    assert (same_seed.reason, same_seed.k) == (Reason.HIT, 25)
+    reroll = decide([("e", 0.97)], entries, bounds(seed=8, seed_cap=10))
+    assert (reroll.reason, reroll.k, reroll.wanted_k) == (Reason.SEED_CAP, 10, 25)
+    uncapped = decide([("e", 0.97)], entries, bounds(seed=8))
+    assert uncapped.k == 25

@@ -143,22 +143,41 @@ def test_a_stranded_job_goes_back_to_the_queue_of_its_stage_or_fails_after_enoug
     from core.reconcile import GiveUp, Requeue, stranded_action
 
     request = JobRequest("a fox", "", 10, 7.5, 1, 64, 64)
+    LIVE = lambda job_id: True  # noqa: E731 - no follower here
 
     def record(state: JobState, **fields: object) -> JobRecord:
         return JobRecord(id="j", state=state, request=request, model="tiny", submitted_at=0.0,
                          **fields)
 
-    assert stranded_action(record(JobState.QUEUED), "triage.route", 3) == Requeue("triage.route")
-    assert stranded_action(record(JobState.TRIAGE, route="gen.full"), "triage.route", 3) == \
+    assert stranded_action(record(JobState.QUEUED), "triage.route", 3, LIVE) == Requeue("triage.route")
+    assert stranded_action(record(JobState.TRIAGE, route="gen.full"), "triage.route", 3, LIVE) == \
         Requeue("triage.route")  # triage starts over: its decision may be out of date
-    assert stranded_action(record(JobState.QUEUED, route="gen.resume"), "triage.route", 3) == \
+    assert stranded_action(record(JobState.QUEUED, route="gen.resume"), "triage.route", 3, LIVE) == \
         Requeue("gen.resume")
-    assert stranded_action(record(JobState.GENERATING, route="gen.full"), "triage.route", 3) \
+    assert stranded_action(record(JobState.GENERATING, route="gen.full"), "triage.route", 3, LIVE) \
         == Requeue("gen.full")
     gave_up = stranded_action(record(JobState.GENERATING, route="gen.full", requeues=3),
-                              "triage.route", 3)
+                              "triage.route", 3, LIVE)
     assert isinstance(gave_up, GiveUp) and "lost 3 times" in gave_up.reason
-    assert stranded_action(record(JobState.SUCCEEDED), "triage.route", 3) is None
+    assert stranded_action(record(JobState.SUCCEEDED), "triage.route", 3, LIVE) is None
+
+
+def test_a_follower_of_an_identical_job_waits_while_that_job_lives_then_goes_to_triage():
+    from core.plan import CachePlan, Reason, Route
+    from core.reconcile import Requeue, Wait, stranded_action
+
+    follower = JobRecord(id="f", state=JobState.QUEUED, model="tiny", submitted_at=0.0,
+                         request=JobRequest("a fox", "", 10, 7.5, 1, 64, 64),
+                         plan=CachePlan(Route.EXACT, Reason.IN_FLIGHT, "p", entry="leader"))
+    asked: list[str] = []
+
+    def live(job_id: str) -> bool:
+        asked.append(job_id)
+        return job_id == "leader"
+
+    assert stranded_action(follower, "triage.route", 3, live) == Wait() and asked == ["leader"]
+    orphan = dataclasses.replace(follower, plan=dataclasses.replace(follower.plan, entry="gone"))
+    assert stranded_action(orphan, "triage.route", 3, live) == Requeue("triage.route")
 
 
 def test_records_written_before_typed_plans_still_read():
@@ -176,7 +195,7 @@ def test_records_written_before_typed_plans_still_read():
     assert (plan.route, plan.reason, plan.entry, plan.partition, plan.k, plan.wanted_k) == \
         (Route.RESUME, Reason.HOLE, "e1", "p1", 3, 4) and plan.looked_up
     assert record.public()["cache"] == {"route": "resume", "k": 3, "similarity": 0.93,
-                                        "reason": "hole fallback", "fallback": None}
+                                        "reason": "hole fallback", "fallback": None, "seed_rule": None}
     assert JobRecord.from_fields(record.to_fields()) == record
     routed_in_full = JobRecord.from_fields({**older, "route": "gen.full", "route_reason": "miss",
                                             "extra": "{}"})
@@ -197,4 +216,4 @@ def test_the_public_view_has_no_internal_ids_or_task_names():
                      "deliveries", "v1"):
         assert internal not in text, internal
     assert record.public()["cache"] == {"route": "resume", "k": 5, "similarity": 0.97,
-                                        "reason": "hit", "fallback": None}
+                                        "reason": "hit", "fallback": None, "seed_rule": None}

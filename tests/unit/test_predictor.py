@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from sklearn.svm import OneClassSVM
 
+from cachemgr.identical import InMemoryIdenticalRequests
 from cachemgr.ktable import REFERENCE_TABLE
 from cachemgr.predictor import AlwaysLookUp, SvmPredictor, consult, train_predictor
-from cachemgr.routing import Reason
+from cachemgr.routing import CachedEntry
 from core.jobs import JobRecord, JobRequest, JobState
+from core.jobstore import InMemoryJobStore
+from core.objectstore import InMemoryObjectStore
+from core.plan import Lineage, Reason
 from workers.app import FULL_TASK, RESUME_TASK
 from workers.triage import CacheRouter
 
@@ -100,8 +104,8 @@ class FakeIndex:
 
 
 class FakeCatalog:
-    def stored_ks(self, entry):
-        return frozenset({5, 10, 15, 20, 25})
+    def entry(self, entry):
+        return CachedEntry(frozenset({5, 10, 15, 20, 25}), Lineage.own(entry, "a cat", 50, 1))
 
 
 class FixedPredictor:
@@ -119,9 +123,11 @@ RECORD = JobRecord(id="j", state=JobState.TRIAGE, model="m", submitted_at=0.0,
 
 
 def router(predictor, index, samples, draw=lambda: 0.99, audit=0.1) -> CacheRouter:
-    return CacheRouter(FakeEmbedder(CENTRES[0]), index, FakeCatalog(), REFERENCE_TABLE,
-                       predictor, "m", "ddim", False, add_sample=samples.append, audit_fraction=audit,
-                       draw=draw)
+    jobs = InMemoryJobStore()
+    jobs.create(RECORD)
+    return CacheRouter(FakeEmbedder(CENTRES[0]), index, FakeCatalog(), InMemoryIdenticalRequests(),
+                       InMemoryObjectStore(), jobs, REFERENCE_TABLE, predictor, "m", "ddim", False,
+                       add_sample=samples.append, audit_fraction=audit, draw=draw)
 
 
 def test_predicted_miss_skips_the_lookup():

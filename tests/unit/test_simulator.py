@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cachemgr.ktable import REFERENCE_TABLE
+from cachemgr.plan import OLD_RULES, ReuseRules, SeedPolicy
 from cachemgr.policies import LCBFU, LRU, NoCache
 from cachemgr.simulator import (
     ExactIndex,
@@ -14,6 +15,11 @@ from cachemgr.simulator import (
     earlier_neighbours,
     simulate,
 )
+from core.plan import Reason, SeedRule
+
+# The live rules without the seed cap: the tests of K tables and lineage use it, so that
+# hits from other seeds reach the Ks those rules allow.
+UNCAPPED = ReuseRules(seed=SeedPolicy(SeedRule.NOISE_SWAP))
 
 
 def unit(v) -> np.ndarray:
@@ -34,35 +40,93 @@ def test_exact_index_add_remove_nearest():
     assert index.nearest("p", unit([1, 0, 0])) == [] and index.nearest("q", unit([1, 0, 0])) == []
 
 
-def trace(prompts_and_vectors, user="u"):
-    requests = [SimRequest(user, prompt, 50, "p") for prompt, _ in prompts_and_vectors]
+def trace(prompts_and_vectors, user="u", seeds=None):
+    requests = [SimRequest(user, prompt, 50, "p", seed)
+                for (prompt, _), seed in zip(prompts_and_vectors,
+                                             seeds or [0] * len(prompts_and_vectors))]
     embeddings = np.stack([unit(v) for _, v in prompts_and_vectors])
     return requests, embeddings, [float(i) for i in range(len(requests))]
 
 
-def test_repeat_hits_with_k25_and_near_edit_with_its_k():
-    requests, embeddings, times = trace([("a", [1, 0, 0]), ("a", [1, 0, 0]),
-                                         ("a2", [1, 0.45, 0]), ("z", [0, 0, 1])])
-    result = simulate(requests, embeddings, times, SimConfig(LCBFU(), REFERENCE_TABLE))
-    similarity = float(unit([1, 0, 0]) @ unit([1, 0.45, 0]))
-    near_k = REFERENCE_TABLE.k_for(similarity, 50)
-    assert result.hits == 2 and result.hit_flags == [False, True, True, False]
+def test_identical_repeat_is_exact_another_seed_resumes_at_the_seed_cap():
+    """An identical request (prompt and seed) is served whole; a re-roll and a near edit
+    from another seed resume from K 2 of 50 only (the default seed cap), with the noise
+    swapped for their own seed's; a near edit from the same seed earns its table K."""
+    requests, embeddings, times = trace(
+        [("a", [1, 0, 0]), ("a", [1, 0, 0]), ("a", [1, 0, 0]), ("a2", [1, 0.45, 0]),
+         ("a3", [1, 0.45, 0.01]), ("z", [0, 0, 1])], seeds=[1, 1, 2, 3, 1, 4])
+    result = simulate(requests, embeddings, times,
+                      SimConfig(LCBFU(), REFERENCE_TABLE, keep_plans=True))
+    near_k = REFERENCE_TABLE.k_for(float(unit([1, 0, 0]) @ unit([1, 0.45, 0.01])), 50)
+    assert near_k is not None and near_k > 2
+    assert result.hit_flags == [False, True, True, True, True, False]
+    assert result.k_histogram == {2: 2, near_k: 1}    # resumes only: the exact one ran none
+    assert result.hits_by_kind == {"exact": 1, "re-roll": 1, "near edit": 2}
+    assert result.steps_saved_by_kind == {"exact": 50, "re-roll": 2, "near edit": 2 + near_k}
+    exact, reroll, edit, same_seed_edit = result.plans[1:5]
+    assert (str(exact.route), exact.entry, exact.steps_saved) == ("exact", "0", 50)
+    for capped in (reroll, edit):
+        assert capped.k == 2 and capped.reason is Reason.SEED_CAP
+        assert capped.reseed is not None and capped.reseed.rule is SeedRule.NOISE_SWAP
+        assert capped.reseed.source_seed == 1
+    assert same_seed_edit.reseed is None and same_seed_edit.entry == "0"
+
+
+def test_without_the_seed_cap_another_seed_resumes_at_its_table_k():
+    requests, embeddings, times = trace(
+        [("a", [1, 0, 0]), ("a", [1, 0, 0]), ("a", [1, 0, 0]), ("a2", [1, 0.45, 0]),
+         ("z", [0, 0, 1])], seeds=[1, 1, 2, 3, 4])
+    result = simulate(requests, embeddings, times,
+                      SimConfig(LCBFU(), REFERENCE_TABLE, keep_plans=True, rules=UNCAPPED))
+    near_k = REFERENCE_TABLE.k_for(float(unit([1, 0, 0]) @ unit([1, 0.45, 0])), 50)
+    assert result.hits == 3 and result.hit_flags == [False, True, True, True, False]
     assert result.k_histogram == {25: 1, near_k: 1}
-    assert result.steps_saved == 25 + near_k and result.steps_requested == 200
-    assert (result.hits_exact_repeat, result.hits_near) == (1, 1)
-    assert (result.hits_same_user, result.hits_cross_user, result.hits_user_unknown) == (2, 0, 0)
+    assert result.steps_saved == 50 + 25 + near_k and result.steps_requested == 250
+    assert result.steps_saved_by_kind == {"exact": 50, "re-roll": 25, "near edit": near_k}
+    reroll = result.plans[2]
+    assert reroll.reseed is not None and (reroll.reseed.source_seed, reroll.k) == (1, 25)
+    assert (result.hits_same_user, result.hits_cross_user, result.hits_user_unknown) == (3, 0, 0)
 
 
-def test_a_resumed_job_keeps_its_latents_above_its_k_for_later_repeats():
-    """b resumes from a at K=10; b's repeat then resumes from b's own latent at K=25 when
-    resumed jobs are admitted, else from a at K=10 again."""
+def test_old_rules_resume_identical_repeats_and_ignore_seeds():
+    requests, embeddings, times = trace([("a", [1, 0, 0])] * 3, seeds=[1, 1, 2])
+    result = simulate(requests, embeddings, times,
+                      SimConfig(LCBFU(), REFERENCE_TABLE, keep_plans=True, rules=OLD_RULES))
+    assert result.hits_by_kind == {"exact": 1, "re-roll": 1} and result.steps_saved == 50
+    assert all(plan.reseed is None for plan in result.plans if plan)
+
+
+def test_a_resumed_job_keeps_its_latents_above_its_k_for_later_rerolls():
+    """b resumes from a at K=10; b's re-roll then resumes from b's own latent at K=25 (a
+    chain: a ran its first 10 steps, near enough to b for K 10) when resumed jobs are
+    admitted, else from a at K=10 again."""
     requests, embeddings, times = trace([("a", [1, 0, 0]), ("b", [1, 0.75, 0]),
-                                         ("b", [1, 0.75, 0])])
-    kept = simulate(requests, embeddings, times, SimConfig(LCBFU(), REFERENCE_TABLE))
+                                         ("b", [1, 0.75, 0])], seeds=[1, 2, 3])
+    kept = simulate(requests, embeddings, times,
+                    SimConfig(LCBFU(), REFERENCE_TABLE, rules=UNCAPPED))
     assert kept.k_histogram == {10: 1, 25: 1} and kept.max_items == 5 + 3  # b: K 15, 20, 25
+    assert kept.hits_by_kind == {"near edit": 1, "chained": 1}
     dropped = simulate(requests, embeddings, times,
-                       SimConfig(LCBFU(), REFERENCE_TABLE, admit_resumed=False))
+                       SimConfig(LCBFU(), REFERENCE_TABLE, admit_resumed=False,
+                                 rules=UNCAPPED))
     assert dropped.k_histogram == {10: 2} and dropped.max_items == 5
+
+
+def test_a_chain_is_capped_by_the_first_prompt_of_its_lineage():
+    """a -> b at K 10 (0.80); c is 0.99 to b but only 0.71 to a (K 5 < the 10 steps a
+    ran): c may not resume from b's latents, only from a at K 5; the old rule let it take
+    K 25 from b."""
+    a, b, c = (unit([np.cos(np.radians(angle)), np.sin(np.radians(angle)), 0])
+               for angle in (0, 37, 45))
+    assert 0.75 <= float(a @ b) < 0.85 and float(b @ c) >= 0.95 and float(a @ c) < 0.75
+    requests, embeddings, times = trace([("a", a), ("b", b), ("c", c)], seeds=[1, 2, 3])
+    new = simulate(requests, embeddings, times,
+                   SimConfig(LCBFU(), REFERENCE_TABLE, keep_plans=True, rules=UNCAPPED))
+    old = simulate(requests, embeddings, times,
+                   SimConfig(LCBFU(), REFERENCE_TABLE, keep_plans=True, rules=OLD_RULES))
+    assert old.plans[2].entry == "1" and old.plans[2].k == 25
+    capped = new.plans[2]
+    assert capped.k == REFERENCE_TABLE.k_for(float(a @ c), 50) and capped.entry == "0"
 
 
 def test_hits_between_unknown_users_are_not_called_same_or_cross_user():

@@ -4,12 +4,17 @@ fault tests show end to end, here one rule at a time."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
 from cachemgr.catalog import InMemoryCatalog
+from cachemgr.identical import InMemoryIdenticalRequests
 from cachemgr.keys import latent_key
 from cachemgr.ktable import REFERENCE_TABLE
+from cachemgr.predictor import AlwaysLookUp
 from core.errors import ObjectStoreUnavailable
 from core.jobs import JobRecord, JobRequest, JobState, RequestLimits
 from core.jobstore import InMemoryJobStore
@@ -19,7 +24,7 @@ from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
 from workers.generation import CacheConfig, Reliability, generate_full, generate_resume, store_image
 from workers.latents import save_latents
-from workers.triage import Triaged, triage_job
+from workers.triage import CacheRouter, Triaged, register_entry, triage_job
 
 STEPS = 10
 REQUEST = JobRequest("a red fox in the snow", "", STEPS, 7.5, 5, 64, 64)
@@ -55,9 +60,13 @@ def job(jobs: InMemoryJobStore, state: JobState = JobState.QUEUED, **fields: obj
                                  submitted_at=0.0, **fields))
 
 
-def cache_config(catalog: InMemoryCatalog, registered: list) -> CacheConfig:
+def cache_config(catalog: InMemoryCatalog, registered: list,
+                 identical: InMemoryIdenticalRequests | None = None,
+                 retriaged: list | None = None) -> CacheConfig:
     return CacheConfig("tiny", "ddim", False, REFERENCE_TABLE, catalog,
-                       lambda entry, partition, sizes: registered.append((entry, sizes)))
+                       lambda entry, partition, sizes: registered.append((entry, sizes)),
+                       identical or InMemoryIdenticalRequests(),
+                       (retriaged if retriaged is not None else []).append)
 
 
 def test_a_job_runs_stores_its_image_and_keeps_its_latents(engine, clock):
@@ -175,13 +184,13 @@ def test_triage_routes_once_and_a_redelivery_resends_without_deciding_again(cloc
 
     job(jobs)
     triage_job("job-1", jobs, RequestLimits(), decide, lambda task, job_id: sent.append(task),
-               clock)
+               clock, InMemoryObjectStore())
     assert sent == ["gen.full"] and decided == ["job-1"]
     record = jobs.get("job-1")
     assert record.state is JobState.QUEUED and record.plan.reason is Reason.MISS
     # the triage worker died before acking: the same message comes back
     again = triage_job("job-1", jobs, RequestLimits(), decide,
-                       lambda task, job_id: sent.append(task), clock)
+                       lambda task, job_id: sent.append(task), clock, InMemoryObjectStore())
     assert again["resent"] and sent == ["gen.full", "gen.full"] and decided == ["job-1"]
 
 
@@ -190,5 +199,160 @@ def test_triage_skips_a_job_a_gpu_worker_already_holds_or_that_finished(clock):
         jobs, sent = InMemoryJobStore(), []
         job(jobs, state)
         outcome = triage_job("job-1", jobs, RequestLimits(), planned,
-                             lambda task, job_id, sent=sent: sent.append(task), clock)
+                             lambda task, job_id, sent=sent: sent.append(task), clock,
+                             InMemoryObjectStore())
         assert outcome["skipped"] == str(state) and sent == []
+
+
+class WordsEmbedder:
+    """A deterministic stand-in for MiniLM: one prompt, one unit vector (no weights to load)."""
+
+    name = "words"
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        vectors = [np.random.default_rng(list(text.encode())).normal(size=16) for text in texts]
+        return np.stack([v / np.linalg.norm(v) for v in vectors]).astype(np.float32)
+
+
+class InMemoryVectors:
+    """Exact cosine search per partition, standing in for Chroma."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[np.ndarray, str]] = {}
+
+    def add(self, entry, embedding, partition, prompt, created) -> None:
+        self.rows[entry] = (embedding, partition)
+
+    def nearest(self, embedding, partition, n):
+        found = [(entry, float(vector @ embedding)) for entry, (vector, part) in self.rows.items()
+                 if part == partition]
+        return sorted(found, key=lambda match: -match[1])[:n]
+
+
+class Stack:
+    """Triage, GPU worker and registration wired to one set of in-memory stores, as the
+    Celery tasks wire them to Redis, S3 and Chroma."""
+
+    def __init__(self, engine: Engine, clock: Clock) -> None:
+        self.engine, self.clock = engine, clock
+        self.jobs, self.objects = InMemoryJobStore(), InMemoryObjectStore()
+        self.catalog, self.identical = InMemoryCatalog(), InMemoryIdenticalRequests()
+        self.vectors, self.embedder = InMemoryVectors(), WordsEmbedder()
+        self.sent: list[tuple[str, str]] = []
+        self.retriaged: list[str] = []
+        self.cache = CacheConfig("tiny", "ddim", False, REFERENCE_TABLE, self.catalog,
+                                 self.register, self.identical, self.retriaged.append)
+        self.router = CacheRouter(self.embedder, self.vectors, self.catalog, self.identical,
+                                  self.objects, self.jobs, REFERENCE_TABLE, AlwaysLookUp(),
+                                  "tiny", "ddim", False)
+
+    def register(self, entry: str, partition: str, sizes: dict[int, int]) -> None:
+        register_entry(entry, partition, sizes, self.jobs, self.embedder, self.vectors,
+                       self.catalog, self.clock)
+
+    def submit(self, job_id: str, request: JobRequest = REQUEST, tenant: str = "acme") -> str:
+        self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,
+                                   model="tiny", submitted_at=0.0, tenant=tenant))
+        return job_id
+
+    def triage(self, job_id: str) -> dict:
+        return triage_job(job_id, self.jobs, RequestLimits(), self.router,
+                          lambda task, job: self.sent.append((task, job)), self.clock,
+                          self.objects)
+
+    def generate(self, job_id: str) -> dict:
+        run = generate_resume if self.jobs.get(job_id).route == "gen.resume" else generate_full
+        return run(job_id, self.jobs, self.objects, self.engine, "w", self.clock, self.cache,
+                   Reliability(sleep=self.clock.sleep))
+
+    def image(self, job_id: str) -> bytes:
+        return self.objects.get(self.jobs.get(job_id).image_key)
+
+
+def counting_unet_calls(engine: Engine) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    calls: list[int] = []
+    return calls, engine.pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+
+
+def test_three_rerolls_of_a_cached_prompt_give_three_different_images(engine, clock):
+    """25 steps: another seed's latent serves K 2 of 50, i.e. 1 of 25 (DEFAULT_SEED_POLICY)."""
+    stack = Stack(engine, clock)
+    request = replace(REQUEST, steps=25)
+    stack.triage(stack.submit("first", request))
+    stack.generate("first")
+    images = {stack.image("first")}
+    for number, seed in enumerate((6, 7, 8)):
+        job_id = stack.submit(f"reroll-{number}", replace(request, seed=seed))
+        stack.triage(job_id)
+        stack.generate(job_id)
+        record = stack.jobs.get(job_id)
+        assert record.route == "gen.resume" and record.plan.k == 1
+        assert record.public()["cache"]["seed_rule"] == "noise swap"
+        assert record.extra["unet_calls"] == 25 - 1
+        images.add(stack.image(job_id))
+    assert len(images) == 4  # each re-roll its own picture, none the cached one
+
+
+def test_an_identical_request_is_served_by_the_exact_path_with_no_step(engine, clock):
+    stack = Stack(engine, clock)
+    stack.triage(stack.submit("first"))
+    stack.generate("first")
+    calls, hook = counting_unet_calls(engine)
+    try:
+        outcome = stack.triage(stack.submit("again"))
+    finally:
+        hook.remove()
+    record = stack.jobs.get("again")
+    assert outcome["exact"] == "first" and calls == [] and stack.sent[-1] == ("gen.full", "first")
+    assert record.state is JobState.SUCCEEDED and record.extra["unet_calls"] == 0
+    assert record.public()["cache"]["route"] == "exact" and record.image_key == "images/again.png"
+    assert stack.image("again") == stack.image("first")
+    # Tenant-scoped like the cache: another tenant's identical request generates.
+    stack.triage(stack.submit("other", tenant="globex"))
+    assert stack.jobs.get("other").route == "gen.full"
+
+
+def test_two_identical_requests_in_flight_make_one_generation(engine, clock):
+    stack = Stack(engine, clock)
+    stack.triage(stack.submit("leader"))
+    follows = stack.triage(stack.submit("follower"))
+    assert follows["follows"] == "leader" and stack.sent == [("gen.full", "leader")]
+    assert stack.jobs.get("follower").state is JobState.QUEUED
+    calls, hook = counting_unet_calls(engine)
+    try:
+        stack.generate("leader")
+        assert stack.retriaged == ["follower"]  # what the leader's worker sends on
+        stack.triage("follower")
+    finally:
+        hook.remove()
+    assert len(calls) == STEPS  # one generation for both
+    assert stack.jobs.get("follower").state is JobState.SUCCEEDED
+    assert stack.image("follower") == stack.image("leader")
+
+
+def test_a_follower_generates_itself_when_the_shared_generation_is_cancelled(engine, clock):
+    stack = Stack(engine, clock)
+    stack.triage(stack.submit("leader"))
+    stack.triage(stack.submit("follower"))
+    stack.jobs.request_cancel("leader", clock())  # queued: cancelled at once
+    assert stack.generate("leader")["skipped"] and stack.retriaged == ["follower"]
+    stack.triage("follower")
+    assert stack.sent[-1] == ("gen.full", "follower")  # it leads now
+    stack.generate("follower")
+    assert stack.jobs.get("follower").state is JobState.SUCCEEDED
+
+
+def test_a_follower_generates_itself_when_the_shared_generation_stops_midway(engine, clock):
+    class CancelAtStep3(InMemoryJobStore):
+        def report_progress(self, job_id: str, step: int, total: int) -> bool:
+            if job_id == "leader" and step == 3:
+                self.request_cancel(job_id, clock())
+            return super().report_progress(job_id, step, total)
+
+    stack = Stack(engine, clock)
+    stack.jobs = stack.router.jobs = CancelAtStep3()
+    stack.triage(stack.submit("leader"))
+    stack.triage(stack.submit("follower"))
+    assert stack.generate("leader")["state"] == "cancelled" and stack.retriaged == ["follower"]
+    stack.triage("follower")
+    assert stack.sent[-1] == ("gen.full", "follower")
