@@ -116,5 +116,6 @@ def _decide_one(entry: str, similarity: float, entries: EntryInfo,
                       Reason.LINEAGE_CAP if capped_by_lineage else limit_reason)
             return CacheDecision(reason, similarity, entry, wanted, k, lineage)
         capped_by_lineage = True
-    return CacheDecision(Reason.LINEAGE_CAP if capped_by_lineage else Reason.NO_STORED_K,
-                         similarity, entry, wanted)
+    reason = (Reason.LINEAGE_CAP if capped_by_lineage else
+              Reason.SEED_CAP if limit_reason is Reason.SEED_CAP else Reason.NO_STORED_K)
+    return CacheDecision(reason, similarity, entry, wanted)

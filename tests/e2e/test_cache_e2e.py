@@ -1,6 +1,7 @@
 """Approximate caching end to end: real Redis, S3, embedded Chroma, Celery triage/cache and
-GPU workers with the tiny test model. All jobs here use 10 steps at 64x64, a partition no
-other test module uses; K values are out of 10 (the reference table scaled: {1..5})."""
+GPU workers with the tiny test model. Jobs here use 64x64, partitions no other test module
+uses: 10 steps (K values out of 10, the reference table scaled: {1..5}) from one seed, and
+25 steps for hits from other seeds, whose K is capped at 2 of 50, i.e. 1 of 25 (0 of 10)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from workers.latents import encode_latent
 pytestmark = pytest.mark.e2e
 
 STEPS = 10
+REROLL_STEPS = 25
 ORIGINAL = "an oil painting of a lighthouse on a cliff at sunset"
 CLOSE_EDIT = "a painting of a lighthouse on a cliff at dusk"
 UNRELATED = "a bowl of ramen noodles, food photography"
@@ -63,6 +65,14 @@ def original(client: Client, catalog: Catalog) -> dict:
     return view
 
 
+@pytest.fixture(scope="module")
+def original_25_steps(client: Client, catalog: Catalog) -> dict:
+    """Prompt A at 25 steps: besides its table Ks it keeps K 1, the seed cap."""
+    view = submit_and_wait(client, ORIGINAL, steps=REROLL_STEPS)
+    wait_for_items(catalog, view["id"], set(REFERENCE_TABLE.k_set(REROLL_STEPS)) | {1})
+    return view
+
+
 def plan(client: Client, view: dict) -> CachePlan:
     """The job's plan as the GPU worker reads it (entry and partition are not public)."""
     found = client.jobs.get(view["id"]).plan
@@ -91,16 +101,25 @@ def test_an_identical_request_is_answered_by_the_exact_path_with_no_step(origina
     assert client.result(view["id"]) == client.result(original["id"])
 
 
-def test_a_reroll_resumes_from_the_largest_k_with_its_own_noise(original, client, catalog):
-    view = submit_and_wait(client, ORIGINAL, seed=3)
-    assert view["cache"]["route"] == "resume" and view["cache"]["reason"] == "hit"
+def test_a_reroll_resumes_from_the_seed_cap_with_its_own_noise(original_25_steps, client,
+                                                               catalog):
+    original = original_25_steps
+    view = submit_and_wait(client, ORIGINAL, steps=REROLL_STEPS, seed=3)
+    assert view["cache"]["route"] == "resume" and view["cache"]["reason"] == "seed-change cap"
     assert view["cache"]["seed_rule"] == "noise swap"
     assert view["cache"]["similarity"] == pytest.approx(1.0, abs=1e-5)
-    assert plan(client, view).entry == original["id"] and view["cache"]["k"] == 5
-    assert view["unet_calls"] == STEPS - 5 and view["progress"]["total"] == STEPS - 5
-    assert catalog.item(original["id"], 5).hits >= 1
+    assert plan(client, view).entry == original["id"] and view["cache"]["k"] == 1
+    assert view["unet_calls"] == REROLL_STEPS - 1
+    assert view["progress"]["total"] == REROLL_STEPS - 1
+    assert catalog.item(original["id"], 1).hits >= 1
     difference = np.abs(pixels(client, view["id"]) - pixels(client, original["id"]))
     assert difference.mean() > 1.0  # another seed: another picture
+
+
+def test_at_10_steps_another_seed_runs_in_full(original, client):
+    view = submit_and_wait(client, ORIGINAL, seed=4)
+    assert view["cache"]["route"] == "full" and view["cache"]["reason"] == "seed-change cap"
+    assert view["unet_calls"] == STEPS
 
 
 def test_close_edit_resumes_with_the_k_its_similarity_earns(original, client):
@@ -121,7 +140,8 @@ def test_a_resumed_job_keeps_its_latents_above_k_and_its_repeat_resumes_from_the
     first = submit_and_wait(client, edit)
     assert first["cache"]["route"] == "resume" and 0 < first["cache"]["k"] < 5
     wait_for_items(catalog, first["id"], set(range(first["cache"]["k"] + 1, 6)))
-    reroll = submit_and_wait(client, edit, seed=2)
+    # The same seed (another negative prompt, so not an identical request): no seed cap.
+    reroll = submit_and_wait(client, edit, negative_prompt="blurry")
     assert reroll["cache"]["reason"] == "hit"
     assert reroll["cache"]["similarity"] == pytest.approx(1.0, abs=1e-5)
     # A chain (steps 1..K of the original, then the edit's): allowed, as the original is
@@ -160,9 +180,9 @@ def _wrong_shape(objects: ObjectStore, key: str) -> None:
                                          (_from_another_model, 22), (_wrong_shape, 23)],
                          ids=["deleted", "truncated", "another-model", "wrong-shape"])
 def test_latent_spoiled_between_triage_and_generation_falls_back_to_full(
-        original, client, catalog, stack, spoil, seed):
+        original_25_steps, client, catalog, stack, spoil, seed):
     busy = client.submit("keeps the GPU worker busy", steps=150, width=128, height=128)
-    job_id = client.submit(ORIGINAL, steps=STEPS, seed=seed)  # a re-roll: not exact
+    job_id = client.submit(ORIGINAL, steps=REROLL_STEPS, seed=seed)  # a re-roll: not exact
     deadline = time.monotonic() + 60
     while (view := client.status(job_id))["cache"] is None:
         assert time.monotonic() < deadline
@@ -174,7 +194,7 @@ def test_latent_spoiled_between_triage_and_generation_falls_back_to_full(
     client.cancel(busy)
     view = client.wait(job_id, timeout=180)
     assert view["state"] == "succeeded"
-    assert "unusable" in view["cache"]["fallback"] and view["unet_calls"] == STEPS
+    assert "unusable" in view["cache"]["fallback"] and view["unet_calls"] == REROLL_STEPS
     # Dropped, so the next identical prompt is not sent to it again.
     assert catalog.item(planned.entry, planned.k) is None
     assert not ObjectStore.from_settings(stack).exists(spoiled)

@@ -174,3 +174,5 @@ def test_a_seed_cap_bounds_hits_from_another_seeds_latent_only():
     assert (reroll.reason, reroll.k, reroll.wanted_k) == (Reason.SEED_CAP, 10, 25)
     uncapped = decide([("e", 0.97)], entries, bounds(seed=8))
     assert uncapped.k == 25
+    below_every_stored_k = decide([("e", 0.97)], entries, bounds(seed=8, seed_cap=2))
+    assert (below_every_stored_k.reason, below_every_stored_k.k) == (Reason.SEED_CAP, None)
