@@ -316,7 +316,8 @@ def markdown(result: dict[str, Any]) -> str:
                   f"**{show(quality['score_ratio_resumed_vs_scratch'])}**"
                   + (" (95% bootstrap interval over the resumed requests "
                      f"{quality['score_ratio_resumed_vs_scratch_ci95']['ci95']})."
-                     if quality.get("score_ratio_resumed_vs_scratch_ci95") else ".")]
+                     if (quality.get("score_ratio_resumed_vs_scratch_ci95") or {}).get("ci95")
+                     else ".")]
         if diversity := quality.get("reroll_diversity"):
             lines += ["", f"Re-roll diversity (mean pairwise distance between the images of "
                           f"one prompt under different seeds; {diversity['prompts']} prompts, "
@@ -326,8 +327,8 @@ def markdown(result: dict[str, Any]) -> str:
             for measure in ("pixels", "evaluator_features"):
                 if cell := diversity.get(measure):
                     lines.append(f"| {measure} | {cell['cache_on']:.4f} | {cell['cache_off']:.4f} "
-                                 f"| **{cell['ratio_on_off']['value']:.3f}** "
-                                 f"{cell['ratio_on_off']['ci95']} |")
+                                 f"| **{show(cell['ratio_on_off']['value'])}** "
+                                 f"{cell['ratio_on_off']['ci95'] or ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -142,17 +142,24 @@ def per_prompt(judge: evaluation.Evaluator, images: np.ndarray, source: np.ndarr
 
 def ratio(resumed: np.ndarray, scratch: np.ndarray, resamples: np.ndarray) -> dict[str, object]:
     """Mean over prompts resumed / from scratch, with a 95% bootstrap interval (prompts
-    resampled, the same resamples for every ratio)."""
-    boot = resumed[resamples].mean(1) / scratch[resamples].mean(1)
-    low, high = np.percentile(boot, [2.5, 97.5])
+    resampled, the same resamples for every ratio). Undefined (None) when from scratch
+    scores 0; resamples that do are left out of the interval."""
+    if not scratch.mean() > 0:
+        return {"value": None, "ci95": None}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = resumed[resamples].mean(1) / scratch[resamples].mean(1)
+    low, high = np.percentile(boot[np.isfinite(boot)], [2.5, 97.5])
     return {"value": round(float(resumed.mean() / scratch.mean()), 4),
             "ci95": [round(float(low), 4), round(float(high), 4)]}
 
 
 def meets(row: dict, lower_bounds: bool = False) -> bool:
-    """The target on point estimates, or on the intervals' lower ends."""
+    """The target on point estimates, or on the intervals' lower ends (an undefined ratio
+    meets nothing)."""
     def pick(name: str) -> float:
-        return row[name]["ci95"][0] if lower_bounds else row[name]["value"]
+        cell = row[name]
+        value = (cell["ci95"] or [None])[0] if lower_bounds else cell["value"]
+        return float("-inf") if value is None else value
     return (pick("diversity_ratio_features") >= DIVERSITY_TARGET
             and pick("diversity_ratio_pixels") >= DIVERSITY_TARGET
             and pick("adherence_ratio") >= ADHERENCE_TARGET)

@@ -16,14 +16,15 @@ pytestmark = pytest.mark.e2e
 
 def test_live_replay_scores_both_arms_and_pairs_resumed_jobs(tmp_path):
     trace = tmp_path / "toy.csv.gz"
-    # One user re-rolling one prompt: from the second request on, every job can resume.
+    # One user re-rolling one prompt: from the second request on, every job can resume (from
+    # K 1 of 25, the seed cap: each re-roll has its own seed).
     assert toy_trace.main(["--requests", "4", "--users", "1", "--edit", "0", "--reroll", "1",
                            "--rephrase", "0", "--revisit", "0", "--out", str(trace)]) == 0
     weights = tmp_path / "evaluator.pt"
     evaluator.save(evaluator.train(scenes=128, epochs=1, seed=0, progress=False), weights)
     out = tmp_path / "live"
     assert replay_live.main(["--trace", str(trace), "--channel", "toy", "--limit", "4",
-                             "--steps", "10", "--size-divisor", "1", "--warmup", "0",
+                             "--steps", "25", "--size-divisor", "1", "--warmup", "0",
                              "--scorer", f"scene:{weights}", "--out", str(out)]) == 0
 
     result = json.loads(out.with_suffix(".json").read_text())
@@ -36,5 +37,10 @@ def test_live_replay_scores_both_arms_and_pairs_resumed_jobs(tmp_path):
                 "score_mean_resumed_same_requests_from_scratch"):
         assert 0 <= quality[key] <= 1
     assert all(sample["k"] > 0 for sample in quality["samples"])
+    diversity = quality["reroll_diversity"]
+    assert diversity["prompts"] == 1 and diversity["images"] == 4
+    for measure in ("pixels", "evaluator_features"):
+        assert diversity[measure]["cache_on"] > 0 and diversity[measure]["cache_off"] > 0
+        assert diversity[measure]["ratio_on_off"]["value"] > 0
     assert (tmp_path / "live-samples.png").stat().st_size > 0
     assert "Resumed vs the same requests from scratch" in out.with_suffix(".md").read_text()
