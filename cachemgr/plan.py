@@ -41,20 +41,22 @@ class SeedPolicy:
     """What a hit from another seed's latent does, so a re-roll gets its own picture."""
 
     rule: SeedRule
-    k_cap: int | None = None        # of the table's reference steps (K_CAP, or with any rule)
-    renoise_fraction: float = 0.5   # RENOISE runs from this fraction of K
+    max_fraction: float | None = None   # K at most this fraction of the steps (None: no cap)
+    renoise_fraction: float = 0.5       # RENOISE runs from this fraction of K
 
-    def cap(self, table: KTable, steps: int) -> int | None:
-        """The cap on K (of ``steps``) for a hit from another seed's latent."""
-        return None if self.k_cap is None else table.scale(self.k_cap, steps)
+    def cap(self, steps: int) -> int | None:
+        """The cap on K (of ``steps``) for a hit from another seed's latent: rounded down,
+        so no job reuses more of its steps than the profile allowed (a fraction of the job's
+        steps, not of a table's: tables may be profiled at other step counts)."""
+        return None if self.max_fraction is None else int(steps * self.max_fraction + 1e-9)
 
 
 # The re-roll diversity profile (bench/results/reroll-diversity-scene.json, 24 prompts x 4
 # seeds, 25 steps) picks it: swapping the cached latent's noise for the job's keeps 97%
 # [88, 103] of from-scratch re-roll diversity (evaluator features) at 95% [87, 103] of
 # its adherence at K 1 of 25, and only 90% at K 2; re-noising and a stochastic tail keep
-# under 75% at any K. So another seed's latent serves at most K 2 of 50.
-DEFAULT_SEED_POLICY = SeedPolicy(SeedRule.NOISE_SWAP, k_cap=2)
+# under 75% at any K. So another seed's latent serves at most 4% of the steps (2 of 50).
+DEFAULT_SEED_POLICY = SeedPolicy(SeedRule.NOISE_SWAP, max_fraction=0.04)
 
 # The rule after which a job's latents carry its own seed's noise; after the others they
 # carry a mix, which is not any seed's: keep the entry's, so a later hit is reseeded.
@@ -111,7 +113,7 @@ def plan_reuse(query: Query, index: NearestIndex, entries: EntryInfo,
     except VectorIndexUnavailable:
         return CachePlan(Route.FULL, Reason.INDEX_UNAVAILABLE, **common)
     policy = rules.seed
-    seed_cap = policy.cap(table, query.steps) if policy is not None else None
+    seed_cap = policy.cap(query.steps) if policy is not None else None
     bounds = Bounds(table, query.steps, query.seed, seed_cap, rules.lineage,
                     ancestor_similarity)
     return _from_decision(decide(matches, entries, bounds), query.seed, policy, common)
@@ -147,7 +149,7 @@ def kept_ks(plan: CachePlan | None, table: KTable, steps: int, admit_resumed: bo
     resumed one the K set above its K (below it, it ran none of its own), or nothing when
     resumed jobs are not admitted; an exact repeat nothing (it ran none)."""
     if plan is None or plan.route is Route.FULL or plan.k is None:
-        cap = rules.seed.cap(table, steps) if rules.seed is not None else None
+        cap = rules.seed.cap(steps) if rules.seed is not None else None
         return table.k_set(steps) | ({cap} if cap is not None and 0 < cap < steps else set())
     if plan.route is Route.EXACT:
         return frozenset()

@@ -7,7 +7,6 @@ import torch
 
 from core.errors import CorruptLatent, JobCancelled
 from core.jobs import JobRequest
-from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
 from workers.latents import decode_latent, encode_latent
 
@@ -17,19 +16,6 @@ STEPS = 10
 def request(prompt: str = "a red fox in the snow", seed: int = 5) -> JobRequest:
     return JobRequest(prompt=prompt, negative_prompt="", steps=STEPS, guidance=7.5, seed=seed,
                       width=64, height=64)
-
-
-@pytest.fixture(scope="module", params=["ddim", "euler"])
-def engine(request) -> Engine:
-    return Engine(build_tiny_pipeline(), request.param, torch.device("cpu"), "tiny (test)")
-
-
-@pytest.fixture()
-def unet_calls(engine: Engine):
-    calls: list[int] = []
-    handle = engine.pipe.unet.register_forward_hook(lambda *args: calls.append(1))
-    yield calls
-    handle.remove()
 
 
 def no_op(step: int, total: int) -> None:

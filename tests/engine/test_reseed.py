@@ -9,7 +9,6 @@ import torch
 
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
-from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
 
 STEPS, K, SOURCE_SEED = 10, 5, 5
@@ -29,23 +28,10 @@ def no_op(step: int, total: int) -> None:
     pass
 
 
-@pytest.fixture(scope="module", params=["ddim", "euler"])
-def engine(request) -> Engine:
-    return Engine(build_tiny_pipeline(), request.param, torch.device("cpu"), "tiny (test)")
-
-
 @pytest.fixture(scope="module")
 def cached(engine: Engine) -> torch.Tensor:
     """The source generation's latent after K steps, as the cache holds it."""
     return engine.generate(request(SOURCE_SEED), no_op, frozenset({K})).captured[K]
-
-
-@pytest.fixture()
-def unet_calls(engine: Engine):
-    calls: list[int] = []
-    handle = engine.pipe.unet.register_forward_hook(lambda *args: calls.append(1))
-    yield calls
-    handle.remove()
 
 
 @pytest.mark.parametrize("rule", list(RUN_FROM))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cachemgr.ktable import REFERENCE_TABLE
+from cachemgr.ktable import REFERENCE_TABLE, KTable
 from cachemgr.plan import (
     DEFAULT_SEED_POLICY,
     OLD_RULES,
@@ -45,19 +45,26 @@ def test_the_default_policy_swaps_noise_and_caps_k_at_2_of_50():
     assert reroll.reseed is not None and reroll.reseed.rule is SeedRule.NOISE_SWAP
     assert (reroll.reseed.source_seed, reroll.reseed.run_from) == (ENTRY_SEED, 2)
     assert reroll.steps_saved == 2
-    ten_steps = reuse(ENTRY_SEED + 1, DEFAULT_SEED_POLICY, steps=10)  # 2 of 50 is 0 of 10
+    ten_steps = reuse(ENTRY_SEED + 1, DEFAULT_SEED_POLICY, steps=10)  # 4% of 10 is 0
     assert (ten_steps.route, ten_steps.reason) == (Route.FULL, Reason.SEED_CAP)
+
+
+@pytest.mark.parametrize("steps, cap", [(10, 0), (24, 0), (25, 1), (49, 1), (50, 2), (75, 3)])
+def test_the_seed_cap_is_a_fraction_of_the_jobs_steps_rounded_down(steps, cap):
+    assert DEFAULT_SEED_POLICY.cap(steps) == cap
 
 
 @pytest.mark.parametrize("k, run_from", [(1, 0), (2, 1), (4, 2), (10, 5)])
 def test_renoise_runs_from_below_k(k, run_from):
-    plan = reuse(ENTRY_SEED + 1, SeedPolicy(SeedRule.RENOISE, k_cap=k),
+    plan = reuse(ENTRY_SEED + 1, SeedPolicy(SeedRule.RENOISE, max_fraction=k / 50),
                  stored=frozenset({k}))
     assert plan.k == k and plan.reseed is not None and plan.reseed.run_from == run_from
 
 
 def test_a_full_generation_keeps_the_seed_cap_k_too():
     assert kept_ks(None, REFERENCE_TABLE, 50, True) == {2, 5, 10, 15, 20, 25}
+    profiled_at_20 = KTable("profiled", ((0.99, 16), (0.95, 8)), reference_steps=20)
+    assert kept_ks(None, profiled_at_20, 25, True) == {1, 10, 20}
     assert kept_ks(None, REFERENCE_TABLE, 25, True) == REFERENCE_TABLE.k_set(25) | {1}
     assert kept_ks(None, REFERENCE_TABLE, 10, True) == REFERENCE_TABLE.k_set(10)  # cap 0
     assert kept_ks(None, REFERENCE_TABLE, 50, True, OLD_RULES) == REFERENCE_TABLE.k_set(50)
@@ -76,6 +83,6 @@ def test_lineage_after_a_noise_swap_carries_the_jobs_seed_and_a_renoise_the_entr
     after = lineage_after(swapped, "j", "a fox, red", 50, ENTRY_SEED + 1)
     assert after.segments == (Segment("e", "a fox", 2), Segment("j", "a fox, red", 50))
     assert after.noise_seed == ENTRY_SEED + 1
-    renoised = reuse(ENTRY_SEED + 1, SeedPolicy(SeedRule.RENOISE, k_cap=10))
+    renoised = reuse(ENTRY_SEED + 1, SeedPolicy(SeedRule.RENOISE, max_fraction=0.2))
     assert lineage_after(renoised, "j", "a fox", 50, ENTRY_SEED + 1).noise_seed == ENTRY_SEED
     assert lineage_after(None, "j", "a fox", 50, 3) == Lineage.own("j", "a fox", 50, 3)
