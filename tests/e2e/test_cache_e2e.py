@@ -101,6 +101,23 @@ def test_an_identical_request_is_answered_by_the_exact_path_with_no_step(origina
     assert client.result(view["id"]) == client.result(original["id"])
 
 
+def test_two_identical_requests_in_flight_make_one_generation(original, client):
+    busy = client.submit("keeps the GPU worker busy", steps=150, width=128, height=128)
+    prompt = "a lighthouse in the fog, two identical requests"
+    first, second = (client.submit(prompt, steps=STEPS, seed=9) for _ in range(2))
+    deadline = time.monotonic() + 60
+    while client.status(second)["cache"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.status(second)["cache"]["reason"] == "identical in flight"
+    client.cancel(busy)
+    lead, follower = (client.wait(job_id, timeout=180) for job_id in (first, second))
+    assert lead["state"] == follower["state"] == "succeeded"
+    assert lead["cache"]["route"] == "full" and lead["unet_calls"] == STEPS
+    assert follower["cache"]["route"] == "exact" and follower["unet_calls"] == 0
+    assert client.result(second) == client.result(first)
+
+
 def test_a_reroll_resumes_from_the_seed_cap_with_its_own_noise(original_25_steps, client,
                                                                catalog):
     original = original_25_steps
