@@ -102,3 +102,12 @@ def api(stack: Settings) -> Iterator[httpx.Client]:
 def job_count(config: Settings) -> int:
     """Job records in Redis: what a refused request must not change."""
     return sum(1 for _ in connect(config.redis_url).scan_iter(f"{KEY_PREFIX}*"))
+
+
+@pytest.fixture()
+def unet_calls(engine) -> Iterator[list[int]]:
+    """The UNet calls the test module's ``engine`` makes while the test runs."""
+    calls: list[int] = []
+    handle = engine.pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+    yield calls
+    handle.remove()

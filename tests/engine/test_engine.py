@@ -7,6 +7,7 @@ import torch
 
 from core.errors import CorruptLatent, JobCancelled
 from core.jobs import JobRequest
+from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
 from workers.latents import decode_latent, encode_latent
 
@@ -20,6 +21,11 @@ def request(prompt: str = "a red fox in the snow", seed: int = 5) -> JobRequest:
 
 def no_op(step: int, total: int) -> None:
     pass
+
+
+@pytest.fixture(scope="module", params=["ddim", "euler"])
+def engine(request) -> Engine:
+    return Engine(build_tiny_pipeline(), request.param, torch.device("cpu"), "tiny (test)")
 
 
 def test_full_generation_captures_requested_steps(engine: Engine, unet_calls):

@@ -9,6 +9,7 @@ import torch
 
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
+from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
 
 STEPS, K, SOURCE_SEED = 10, 5, 5
@@ -26,6 +27,11 @@ def reseed(rule: SeedRule) -> Reseed:
 
 def no_op(step: int, total: int) -> None:
     pass
+
+
+@pytest.fixture(scope="module", params=["ddim", "euler"])
+def engine(request) -> Engine:
+    return Engine(build_tiny_pipeline(), request.param, torch.device("cpu"), "tiny (test)")
 
 
 @pytest.fixture(scope="module")
