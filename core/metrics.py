@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.jobs import JobRecord, JobState
+from core.plan import Route
 
 # Seconds; generation on a GPU takes seconds, on this CPU toy model up to minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -73,10 +74,13 @@ def transition_samples(old: JobRecord, new: JobRecord) -> list[Sample]:
     """The counters a job-record change moves: triage's decision when the job is routed,
     its outcome, steps and stage latencies when it finishes. Other changes move none."""
     out: list[Sample] = []
-    routed = old.state is JobState.TRIAGE and new.state is JobState.QUEUED and new.route
+    plan = new.plan
+    exact = plan is not None and plan.route is Route.EXACT and new.state is JobState.SUCCEEDED
+    route = new.route or ("exact" if exact else "none")
+    routed = old.state is JobState.TRIAGE and (
+        new.state is JobState.QUEUED and new.route or exact)
     if routed:
-        plan = new.plan
-        out.append(sample("t2i_triage_decisions_total", route=new.route,
+        out.append(sample("t2i_triage_decisions_total", route=route,
                           reason=str(plan.reason) if plan else "none"))
         if plan and plan.predicted_hit is not None:
             out.append(sample("t2i_predictor_decisions_total",
@@ -84,13 +88,12 @@ def transition_samples(old: JobRecord, new: JobRecord) -> list[Sample]:
                               audited=plan.audited))
     if old.state.terminal or not new.state.terminal:
         return out
-    route = new.route or "none"
     out.append(sample("t2i_jobs_finished_total", route=route, outcome=str(new.state)))
     if new.state is not JobState.SUCCEEDED:
         return out
     k = int(new.extra.get("resumed_from_k", 0))
     out.append(sample("t2i_steps_requested_total", new.request.steps))
-    out.append(sample("t2i_steps_saved_total", k))
+    out.append(sample("t2i_steps_saved_total", new.request.steps if exact else k))
     if k:
         out.append(sample("t2i_cache_resumes_total", k=k))
     for stage, seconds in _stage_seconds(new):

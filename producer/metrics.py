@@ -32,7 +32,8 @@ HELP = {
     "t2i_triage_decisions_total": "triage routes, by generation queue and reason",
     "t2i_predictor_decisions_total": "match predictor: look up the index or skip it",
     "t2i_steps_requested_total": "denoising steps asked for by succeeded jobs",
-    "t2i_steps_saved_total": "denoising steps skipped by resuming from a cached latent",
+    "t2i_steps_saved_total": "denoising steps skipped: resumed from a cached latent, or all "
+                             "of them for an identical request's stored image",
     "t2i_cache_resumes_total": "succeeded jobs resumed from a cached latent, by K",
     "t2i_cache_evictions_total": "cache items evicted",
     "t2i_cache_evicted_bytes_total": "bytes of cache items evicted",
@@ -100,9 +101,12 @@ class ServiceCollector(Collector):
         succeeded = sum(v for f, v in values.items()
                         if f.startswith("t2i_jobs_finished_total") and 'outcome="succeeded"' in f)
         resumed = sum(v for f, v in values.items() if f.startswith("t2i_cache_resumes_total"))
+        exact = sum(v for f, v in values.items() if f.startswith("t2i_jobs_finished_total")
+                    and 'route="exact"' in f and 'outcome="succeeded"' in f)
         yield GaugeMetricFamily("t2i_cache_hit_ratio",
-                                "succeeded jobs resumed from the cache / succeeded jobs",
-                                value=resumed / succeeded if succeeded else 0.0)
+                                "succeeded jobs resumed from the cache or served an identical "
+                                "request's image / succeeded jobs",
+                                value=(resumed + exact) / succeeded if succeeded else 0.0)
 
 
 class ApiMetrics:

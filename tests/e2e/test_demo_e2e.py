@@ -15,13 +15,14 @@ pytestmark = pytest.mark.e2e
 
 
 def test_demo_session_reuses_earlier_jobs_and_writes_a_contact_sheet(stack, tmp_path, capsys):
-    args = cli.build_parser().parse_args(["demo", "-n", "6", "--steps", "10",
+    args = cli.build_parser().parse_args(["demo", "-n", "6", "--steps", "25",
                                           "-o", str(tmp_path)])
     assert args.trace == "scene"
     assert cli.cmd_demo(Client(stack), args) == 0
     printed = capsys.readouterr().out
     assert printed.count("succeeded") == 6
-    assert "resume (" in printed  # the session repeats and edits: some jobs resume
+    # The session re-rolls and edits with other seeds: those resume (K 1 of 25, the seed cap).
+    assert "resume (" in printed
     assert "background" in printed  # scene-world prompts
     pngs = [path for path in tmp_path.glob("*.png") if path.name != "sheet.png"]
     assert len(pngs) == 6 and all(Image.open(p).size == (64, 64) for p in pngs)

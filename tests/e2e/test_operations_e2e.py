@@ -76,7 +76,9 @@ def test_metrics_count_a_resume_its_k_and_the_steps_saved(api: httpx.Client) -> 
     while metric(api.get("/metrics").text, "t2i_cache_items") <= metric(before, "t2i_cache_items"):
         assert time.monotonic() < deadline, "the first job's latents were never cached"
         time.sleep(0.2)
-    again = finished(api, api.post("/v1/jobs", json=body).json()["id"])
+    # The same seed, another negative prompt: not identical, so it resumes (uncapped).
+    again = finished(api, api.post("/v1/jobs", json={**body, "negative_prompt": "blurry"}
+                                   ).json()["id"])
     assert again["cache"]["route"] == "resume", again
     after = api.get("/metrics").text
     k = str(again["cache"]["k"])
@@ -86,6 +88,12 @@ def test_metrics_count_a_resume_its_k_and_the_steps_saved(api: httpx.Client) -> 
         metric(before, "t2i_steps_saved_total") + again["cache"]["k"]
     assert metric(after, "t2i_triage_decisions_total", route="gen.resume", reason="hit") >= 1
     assert 0 < metric(after, "t2i_cache_hit_ratio") <= 1
+    identical = finished(api, api.post("/v1/jobs", json=body).json()["id"])
+    assert identical["cache"]["route"] == "exact", identical
+    last = api.get("/metrics").text
+    assert metric(last, "t2i_steps_saved_total") == metric(after, "t2i_steps_saved_total") + 10
+    assert metric(last, "t2i_triage_decisions_total", route="exact", reason="exact repeat") == \
+        metric(after, "t2i_triage_decisions_total", route="exact", reason="exact repeat") + 1
 
 
 def test_worker_logs_are_json_lines_naming_the_job(api: httpx.Client, base_dir: Path) -> None:

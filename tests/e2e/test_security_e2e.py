@@ -64,14 +64,18 @@ def test_tenants_never_reuse_each_others_latents(stack, base_url):
     prompt = {"prompt": "a watercolor of a heron in reeds", "steps": 10, "seed": 2}
     with as_tenant(base_url, TENANT_KEY) as acme, as_tenant(base_url, OTHER_KEY) as globex:
         first = finished(acme, acme.post("/v1/jobs", json=prompt).json()["id"])
+        exact = finished(acme, acme.post("/v1/jobs", json=prompt).json()["id"])
+        assert exact["cache"]["reason"] == "exact repeat"
+        variant = {**prompt, "negative_prompt": "blurry"}  # not identical: it resumes
         acme_jobs, deadline = {first["id"]}, time.monotonic() + 60
         while True:  # entries are registered asynchronously, on the cache queue
-            again = finished(acme, acme.post("/v1/jobs", json=prompt).json()["id"])
+            again = finished(acme, acme.post("/v1/jobs", json=variant).json()["id"])
             acme_jobs.add(again["id"])
             if again["cache"]["reason"] == "hit" or time.monotonic() > deadline:
                 break
         jobs = JobStore.from_settings(stack)  # entries and partitions are not public
         assert again["cache"]["reason"] == "hit" and jobs.get(again["id"]).plan.entry in acme_jobs
+        # Identical to acme's request: neither its image nor its latents.
         other = finished(globex, globex.post("/v1/jobs", json=prompt).json()["id"])
         assert other["cache"]["reason"] == "miss"
         assert jobs.get(other["id"]).plan.partition != jobs.get(first["id"]).plan.partition

@@ -33,6 +33,8 @@ from workers.app import make_app
 pytestmark = pytest.mark.faults
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# Steps of the cache tests: at 25, a repeat with another seed resumes (from K 1, the seed cap).
+REUSE_STEPS = 25
 
 
 class Stack:
@@ -145,10 +147,12 @@ def test_pool_process_killed_mid_generation_job_is_redelivered_and_succeeds_once
     assert view["state"] == "succeeded", view
     assert client.jobs.get(job_id).deliveries == 2 and worker_pid(client, job_id) != pid
     assert keys_of(stack.config, f"images/{job_id}") == [f"images/{job_id}.png"]
-    latents = wait_until(lambda: len(keys_of(stack.config, "cache/")) >= 5 and
+    latents = wait_until(lambda: len(keys_of(stack.config, "cache/")) >= 6 and
                          [k for k in keys_of(stack.config, "cache/") if f"/{job_id}/" in k],
                          what="latents")
-    assert len(latents) == 5  # one per K, overwritten not duplicated by the second delivery
+    # One per K (3, 6, 9, 12, 15 and the seed cap's 1), overwritten, not duplicated, by the
+    # second delivery.
+    assert len(latents) == 6
 
 
 def test_whole_worker_killed_its_job_comes_back_after_the_visibility_timeout(stack, client):
@@ -259,46 +263,47 @@ def test_healthz_answers_within_seconds_while_the_object_store_is_frozen(stack):
 def test_object_store_outage_jobs_wait_for_it_and_caching_resumes(stack, client):
     prompt = "fault test: a red bicycle leaning on a blue wall"
     stack.stop("s3")
-    job_id = client.submit(prompt, steps=10, seed=5)
-    wait_until(lambda: client.status(job_id)["progress"]["step"] == 10, what="generation end")
+    job_id = client.submit(prompt, steps=REUSE_STEPS, seed=5)
+    wait_until(lambda: client.status(job_id)["progress"]["step"] == REUSE_STEPS,
+               what="generation end")
     time.sleep(2)  # the worker is now retrying the image upload
     assert client.status(job_id)["state"] == "generating"
     stack.start("s3")
     view = finished(client, job_id)
     assert view["state"] == "succeeded" and view["timings"]["waited_for_object_store_s"] > 0, view
     wait_indexed(stack, job_id)
-    again = finished(client, client.submit(prompt, steps=10, seed=6))
-    assert again["state"] == "succeeded" and again["cache"]["reason"] == "hit", again
+    again = finished(client, client.submit(prompt, steps=REUSE_STEPS, seed=6))
+    assert again["state"] == "succeeded" and again["cache"]["route"] == "resume", again
 
 
 def test_vector_index_down_routes_to_full_generation_and_recovers(stack, client):
     prompt = "fault test: a paper boat on a puddle"
-    first = finished(client, client.submit(prompt, steps=10, seed=7))
+    first = finished(client, client.submit(prompt, steps=REUSE_STEPS, seed=7))
     wait_indexed(stack, first["id"])
     stack.stop("chroma")
-    down = finished(client, client.submit(prompt, steps=10, seed=8))
+    down = finished(client, client.submit(prompt, steps=REUSE_STEPS, seed=8))
     assert down["state"] == "succeeded" and down["cache"]["reason"] == "index unavailable", down
     stack.start("chroma")
-    back = finished(client, client.submit(prompt, steps=10, seed=9))
-    assert back["state"] == "succeeded" and back["cache"]["reason"] == "hit", back
+    back = finished(client, client.submit(prompt, steps=REUSE_STEPS, seed=9))
+    assert back["state"] == "succeeded" and back["cache"]["route"] == "resume", back
 
 
 def test_a_wiped_vector_index_is_rebuilt_from_the_catalog_by_the_sweep(stack, client):
     prompt = "fault test: a glass jar of fireflies"
-    first = finished(client, client.submit(prompt, steps=10, seed=12))
+    first = finished(client, client.submit(prompt, steps=REUSE_STEPS, seed=12))
     wait_indexed(stack, first["id"])
     stack.stop("chroma")
     shutil.rmtree(stack.base / "chroma")  # the index is lost; the catalog is not
     stack.start("chroma")
-    lost = finished(client, client.submit(prompt, steps=10, seed=13))
+    lost = finished(client, client.submit(prompt, steps=REUSE_STEPS, seed=13))
     # the worker's collection handle is stale at first (index unavailable), then made anew
     assert lost["state"] == "succeeded", lost
     assert lost["cache"]["reason"] in ("miss", "index unavailable"), lost
     time.sleep(stack.config.sweep_grace_s)
     report = make_app(stack.config).send_task("cache.sweep").get(timeout=120)
     assert report["reindexed"] >= 1, report
-    back = finished(client, client.submit(prompt, steps=10, seed=14))
-    assert back["cache"]["reason"] == "hit"
+    back = finished(client, client.submit(prompt, steps=REUSE_STEPS, seed=14))
+    assert back["cache"]["route"] == "resume"
     assert client.jobs.get(back["id"]).plan.entry in (first["id"], lost["id"])
 
 

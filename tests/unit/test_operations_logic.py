@@ -64,6 +64,16 @@ def test_a_resumed_success_counts_outcome_steps_k_and_stage_latencies() -> None:
     assert fields['t2i_stage_seconds_sum{stage="total"}'] == pytest.approx(3.0)
 
 
+def test_an_exact_path_success_counts_its_decision_and_every_step_saved() -> None:
+    exact = CachePlan(Route.EXACT, Reason.EXACT_REPEAT, entry="j0", k=10)
+    fields = merged(transition_samples(record(JobState.TRIAGE),
+                                       record(JobState.SUCCEEDED, plan=exact, finished_at=101.0)))
+    assert fields['t2i_triage_decisions_total{reason="exact repeat",route="exact"}'] == 1
+    assert fields['t2i_jobs_finished_total{outcome="succeeded",route="exact"}'] == 1
+    assert fields["t2i_steps_saved_total{}"] == fields["t2i_steps_requested_total{}"] == 10
+    assert not any(field.startswith("t2i_cache_resumes_total") for field in fields)
+
+
 def test_only_the_first_arrival_at_a_final_state_counts() -> None:
     done = record(JobState.SUCCEEDED, finished_at=101.0)
     assert transition_samples(done, replace(done, extra={"webhook": "delivered"})) == []
