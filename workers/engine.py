@@ -50,6 +50,38 @@ class Generation:
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class Trajectory:
+    """One job's denoising run in progress: all the engine needs to advance it by one step,
+    alone or in a batch with other jobs at other steps (each has its own scheduler, since
+    schedulers keep per-run state such as Euler's step index)."""
+
+    request: JobRequest
+    scheduler: Any
+    step_kwargs: dict[str, Any]
+    latents: torch.Tensor
+    embeddings: torch.Tensor          # [uncond, cond] with guidance, else [cond]
+    timesteps: torch.Tensor           # the steps this run takes
+    start_step: int
+    on_step: StepCallback
+    capture_steps: frozenset[int]
+    done: int = 0
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def guided(self) -> bool:
+        return self.request.guidance > 1.0
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.timesteps)
+
+    @property
+    def rows(self) -> int:
+        """The rows it adds to a UNet batch."""
+        return 2 if self.guided else 1
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,9 +95,6 @@ class Engine:
             raise ModelLoadError(f"scheduler {scheduler!r} unknown (choose from {sorted(SCHEDULERS)})")
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
-        stochastic, self.stochastic_step_kwargs = STOCHASTIC_SCHEDULERS[scheduler]
-        self.stochastic_scheduler = stochastic.from_config(pipe.scheduler.config)
         self.scheduler_name = scheduler
         self.device = device
         self.label = label
@@ -100,62 +129,81 @@ class Engine:
         generator = torch.Generator("cpu").manual_seed(seed)
         return torch.randn(self.latent_shape(request), generator=generator, dtype=torch.float32)
 
-    @torch.inference_mode()
     def generate(self, request: JobRequest, on_step: StepCallback,
                  capture_steps: frozenset[int] = frozenset()) -> Generation:
         """Full generation: ``request.steps`` steps from seeded noise.
 
         The latent after each step in ``capture_steps`` is returned in ``captured`` (on CPU).
         """
-        noise = self.seed_noise(request, request.seed)
-        self.scheduler.set_timesteps(request.steps, device=self.device)
-        latents = noise.to(self.device, self.pipe.unet.dtype) * self.scheduler.init_noise_sigma
-        return self._denoise(request, latents, 0, on_step, capture_steps)
+        return self.run_alone(self.begin(request, on_step, capture_steps))
 
-    @torch.inference_mode()
     def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
                on_step: StepCallback, capture_steps: frozenset[int] = frozenset(),
                reseed: Reseed | None = None) -> Generation:
         """Run only steps start_step+1 .. N, on the original N-step grid, from the latent a
         generation had after ``start_step`` steps (possibly of another prompt); the latents
         after the steps of ``capture_steps`` that this run takes come back as in ``generate``.
+        See ``begin`` for ``reseed``."""
+        return self.run_alone(self.begin(request, on_step, capture_steps, latent, start_step,
+                                         reseed))
 
-        ``reseed`` gives a job whose seed differs from the latent's (``reseed.source_seed``)
-        its own picture, since the steps left are deterministic given the latent:
-        NOISE_SWAP swaps the source seed's noise in the latent for the job's (no extra step);
-        RENOISE noises the latent back to step ``reseed.run_from`` with the job's noise and
-        runs from there (N - run_from UNet calls); STOCHASTIC_TAIL injects noise seeded by
-        the job's seed at every remaining step. None, SAME_SEED and K_CAP resume as is.
+    @torch.inference_mode()
+    def begin(self, request: JobRequest, on_step: StepCallback,
+              capture_steps: frozenset[int] = frozenset(), latent: torch.Tensor | None = None,
+              start_step: int = 0, reseed: Reseed | None = None) -> Trajectory:
+        """A job ready to advance: from seeded noise (``latent`` None) or from a cached
+        ``latent`` after ``start_step`` steps.
+
+        ``reseed`` gives a resumed job whose seed differs from the latent's
+        (``reseed.source_seed``) its own picture, since the steps left are deterministic
+        given the latent: NOISE_SWAP swaps the source seed's noise in the latent for the
+        job's (no extra step); RENOISE noises the latent back to step ``reseed.run_from``
+        with the job's noise and runs from there (N - run_from UNet calls); STOCHASTIC_TAIL
+        injects noise seeded by the job's seed at every remaining step. None, SAME_SEED and
+        K_CAP resume as is.
         """
+        if latent is None:
+            scheduler = self._scheduler(request.steps)
+            noise = self.seed_noise(request, request.seed)
+            latents = noise.to(self.device, self.pipe.unet.dtype) * scheduler.init_noise_sigma
+            return self._trajectory(request, scheduler, {}, latents, 0, on_step, capture_steps)
         if not 0 < start_step < request.steps:
             raise ValueError(f"resume step {start_step} outside 1..{request.steps - 1}")
         if reseed is None or reseed.rule in (SeedRule.SAME_SEED, SeedRule.K_CAP):
-            self.scheduler.set_timesteps(request.steps, device=self.device)
-            latents = latent.to(self.device, self.pipe.unet.dtype)
-            return self._denoise(request, latents, start_step, on_step, capture_steps)
+            return self._trajectory(request, self._scheduler(request.steps), {},
+                                    latent.to(self.device, self.pipe.unet.dtype), start_step,
+                                    on_step, capture_steps)
         rule, run_from = reseed.rule, reseed.run_from
         if not (0 <= run_from < start_step if rule is SeedRule.RENOISE else run_from == start_step):
             raise ValueError(f"{rule} from step {start_step} cannot run from step {run_from}")
         if rule is SeedRule.STOCHASTIC_TAIL:
-            self.stochastic_scheduler.set_timesteps(request.steps, device=self.device)
-            latents = latent.to(self.device, self.pipe.unet.dtype)
+            stochastic, kwargs = STOCHASTIC_SCHEDULERS[self.scheduler_name]
+            scheduler = stochastic.from_config(self.pipe.scheduler.config)
+            scheduler.set_timesteps(request.steps, device=self.device)
             noise = torch.Generator("cpu").manual_seed(request.seed)
-            return self._denoise(request, latents, start_step, on_step, capture_steps, noise)
-        self.scheduler.set_timesteps(request.steps, device=self.device)
+            return self._trajectory(request, scheduler, {**kwargs, "generator": noise},
+                                    latent.to(self.device, self.pipe.unet.dtype), start_step,
+                                    on_step, capture_steps)
+        scheduler = self._scheduler(request.steps)
         latents = latent.to(self.device, torch.float32)
         job_noise = self.seed_noise(request, request.seed).to(self.device)
-        signal, level = self._noise_scales(start_step)
+        signal, level = self._noise_scales(scheduler, start_step)
         if rule is SeedRule.NOISE_SWAP:
             source_noise = self.seed_noise(request, reseed.source_seed).to(self.device)
             latents = latents + level * (job_noise - source_noise)
         else:  # RENOISE: the forward process from step start_step back to run_from
-            back_signal, back_level = self._noise_scales(run_from)
+            back_signal, back_level = self._noise_scales(scheduler, run_from)
             scale = back_signal / signal
             latents = scale * latents + (back_level ** 2 - (scale * level) ** 2) ** 0.5 * job_noise
-        return self._denoise(request, latents.to(self.pipe.unet.dtype), run_from, on_step,
-                             capture_steps)
+        return self._trajectory(request, scheduler, {}, latents.to(self.pipe.unet.dtype),
+                                run_from, on_step, capture_steps)
 
-    def _noise_scales(self, step: int) -> tuple[float, float]:
+    def _scheduler(self, steps: int) -> Any:
+        scheduler = SCHEDULERS[self.scheduler_name].from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def _noise_scales(self, scheduler: Any, step: int) -> tuple[float, float]:
         """(a, s) with the latent after ``step`` steps of the set grid = a * x0 + s * noise.
 
         That latent is the input of step ``step`` + 1, so it sits at that step's timestep.
@@ -164,40 +212,68 @@ class Engine:
         step-0 latent is noise * init_noise_sigma, 0.2-0.4% more noise than s on SD's schedule.)
         """
         if self.scheduler_name == "ddim":
-            abar = float(self.scheduler.alphas_cumprod[int(self.scheduler.timesteps[step])])
+            abar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[step])])
             return abar ** 0.5, (1.0 - abar) ** 0.5
-        return 1.0, float(self.scheduler.sigmas[step])
+        return 1.0, float(scheduler.sigmas[step])
 
-    def _denoise(self, request: JobRequest, latents: torch.Tensor, start_step: int,
-                 on_step: StepCallback, capture_steps: frozenset[int],
-                 noise: torch.Generator | None = None) -> Generation:
-        """Steps start_step+1 .. N; with ``noise``, the stochastic scheduler's steps, which
-        draw their injected noise from it."""
-        pipe = self.pipe
-        scheduler = self.scheduler if noise is None else self.stochastic_scheduler
-        step_kwargs = {} if noise is None else {**self.stochastic_step_kwargs, "generator": noise}
+    def _trajectory(self, request: JobRequest, scheduler: Any, step_kwargs: dict[str, Any],
+                    latents: torch.Tensor, start_step: int, on_step: StepCallback,
+                    capture_steps: frozenset[int]) -> Trajectory:
         guided = request.guidance > 1.0
-        cond, uncond = pipe.encode_prompt(request.prompt, self.device, 1, guided,
-                                          negative_prompt=request.negative_prompt or None)
-        embeddings = torch.cat([uncond, cond]) if guided else cond
-        timesteps = scheduler.timesteps[start_step:]
+        cond, uncond = self.pipe.encode_prompt(request.prompt, self.device, 1, guided,
+                                               negative_prompt=request.negative_prompt or None)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start_step)
-        captured: dict[int, torch.Tensor] = {}
-        total = len(timesteps)
-        for index, t in enumerate(timesteps):
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeddings).sample
-            if guided:
-                noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + request.guidance * (noise_cond - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
-            steps_done = start_step + index + 1
-            if steps_done in capture_steps:
-                captured[steps_done] = latents.detach().to("cpu", torch.float32).clone()
-            on_step(index + 1, total)
-        return Generation(image_png=self._decode(latents), unet_calls=total, captured=captured)
+        return Trajectory(request, scheduler, step_kwargs, latents,
+                          torch.cat([uncond, cond]) if guided else cond,
+                          scheduler.timesteps[start_step:], start_step, on_step, capture_steps)
+
+    @torch.inference_mode()
+    def advance(self, batch: list[Trajectory]) -> dict[int, BaseException]:
+        """One denoising step for every trajectory of ``batch``, each at its own timestep,
+        in one UNet call (their latents must have one shape). Returns, by position in
+        ``batch``, the exceptions their step callbacks raised (a cancelled job): those stop;
+        the others go on."""
+        inputs, timesteps = [], []
+        for trajectory in batch:
+            t = trajectory.timesteps[trajectory.done]
+            rows = torch.cat([trajectory.latents] * trajectory.rows)
+            inputs.append(trajectory.scheduler.scale_model_input(rows, t))
+            timesteps.append(t.reshape(1).to(torch.float32).expand(trajectory.rows))
+        noise_pred = self.pipe.unet(
+            torch.cat(inputs), torch.cat(timesteps),
+            encoder_hidden_states=torch.cat([trajectory.embeddings for trajectory in batch])
+        ).sample.split([trajectory.rows for trajectory in batch])
+        stopped: dict[int, BaseException] = {}
+        for position, (trajectory, predicted) in enumerate(zip(batch, noise_pred)):
+            if trajectory.guided:
+                uncond, cond = predicted.chunk(2)
+                predicted = uncond + trajectory.request.guidance * (cond - uncond)
+            t = trajectory.timesteps[trajectory.done]
+            trajectory.latents = trajectory.scheduler.step(
+                predicted, t, trajectory.latents, **trajectory.step_kwargs).prev_sample
+            trajectory.done += 1
+            steps_done = trajectory.start_step + trajectory.done
+            if steps_done in trajectory.capture_steps:
+                trajectory.captured[steps_done] = \
+                    trajectory.latents.detach().to("cpu", torch.float32).clone()
+            try:
+                trajectory.on_step(trajectory.done, len(trajectory.timesteps))
+            except Exception as exc:  # the job's own business (cancelled): it stops alone
+                stopped[position] = exc
+        return stopped
+
+    @torch.inference_mode()
+    def finish(self, trajectory: Trajectory) -> Generation:
+        """The finished trajectory's image."""
+        return Generation(image_png=self._decode(trajectory.latents),
+                          unet_calls=len(trajectory.timesteps), captured=trajectory.captured)
+
+    def run_alone(self, trajectory: Trajectory) -> Generation:
+        while not trajectory.finished:
+            if stopped := self.advance([trajectory]):
+                raise stopped[0]
+        return self.finish(trajectory)
 
     def _decode(self, latents: torch.Tensor) -> bytes:
         vae = self.pipe.vae

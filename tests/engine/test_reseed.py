@@ -10,7 +10,7 @@ import torch
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
 from workers.builtin_models import build_tiny_pipeline
-from workers.engine import Engine
+from workers.engine import SCHEDULERS, Engine
 
 STEPS, K, SOURCE_SEED = 10, 5, 5
 RUN_FROM = {SeedRule.NOISE_SWAP: K, SeedRule.RENOISE: 2, SeedRule.STOCHASTIC_TAIL: K}
@@ -74,7 +74,7 @@ def test_noise_swap_moves_the_latent_by_the_noise_difference(engine: Engine, cac
     first step equals a plain resume from that latent."""
     job = request(9)
     shift = engine.seed_noise(job, 9) - engine.seed_noise(job, SOURCE_SEED)
-    schedule = engine.scheduler
+    schedule = SCHEDULERS[engine.scheduler_name].from_config(engine.pipe.scheduler.config)
     schedule.set_timesteps(STEPS)
     # The latent after K steps is the input of step K + 1: at that step's timestep (sigma).
     level = (float(1 - schedule.alphas_cumprod[int(schedule.timesteps[K])]) ** 0.5

@@ -1,0 +1,107 @@
+"""Step-level batching in the engine (the tiny pipeline, in process, CPU): jobs at different
+steps, one full and one resumed at K, joining and leaving at step boundaries, share one
+UNet call per step, and each comes out as it would alone."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.errors import JobCancelled
+from core.jobs import JobRequest
+from core.plan import Reseed, SeedRule
+from workers.builtin_models import build_tiny_pipeline
+from workers.engine import Engine, Generation, Trajectory
+
+STEPS, K = 10, 5
+LAST = frozenset({STEPS - 1, STEPS})
+
+
+@pytest.fixture(scope="module", params=["ddim", "euler"])
+def engine(request) -> Engine:
+    return Engine(build_tiny_pipeline(), request.param, torch.device("cpu"), "tiny (test)")
+
+
+def request(prompt: str, seed: int, guidance: float = 7.5) -> JobRequest:
+    return JobRequest(prompt=prompt, negative_prompt="", steps=STEPS, guidance=guidance,
+                      seed=seed, width=64, height=64)
+
+
+def no_op(step: int, total: int) -> None:
+    pass
+
+
+def pixels(generation: Generation) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(generation.image_png)), dtype=np.int16)
+
+
+def assert_same(batched: Generation, alone: Generation) -> None:
+    assert batched.unet_calls == alone.unet_calls
+    for step in alone.captured:
+        assert torch.allclose(batched.captured[step], alone.captured[step], atol=1e-4)
+    assert np.abs(pixels(batched) - pixels(alone)).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def cached(engine: Engine) -> torch.Tensor:
+    return engine.generate(request("a red fox in the snow", 5), no_op,
+                           frozenset({K})).captured[K]
+
+
+def jobs(engine: Engine, cached: torch.Tensor) -> dict[str, Trajectory]:
+    """A full job, a re-roll resumed at K with its noise swapped, an unguided full job."""
+    return {
+        "full": engine.begin(request("a blue boat on a lake", 1), no_op, LAST),
+        "resumed": engine.begin(request("a red fox in the snow", 6, guidance=5.0), no_op, LAST,
+                                cached, K, Reseed(SeedRule.NOISE_SWAP, 5, K)),
+        "unguided": engine.begin(request("a green hill", 2, guidance=1.0), no_op, LAST),
+    }
+
+
+def test_jobs_at_different_steps_share_unet_calls_and_each_matches_its_run_alone(
+        engine, cached, unet_calls):
+    alone = {name: engine.run_alone(trajectory)
+             for name, trajectory in jobs(engine, cached).items()}
+    unet_calls.clear()
+    waiting = jobs(engine, cached)
+    active = {"full": waiting.pop("full")}
+    finished: dict[str, Generation] = {}
+    steps = 0
+    while active or waiting:
+        if steps == 2:      # the resumed job joins the full one at its step 3, at its own K
+            active["resumed"] = waiting.pop("resumed")
+        if steps == 4:
+            active["unguided"] = waiting.pop("unguided")
+        assert engine.advance(list(active.values())) == {}
+        steps += 1
+        for name in [name for name, trajectory in active.items() if trajectory.finished]:
+            finished[name] = engine.finish(active.pop(name))   # leaves; the others go on
+    # One UNet call per step of the batch: 4 + 10 alone would have taken 10 + 5 + 10.
+    assert len(unet_calls) == steps == 14
+    for name, generation in alone.items():
+        assert_same(finished[name], generation)
+
+
+def test_a_cancelled_job_stops_alone_and_the_batch_goes_on(engine, cached):
+    alone = engine.run_alone(jobs(engine, cached)["full"])
+    batch = jobs(engine, cached)
+
+    def cancel_at_3(step: int, total: int) -> None:
+        if step == 3:
+            raise JobCancelled("cancelled")
+
+    batch["resumed"].on_step = cancel_at_3
+    active = [batch["full"], batch["resumed"]]
+    stopped: dict[int, BaseException] = {}
+    while not stopped:
+        stopped = engine.advance(active)
+    assert list(stopped) == [1] and isinstance(stopped[1], JobCancelled)
+    assert batch["resumed"].done == 3
+    active = [batch["full"]]
+    while not batch["full"].finished:
+        assert engine.advance(active) == {}
+    assert_same(engine.finish(batch["full"]), alone)
