@@ -180,8 +180,8 @@ class Engine:
             stochastic, kwargs = STOCHASTIC_SCHEDULERS[self.scheduler_name]
             scheduler = stochastic.from_config(self.pipe.scheduler.config)
             scheduler.set_timesteps(request.steps, device=self.device)
-            noise = torch.Generator("cpu").manual_seed(request.seed)
-            return self._trajectory(request, scheduler, {**kwargs, "generator": noise},
+            injected = torch.Generator("cpu").manual_seed(request.seed)
+            return self._trajectory(request, scheduler, {**kwargs, "generator": injected},
                                     latent.to(self.device, self.pipe.unet.dtype), start_step,
                                     on_step, capture_steps)
         scheduler = self._scheduler(request.steps)
