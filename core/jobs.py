@@ -296,6 +296,7 @@ class JobRecord:
                 **{name: self.extra.get(name) for name in TIMING_FACTS},
             },
             "unet_calls": self.extra.get("unet_calls"),
+            "batch_peak": self.extra.get("batch_peak"),
             "error": self.error or None,
             "cancel_requested": self.cancel_requested,
             "webhook_url": self.webhook_url or None,
@@ -303,7 +304,7 @@ class JobRecord:
         }
 
 
-# What the stages put in ``extra``, besides the generation's ``unet_calls``,
+# What the stages put in ``extra``, besides the generation's ``unet_calls``, ``batch_peak``,
 # ``resumed_from_k`` and ``fallback`` and the webhook's outcome: the time each part took.
 TIMING_FACTS = ("embed_ms", "lookup_ms", "latent_fetch_ms", "waited_for_object_store_s")
 

@@ -207,6 +207,10 @@ class Settings:
                                   "CPU threads per worker process for torch; 0 = torch's default "
                                   "(set 1 when several workers share few cores)",
                                   check=_at_least(0))
+    gpu_batch: int = _setting("T2I_GPU_BATCH", 1,
+                              "jobs a GPU worker process advances together, one UNet call per "
+                              "step (jobs join and leave at step boundaries); 1: one job at a "
+                              "time", check=_at_least(1))
     hf_hub_offline: bool = _setting("HF_HUB_OFFLINE", False,
                                     "never reach the hub when loading a model")
 

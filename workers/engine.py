@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import (
@@ -48,6 +48,7 @@ class Generation:
     image_png: bytes
     unet_calls: int
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    batch_peak: int = 1     # the most jobs that shared one of its UNet calls
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Trajectory:
     capture_steps: frozenset[int]
     done: int = 0
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    batch_peak: int = 1
 
     @property
     def guided(self) -> bool:
@@ -80,6 +82,22 @@ class Trajectory:
     def rows(self) -> int:
         """The rows it adds to a UNet batch."""
         return 2 if self.guided else 1
+
+
+class DenoisingEngine(Protocol):
+    """What the generation code needs of an engine: ``Engine`` (one job at a time) or
+    ``workers.batcher.BatchingEngine`` (many, one UNet call per step)."""
+
+    label: str
+
+    def latent_shape(self, request: JobRequest) -> tuple[int, int, int, int]: ...
+
+    def generate(self, request: JobRequest, on_step: StepCallback,
+                 capture_steps: frozenset[int] = ..., alone: bool = ...) -> Generation: ...
+
+    def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
+               on_step: StepCallback, capture_steps: frozenset[int] = ...,
+               reseed: Reseed | None = ..., alone: bool = ...) -> Generation: ...
 
 
 def pick_device(name: str) -> torch.device:
@@ -130,16 +148,18 @@ class Engine:
         return torch.randn(self.latent_shape(request), generator=generator, dtype=torch.float32)
 
     def generate(self, request: JobRequest, on_step: StepCallback,
-                 capture_steps: frozenset[int] = frozenset()) -> Generation:
+                 capture_steps: frozenset[int] = frozenset(), alone: bool = True) -> Generation:
         """Full generation: ``request.steps`` steps from seeded noise.
 
         The latent after each step in ``capture_steps`` is returned in ``captured`` (on CPU).
+        (``alone``: this engine runs every job alone; see workers.batcher for one that does
+        not.)
         """
         return self.run_alone(self.begin(request, on_step, capture_steps))
 
     def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
                on_step: StepCallback, capture_steps: frozenset[int] = frozenset(),
-               reseed: Reseed | None = None) -> Generation:
+               reseed: Reseed | None = None, alone: bool = True) -> Generation:
         """Run only steps start_step+1 .. N, on the original N-step grid, from the latent a
         generation had after ``start_step`` steps (possibly of another prompt); the latents
         after the steps of ``capture_steps`` that this run takes come back as in ``generate``.
@@ -250,6 +270,7 @@ class Engine:
                 uncond, cond = predicted.chunk(2)
                 predicted = uncond + trajectory.request.guidance * (cond - uncond)
             t = trajectory.timesteps[trajectory.done]
+            trajectory.batch_peak = max(trajectory.batch_peak, len(batch))
             trajectory.latents = trajectory.scheduler.step(
                 predicted, t, trajectory.latents, **trajectory.step_kwargs).prev_sample
             trajectory.done += 1
@@ -267,7 +288,8 @@ class Engine:
     def finish(self, trajectory: Trajectory) -> Generation:
         """The finished trajectory's image."""
         return Generation(image_png=self._decode(trajectory.latents),
-                          unet_calls=len(trajectory.timesteps), captured=trajectory.captured)
+                          unet_calls=len(trajectory.timesteps), captured=trajectory.captured,
+                          batch_peak=trajectory.batch_peak)
 
     def run_alone(self, trajectory: Trajectory) -> Generation:
         while not trajectory.finished:

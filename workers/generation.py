@@ -32,7 +32,7 @@ from core.jobs import JobRecord, JobState, image_key
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from core.plan import CachePlan
-from workers.engine import Engine, Generation
+from workers.engine import DenoisingEngine, Generation
 from workers.latents import load_latent, save_latents
 
 log = logging.getLogger(__name__)
@@ -213,17 +213,18 @@ def _forget_item(job_id: str, partition: str, entry: str, k: int, objects: Objec
         log.warning("job %s: unusable item %s/K=%d not dropped: %s", job_id, entry, k, exc)
 
 
-def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore, engine: Engine,
-              now: Callable[[], float], cache: CacheConfig | None, reliability: Reliability,
-              **fields: Any) -> dict[str, Any]:
+def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore,
+              engine: DenoisingEngine, now: Callable[[], float], cache: CacheConfig | None,
+              reliability: Reliability, **fields: Any) -> dict[str, Any]:
     job_id, request = record.id, record.request
     capture = cache.kept(None, request.steps) if cache else frozenset()
     try:
-        result: Generation = engine.generate(request, step_reporter(job_id, jobs), capture)
+        result: Generation = engine.generate(request, step_reporter(job_id, jobs), capture,
+                                             alone=record.deliveries > 1)
     except JobCancelled:
         return finish_cancelled(record, jobs, now, cache)
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
-                          unet_calls=result.unet_calls, **fields)
+                          unet_calls=result.unet_calls, batch_peak=result.batch_peak, **fields)
     if cache:
         cache.land(record, succeeded=True)
         if result.captured:
@@ -240,8 +241,8 @@ def _skipped(job_id: str, jobs: JobStore, cache: CacheConfig | None) -> dict[str
     return {"job_id": job_id, "skipped": True}
 
 
-def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Engine,
-                  worker: str, now: Callable[[], float], cache: CacheConfig | None,
+def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore,
+                  engine: DenoisingEngine, worker: str, now: Callable[[], float], cache: CacheConfig | None,
                   reliability: Reliability) -> dict[str, Any]:
     record = start_generation(job_id, jobs, engine.label, worker, now, reliability)
     if record is None:
@@ -249,8 +250,8 @@ def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Eng
     return _run_full(record, jobs, objects, engine, now, cache, reliability)
 
 
-def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: Engine,
-                    worker: str, now: Callable[[], float], cache: CacheConfig | None,
+def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore,
+                    engine: DenoisingEngine, worker: str, now: Callable[[], float], cache: CacheConfig | None,
                     reliability: Reliability) -> dict[str, Any]:
     """Resume from the cached (entry, K) triage chose; an unusable latent falls back to a
     full generation inside the same job."""
@@ -281,7 +282,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
     capture = cache.kept(plan, request.steps)
     try:
         result = engine.resume(request, latent, k, step_reporter(job_id, jobs), capture,
-                               plan.reseed)
+                               plan.reseed, alone=record.deliveries > 1)
     except JobCancelled:
         return finish_cancelled(record, jobs, now, cache)
     try:
@@ -291,7 +292,8 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore, engine: E
         log.warning("job %s: hit on %s K=%d not counted: %s", job_id, entry, k, exc)
     log.info("job %s: resumed from %s K=%d (hit %s)", job_id, entry, k, hits)
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
-                          unet_calls=result.unet_calls, resumed_from_k=k,
+                          unet_calls=result.unet_calls, batch_peak=result.batch_peak,
+                          resumed_from_k=k,
                           latent_fetch_ms=round((fetched - fetch_started) * 1e3, 3))
     cache.land(record, succeeded=True)
     if result.captured:

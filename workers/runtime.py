@@ -4,6 +4,7 @@ and network clients are never shared across a fork."""
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 from cachemgr.catalog import Catalog
@@ -76,14 +77,29 @@ def _limit_torch_threads() -> None:
         torch.set_num_threads(settings().torch_threads)
 
 
-@functools.cache
+_engine_lock = threading.Lock()
+
+
 def engine():
+    """The process's engine, loaded once even when task threads ask at the same time: a
+    batching one (workers.batcher) when T2I_GPU_BATCH > 1."""
+    with _engine_lock:
+        return _load_engine()
+
+
+@functools.cache
+def _load_engine():
     from workers.engine import Engine  # torch is imported by GPU workers only
 
     config = settings()
     _limit_torch_threads()
-    return Engine.load(config.model, config.scheduler, config.device,
-                       config.state_path / "models", config.hf_hub_offline)
+    loaded = Engine.load(config.model, config.scheduler, config.device,
+                         config.state_path / "models", config.hf_hub_offline)
+    if config.gpu_batch == 1:
+        return loaded
+    from workers.batcher import BatchingEngine
+
+    return BatchingEngine(loaded, config.gpu_batch)
 
 
 @functools.cache

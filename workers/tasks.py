@@ -63,6 +63,18 @@ def load_models_in_pool_process(**_: Any) -> None:
 
 
 @signals.worker_ready.connect
+def load_engine_in_thread_pool(**_: Any) -> None:
+    """A batching GPU worker (T2I_GPU_BATCH > 1) runs its tasks on threads of this process,
+    where no pool process starts: load the engine here instead."""
+    queues = set(app.amqp.queues.consume_from or ())
+    if runtime.settings().gpu_batch > 1 and queues & {FULL, RESUME}:
+        try:
+            runtime.engine()
+        except T2IError:
+            log.exception("preloading failed; jobs will report the error")
+
+
+@signals.worker_ready.connect
 def touch_liveness_file(**_: Any) -> None:
     """Liveness without the broker: a thread touches T2I_WORKER_ALIVE_FILE every 10 s, so a
     probe (`find FILE -mmin -1`) sees the worker process run even while Redis is down,

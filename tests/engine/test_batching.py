@@ -5,6 +5,7 @@ UNet call per step, and each comes out as it would alone."""
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -84,6 +85,7 @@ def test_jobs_at_different_steps_share_unet_calls_and_each_matches_its_run_alone
     assert len(unet_calls) == steps == 14
     for name, generation in alone.items():
         assert_same(finished[name], generation)
+        assert (generation.batch_peak, finished[name].batch_peak) == (1, 3)
 
 
 def test_a_cancelled_job_stops_alone_and_the_batch_goes_on(engine, cached):
@@ -105,3 +107,35 @@ def test_a_cancelled_job_stops_alone_and_the_batch_goes_on(engine, cached):
     while not batch["full"].finished:
         assert engine.advance(active) == {}
     assert_same(engine.finish(batch["full"]), alone)
+
+
+def test_task_threads_share_the_batchers_unet_calls_and_get_their_own_images(
+        engine, cached, unet_calls):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.batcher import BatchingEngine
+
+    full = request("a blue boat on a lake", 1)
+    reroll = request("a red fox in the snow", 6, guidance=5.0)
+    swap = Reseed(SeedRule.NOISE_SWAP, 5, K)
+    alone = [engine.generate(full, no_op, LAST),
+             engine.resume(reroll, cached, K, no_op, LAST, swap)]
+    unet_calls.clear()
+    batching = BatchingEngine(engine, capacity=4)
+
+    def hold_until_the_resume_waits(step: int, total: int) -> None:
+        """The full job's first step waits until the resumed one is handed over, so it
+        joins this batch (a test of sharing, not of arrival timing)."""
+        while step == 1 and batching._inbox.qsize() == 0:
+            threading.Event().wait(0.01)
+
+    with ThreadPoolExecutor(2) as threads:
+        first = threads.submit(batching.generate, full, hold_until_the_resume_waits, LAST)
+        threading.Event().wait(0.2)
+        second = threads.submit(batching.resume, reroll, cached, K, no_op, LAST, swap)
+        batched = [first.result(timeout=60), second.result(timeout=60)]
+    batching.close()
+    assert len(unet_calls) == STEPS   # the resumed job's 5 steps rode along the full one's
+    for got, expected in zip(batched, alone):
+        assert_same(got, expected)
+        assert got.batch_peak == 2
