@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arm:9} batch {batch:2}: {cell['throughput_jobs_s']:.2f} jobs/s, latency "
                   f"mean {cell['latency_mean_s']:.2f} p50 {cell['latency_p50_s']:.2f} "
                   f"p99 {cell['latency_p99_s']:.2f} s")
-    print(f"throughput ratio, batch {batches[-1] if 8 not in batches else 8} over 1: "
-          f"{result['throughput_ratio']}")
+    for arm, cells in result["throughput_ratio_over_batch_1"].items():
+        print(f"{arm}: throughput over batch 1: "
+              + ", ".join(f"batch {b} {cell['mean']:.2f}x" for b, cell in cells.items()))
     print(f"written {out.with_suffix('.json')}")
     return 0
 
