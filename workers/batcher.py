@@ -22,7 +22,7 @@ import torch
 from core.batching import Slot, admit
 from core.jobs import JobRequest
 from core.plan import Reseed
-from workers.engine import Engine, Generation, StepCallback, Trajectory
+from workers.engine import Engine, Generation, JoinCallback, StepCallback, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class _Pending:
     start_step: int
     reseed: Reseed | None
     alone: bool
+    on_join: JoinCallback
     result: Future[Generation] = field(default_factory=Future)
 
     @property
@@ -60,17 +61,21 @@ class BatchingEngine:
         return self.engine.latent_shape(request)
 
     def generate(self, request: JobRequest, on_step: StepCallback,
-                 capture_steps: frozenset[int] = frozenset(), alone: bool = False) -> Generation:
+                 capture_steps: frozenset[int] = frozenset(), alone: bool = False,
+                 on_join: JoinCallback = None) -> Generation:
         """As ``Engine.generate``, in a batch; ``alone``: in a batch of its own (a
-        redelivered job, which may be what killed the worker before)."""
-        return self._submit(_Pending(request, on_step, capture_steps, None, 0, None, alone))
+        redelivered job, which may be what killed the worker before); ``on_join`` is called
+        (on the batcher's thread) as it joins."""
+        return self._submit(_Pending(request, on_step, capture_steps, None, 0, None, alone,
+                                     on_join))
 
     def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
                on_step: StepCallback, capture_steps: frozenset[int] = frozenset(),
-               reseed: Reseed | None = None, alone: bool = False) -> Generation:
+               reseed: Reseed | None = None, alone: bool = False,
+               on_join: JoinCallback = None) -> Generation:
         """As ``Engine.resume``, in a batch (joining it at its own step)."""
         return self._submit(_Pending(request, on_step, capture_steps, latent, start_step,
-                                     reseed, alone))
+                                     reseed, alone, on_join))
 
     def close(self) -> None:
         """Stop the batcher thread once the jobs handed to it are done."""
@@ -96,6 +101,8 @@ class BatchingEngine:
             for _ in joining:                          # always a prefix of ``waiting``
                 pending = waiting.popleft()
                 try:
+                    if pending.on_join:
+                        pending.on_join()
                     active.append((pending, self.engine.begin(
                         pending.request, pending.on_step, pending.capture_steps,
                         pending.latent, pending.start_step, pending.reseed)))

@@ -42,6 +42,10 @@ STOCHASTIC_SCHEDULERS: dict[str, tuple[Any, dict[str, float]]] = {
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, steps in this run); may raise to stop."""
 
+JoinCallback = Callable[[], None] | None
+"""Called as a job starts running (alone: at once; batched: when it joins a batch); may
+raise to keep it from running."""
+
 
 @dataclass
 class Generation:
@@ -93,11 +97,13 @@ class DenoisingEngine(Protocol):
     def latent_shape(self, request: JobRequest) -> tuple[int, int, int, int]: ...
 
     def generate(self, request: JobRequest, on_step: StepCallback,
-                 capture_steps: frozenset[int] = ..., alone: bool = ...) -> Generation: ...
+                 capture_steps: frozenset[int] = ..., alone: bool = ...,
+                 on_join: JoinCallback = ...) -> Generation: ...
 
     def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
                on_step: StepCallback, capture_steps: frozenset[int] = ...,
-               reseed: Reseed | None = ..., alone: bool = ...) -> Generation: ...
+               reseed: Reseed | None = ..., alone: bool = ...,
+               on_join: JoinCallback = ...) -> Generation: ...
 
 
 def pick_device(name: str) -> torch.device:
@@ -148,22 +154,28 @@ class Engine:
         return torch.randn(self.latent_shape(request), generator=generator, dtype=torch.float32)
 
     def generate(self, request: JobRequest, on_step: StepCallback,
-                 capture_steps: frozenset[int] = frozenset(), alone: bool = True) -> Generation:
+                 capture_steps: frozenset[int] = frozenset(), alone: bool = True,
+                 on_join: JoinCallback = None) -> Generation:
         """Full generation: ``request.steps`` steps from seeded noise.
 
         The latent after each step in ``capture_steps`` is returned in ``captured`` (on CPU).
-        (``alone``: this engine runs every job alone; see workers.batcher for one that does
-        not.)
+        ``on_join`` is called as the job starts. (``alone``: this engine runs every job
+        alone; workers.batcher has one that does not.)
         """
+        if on_join:
+            on_join()
         return self.run_alone(self.begin(request, on_step, capture_steps))
 
     def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
                on_step: StepCallback, capture_steps: frozenset[int] = frozenset(),
-               reseed: Reseed | None = None, alone: bool = True) -> Generation:
+               reseed: Reseed | None = None, alone: bool = True,
+               on_join: JoinCallback = None) -> Generation:
         """Run only steps start_step+1 .. N, on the original N-step grid, from the latent a
         generation had after ``start_step`` steps (possibly of another prompt); the latents
         after the steps of ``capture_steps`` that this run takes come back as in ``generate``.
         See ``begin`` for ``reseed``."""
+        if on_join:
+            on_join()
         return self.run_alone(self.begin(request, on_step, capture_steps, latent, start_step,
                                          reseed))
 

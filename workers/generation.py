@@ -92,12 +92,12 @@ class CacheConfig:
         return kept_ks(plan, self.table, steps, self.admit_resumed)
 
 
-def start_generation(job_id: str, jobs: JobStore, model_label: str, worker: str,
-                     now: Callable[[], float], reliability: Reliability,
-                     total_steps: int | None = None) -> JobRecord | None:
-    """Move the job to GENERATING; None when it must not run (finished, cancelled, or a
-    poison job: its message came back after it was being generated ``max_deliveries``
-    times, so its workers died, most likely because of the job itself)."""
+def start_generation(job_id: str, jobs: JobStore, now: Callable[[], float],
+                     reliability: Reliability) -> JobRecord | None:
+    """The job, if it may run; None when it must not (finished, cancelled, or a poison job:
+    its message came back after it was being generated ``max_deliveries`` times, so its
+    workers died, most likely because of the job itself). It becomes GENERATING only when
+    the engine starts it (``on_join``)."""
     record = jobs.get(job_id)
     if record.state.terminal:
         log.info("job %s: generation skipped, job already %s", job_id, record.state)
@@ -112,13 +112,29 @@ def start_generation(job_id: str, jobs: JobStore, model_label: str, worker: str,
         jobs.update(job_id, lambda r: r.transition(JobState.CANCELLED, finished_at=now(),
                                                     error="cancelled by request"))
         return None
-    try:
-        return jobs.update(job_id, lambda r: r.transition(
-            JobState.GENERATING, generation_started_at=now(), step=0,
-            total_steps=total_steps or r.request.steps, deliveries=r.deliveries + 1,
-            worker=worker, model=model_label))
-    except InvalidTransition:
-        return None  # cancelled in between
+    return record
+
+
+def on_join(job_id: str, jobs: JobStore, model_label: str, worker: str,
+            now: Callable[[], float], total_steps: int) -> Callable[[], None]:
+    """What the engine calls as the job starts running (at once alone; batched, when it
+    joins a batch): the job becomes GENERATING and counts a delivery only then, so a job
+    that was still waiting for a batch when its worker died is not taken for the poison.
+    Raises JobCancelled if the job was cancelled while it waited."""
+    def join() -> None:
+        try:
+            jobs.update(job_id, lambda r: r.transition(
+                JobState.GENERATING, generation_started_at=now(), step=0,
+                total_steps=total_steps, deliveries=r.deliveries + 1, worker=worker,
+                model=model_label))
+        except InvalidTransition as exc:
+            raise JobCancelled(job_id) from exc
+    return join
+
+
+def redelivered(record: JobRecord) -> bool:
+    """A job whose earlier run ended with its worker: it runs alone (core.batching)."""
+    return record.deliveries > 0
 
 
 def step_reporter(job_id: str, jobs: JobStore) -> Callable[[int, int], None]:
@@ -147,8 +163,9 @@ def step_reporter(job_id: str, jobs: JobStore) -> Callable[[int, int], None]:
 
 def finish_cancelled(record: JobRecord, jobs: JobStore, now: Callable[[], float],
                      cache: CacheConfig | None) -> dict[str, Any]:
-    jobs.update(record.id, lambda r: r.transition(JobState.CANCELLED, finished_at=now(),
-                                                   error="cancelled by request"))
+    """Cancelled while generating, or (already marked) while waiting for a batch."""
+    jobs.update(record.id, lambda r: r if r.state.terminal else r.transition(
+        JobState.CANCELLED, finished_at=now(), error="cancelled by request"))
     log.info("job %s: cancelled during generation", record.id)
     if cache:
         cache.land(record, succeeded=False)
@@ -214,13 +231,15 @@ def _forget_item(job_id: str, partition: str, entry: str, k: int, objects: Objec
 
 
 def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore,
-              engine: DenoisingEngine, now: Callable[[], float], cache: CacheConfig | None,
-              reliability: Reliability, **fields: Any) -> dict[str, Any]:
+              engine: DenoisingEngine, worker: str, now: Callable[[], float],
+              cache: CacheConfig | None, reliability: Reliability,
+              **fields: Any) -> dict[str, Any]:
     job_id, request = record.id, record.request
     capture = cache.kept(None, request.steps) if cache else frozenset()
     try:
-        result: Generation = engine.generate(request, step_reporter(job_id, jobs), capture,
-                                             alone=record.deliveries > 1)
+        result: Generation = engine.generate(
+            request, step_reporter(job_id, jobs), capture, alone=redelivered(record),
+            on_join=on_join(job_id, jobs, engine.label, worker, now, request.steps))
     except JobCancelled:
         return finish_cancelled(record, jobs, now, cache)
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
@@ -244,10 +263,10 @@ def _skipped(job_id: str, jobs: JobStore, cache: CacheConfig | None) -> dict[str
 def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore,
                   engine: DenoisingEngine, worker: str, now: Callable[[], float], cache: CacheConfig | None,
                   reliability: Reliability) -> dict[str, Any]:
-    record = start_generation(job_id, jobs, engine.label, worker, now, reliability)
+    record = start_generation(job_id, jobs, now, reliability)
     if record is None:
         return _skipped(job_id, jobs, cache)
-    return _run_full(record, jobs, objects, engine, now, cache, reliability)
+    return _run_full(record, jobs, objects, engine, worker, now, cache, reliability)
 
 
 def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore,
@@ -262,8 +281,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore,
     if plan is None or plan.entry is None or plan.k is None:  # nothing to resume from
         return generate_full(job_id, jobs, objects, engine, worker, now, cache, reliability)
     entry, k, partition = plan.entry, plan.k, plan.partition
-    started = start_generation(job_id, jobs, engine.label, worker, now, reliability,
-                               total_steps=record.request.steps - plan.steps_saved)
+    started = start_generation(job_id, jobs, now, reliability)
     if started is None:
         return _skipped(job_id, jobs, cache)
     record = started
@@ -276,13 +294,15 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore,
         log.warning("job %s: %s; falling back to full generation", job_id, reason)
         if not isinstance(exc, ObjectStoreUnavailable):  # an outage passes; this will not
             _forget_item(job_id, partition, entry, k, objects, cache)
-        jobs.update(job_id, lambda r: r.transition(r.state, total_steps=request.steps))
-        return _run_full(record, jobs, objects, engine, now, cache, reliability, fallback=reason)
+        return _run_full(record, jobs, objects, engine, worker, now, cache, reliability,
+                         fallback=reason)
     fetched = time.perf_counter()
     capture = cache.kept(plan, request.steps)
     try:
-        result = engine.resume(request, latent, k, step_reporter(job_id, jobs), capture,
-                               plan.reseed, alone=record.deliveries > 1)
+        result = engine.resume(
+            request, latent, k, step_reporter(job_id, jobs), capture, plan.reseed,
+            alone=redelivered(record), on_join=on_join(job_id, jobs, engine.label, worker, now,
+                                                       request.steps - plan.steps_saved))
     except JobCancelled:
         return finish_cancelled(record, jobs, now, cache)
     try:

@@ -4,6 +4,7 @@ fault tests show end to end, here one rule at a time."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -356,3 +357,47 @@ def test_a_follower_generates_itself_when_the_shared_generation_stops_midway(eng
     assert stack.generate("leader")["state"] == "cancelled" and stack.retriaged == ["follower"]
     stack.triage("follower")
     assert stack.sent[-1] == ("gen.full", "follower")
+
+
+def test_a_job_waiting_for_a_batch_stays_queued_uncounted_and_can_be_cancelled(engine, clock):
+    """Batch capacity 1: the second job waits in the batcher while the first runs. It is
+    still QUEUED with no delivery counted (a worker death now would not make it a suspect
+    poison job), and a cancel then stops it before it runs a step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.batcher import BatchingEngine
+
+    jobs, objects = InMemoryJobStore(), InMemoryObjectStore()
+    for job_id in ("running", "waiting"):
+        jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=REQUEST, model="tiny",
+                              submitted_at=0.0))
+    batching = BatchingEngine(engine, capacity=1)
+    seen: dict[str, object] = {}
+    original = jobs.report_progress
+
+    def report_and_look(job_id: str, step: int, total: int) -> bool:
+        if job_id == "running" and step == 3:   # the other job waits by now
+            while batching._inbox.qsize() == 0 and not seen:
+                threading.Event().wait(0.01)
+            waiting = jobs.get("waiting")
+            seen["waiting"] = (waiting.state, waiting.deliveries)
+            jobs.request_cancel("waiting", clock())
+        return original(job_id, step, total)
+
+    jobs.report_progress = report_and_look  # type: ignore[method-assign]
+    calls, hook = counting_unet_calls(engine)
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            running = threads.submit(generate_full, "running", jobs, objects, batching, "w",
+                                     clock, None, Reliability(sleep=clock.sleep))
+            threading.Event().wait(0.2)
+            waiting = threads.submit(generate_full, "waiting", jobs, objects, batching, "w",
+                                     clock, None, Reliability(sleep=clock.sleep))
+            outcomes = running.result(timeout=60), waiting.result(timeout=60)
+    finally:
+        hook.remove()
+        batching.close()
+    assert seen["waiting"] == (JobState.QUEUED, 0)
+    assert outcomes[0]["state"] == "succeeded" and outcomes[1]["state"] == "cancelled"
+    assert jobs.get("waiting").state is JobState.CANCELLED and jobs.get("waiting").deliveries == 0
+    assert len(calls) == STEPS   # the cancelled job ran none
