@@ -2,7 +2,12 @@
 batch sizes, the same open-loop arrivals for each, cache on (a mix of full jobs and jobs
 resumed at K with their noise swapped) and off (all full).
 
-    python -m bench.batching --batches 1,4,8,16 --jobs 64 --rounds 2
+    python -m bench.batching --batches 1,4,8,16 --jobs 64 --rounds 2 --threads 1
+
+On a CPU use --threads 1: torch run from a thread other than the main one (the batcher's,
+or any Celery task thread) with 2 OpenMP threads was 3.5x slower per job on this 2-core
+machine (1.00 s against 0.28 s in the main thread) and as fast as the main thread with 1;
+a CPU worker that batches wants T2I_TORCH_THREADS=1 likewise. (No such effect on a GPU.)
 
 Jobs come from the toy trace's prompts, 25 steps at 64 px with the scene model by default.
 Arrivals are Poisson at --rate jobs/s (default: 1.5x what batch 1 sustains, measured first,
