@@ -39,6 +39,22 @@ def running(*services: servers.Service, log_dir: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def private_workers(settings: Settings, base: Path, name: str,
+                    **overrides: object) -> Iterator[Settings]:
+    """A triage/cache worker and a GPU worker of their own on a Redis of their own (and an
+    embedded vector index), so that no other test's worker takes their tasks."""
+    redis_port = servers.free_port()
+    config = dataclasses.replace(
+        settings, redis_url=f"redis://127.0.0.1:{redis_port}/0", s3_bucket=f"t2i-{name}",
+        state_dir=str(base / "state"), chroma_url="", chroma_path="", predictor_enabled=False,
+        **overrides)
+    with running(servers.redis(redis_port, base / "redis"),
+                 servers.cpu_worker(f"triage-{name}", config),
+                 servers.gpu_worker(f"gpu-{name}", config), log_dir=base / "logs"):
+        yield config
+
+
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("t2i")

@@ -5,7 +5,6 @@ tests/engine/test_batching.py.) Real Redis, S3, Chroma and Celery workers, the t
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import time
 from collections.abc import Iterator
@@ -15,10 +14,9 @@ import pytest
 from PIL import Image
 
 from cachemgr.catalog import Catalog
-from conftest import running
+from conftest import private_workers
 from core.jobstore import connect
 from core.settings import Settings
-from infra import servers
 from producer.client import Client
 
 pytestmark = pytest.mark.e2e
@@ -29,17 +27,8 @@ STEPS = 25
 @pytest.fixture(scope="module")
 def batching(s3_server: Settings, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[Settings]:
-    """Workers of its own on a Redis of its own: no other test's worker takes its tasks."""
-    base = tmp_path_factory.mktemp("batching")
-    redis_port = servers.free_port()
-    config = dataclasses.replace(
-        s3_server, redis_url=f"redis://127.0.0.1:{redis_port}/0", s3_bucket="t2i-batching",
-        state_dir=str(base / "state"), chroma_url="", chroma_path="", gpu_batch=4,
-        predictor_enabled=False)
-    with running(servers.redis(redis_port, base / "redis"),
-                 servers.cpu_worker("triage-batching", config),
-                 servers.gpu_worker("gpu-batching", config),
-                 log_dir=base / "logs"):
+    with private_workers(s3_server, tmp_path_factory.mktemp("batching"), "batching",
+                         gpu_batch=4) as config:
         yield config
 
 

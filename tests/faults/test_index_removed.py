@@ -5,7 +5,6 @@ catalog knows, without restarting anything. Real Redis, S3, Celery workers and C
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from collections.abc import Iterator
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import running
+from conftest import private_workers
 from core.settings import Settings
-from infra import servers
 from producer.client import Client
 from workers.app import make_app
 
@@ -24,17 +22,8 @@ pytestmark = pytest.mark.faults
 
 @pytest.fixture(scope="module")
 def config(s3_server: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """Workers of its own on a Redis of its own: no other test's worker takes its tasks."""
-    base = tmp_path_factory.mktemp("index-removed")
-    redis_port = servers.free_port()
-    config = dataclasses.replace(
-        s3_server, redis_url=f"redis://127.0.0.1:{redis_port}/0", s3_bucket="t2i-index",
-        state_dir=str(base / "state"), chroma_url="", chroma_path="", sweep_grace_s=1.0,
-        predictor_enabled=False)
-    with running(servers.redis(redis_port, base / "redis"),
-                 servers.cpu_worker("triage-index", config),
-                 servers.gpu_worker("gpu-index", config),
-                 log_dir=base / "logs"):
+    with private_workers(s3_server, tmp_path_factory.mktemp("index-removed"), "index",
+                         sweep_grace_s=1.0) as config:
         yield config
 
 
