@@ -97,3 +97,7 @@ class IdempotencyConflict(T2IError):
 
 class ApiUnavailable(TransientError):
     """The HTTP API cannot be reached, or answered that it cannot serve now (503)."""
+
+
+class BatcherStopped(T2IError):
+    """The GPU worker's batcher thread is gone (closed, or it crashed): the job was not run."""

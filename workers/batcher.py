@@ -17,12 +17,18 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import torch
-
 from core.batching import Slot, admit
+from core.errors import BatcherStopped
 from core.jobs import JobRequest
 from core.plan import Reseed
-from workers.engine import Engine, Generation, JoinCallback, StepCallback, Trajectory
+from workers.engine import (
+    Engine,
+    Generation,
+    JoinCallback,
+    LatentSource,
+    StepCallback,
+    Trajectory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ class _Pending:
     request: JobRequest
     on_step: StepCallback
     capture_steps: frozenset[int]
-    latent: torch.Tensor | None
+    latent: LatentSource | None
     start_step: int
     reseed: Reseed | None
     alone: bool
@@ -54,7 +60,7 @@ class BatchingEngine:
         self.engine, self.capacity = engine, capacity
         self.label = engine.label
         self._inbox: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="gpu-batcher", daemon=True)
         self._thread.start()
 
     def latent_shape(self, request: JobRequest) -> tuple[int, int, int, int]:
@@ -69,7 +75,7 @@ class BatchingEngine:
         return self._submit(_Pending(request, on_step, capture_steps, None, 0, None, alone,
                                      on_join))
 
-    def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
+    def resume(self, request: JobRequest, latent: LatentSource, start_step: int,
                on_step: StepCallback, capture_steps: frozenset[int] = frozenset(),
                reseed: Reseed | None = None, alone: bool = False,
                on_join: JoinCallback = None) -> Generation:
@@ -83,12 +89,31 @@ class BatchingEngine:
         self._thread.join()
 
     def _submit(self, pending: _Pending) -> Generation:
+        if not self._thread.is_alive():
+            raise BatcherStopped("the batcher thread is not running")
         self._inbox.put(pending)
         return pending.result.result()
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
+        """The batcher thread: the loop, and whatever ends it, no job left waiting."""
         waiting: deque[_Pending] = deque()
         active: list[tuple[_Pending, Trajectory]] = []
+        try:
+            self._loop(waiting, active)
+        except BaseException:
+            log.exception("the batcher thread failed")
+            raise
+        finally:
+            stopped = BatcherStopped("the batcher thread stopped before this job finished")
+            while not self._inbox.empty():
+                if (late := self._inbox.get_nowait()) is not None:
+                    waiting.append(late)
+            for pending in [*waiting, *(pending for pending, _ in active)]:
+                if not pending.result.done():
+                    pending.result.set_exception(stopped)
+
+    def _loop(self, waiting: deque[_Pending], active: list[tuple[_Pending, Trajectory]]
+              ) -> None:
         closing = False
         while not (closing and not active and not waiting):
             arrived = [self._inbox.get()] if not active and not waiting else []  # idle: sleep
@@ -109,18 +134,29 @@ class BatchingEngine:
                 except Exception as exc:  # noqa: BLE001 - the job's own error, for its thread
                     pending.result.set_exception(exc)
             if active:
-                active = self._step(active)
+                active[:] = self._step(active)
 
     def _step(self, active: list[tuple[_Pending, Trajectory]]
               ) -> list[tuple[_Pending, Trajectory]]:
-        """One UNet call for all; returns the jobs still running."""
+        """One UNet call for all; returns the jobs still running. If the batched call fails
+        (out of memory, say), each job takes this step alone, so only a job that fails on its
+        own fails (the call raises before any job's state changes)."""
+        stopped: dict[int, BaseException] = {}
+        before = [trajectory.done for _, trajectory in active]
         try:
             stopped = self.engine.advance([trajectory for _, trajectory in active])
-        except Exception as exc:  # noqa: BLE001 - the call failed for all of them (e.g. OOM)
-            log.exception("batched step of %d jobs failed", len(active))
-            for pending, _ in active:
-                pending.result.set_exception(exc)
-            return []
+        except Exception as exc:  # noqa: BLE001
+            if len(active) == 1 or before != [trajectory.done for _, trajectory in active]:
+                stopped = dict.fromkeys(range(len(active)), exc)
+            else:
+                log.warning("batched step of %d jobs failed (%s); each job steps alone",
+                            len(active), exc)
+                for position, (_, trajectory) in enumerate(active):
+                    try:
+                        if alone := self.engine.advance([trajectory]):
+                            stopped[position] = alone[0]
+                    except Exception as alone_exc:  # noqa: BLE001 - this job's own failure
+                        stopped[position] = alone_exc
         running = []
         for position, (pending, trajectory) in enumerate(active):
             if position in stopped:

@@ -42,6 +42,10 @@ STOCHASTIC_SCHEDULERS: dict[str, tuple[Any, dict[str, float]]] = {
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, steps in this run); may raise to stop."""
 
+LatentSource = torch.Tensor | Callable[[], torch.Tensor]
+"""A cached latent, or what fetches it: fetched only once the job has joined (on_join), so a
+fetch that kills the worker counts as the job's delivery."""
+
 JoinCallback = Callable[[], None] | None
 """Called as a job starts running (alone: at once; batched: when it joins a batch); may
 raise to keep it from running."""
@@ -100,7 +104,7 @@ class DenoisingEngine(Protocol):
                  capture_steps: frozenset[int] = ..., alone: bool = ...,
                  on_join: JoinCallback = ...) -> Generation: ...
 
-    def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
+    def resume(self, request: JobRequest, latent: LatentSource, start_step: int,
                on_step: StepCallback, capture_steps: frozenset[int] = ...,
                reseed: Reseed | None = ..., alone: bool = ...,
                on_join: JoinCallback = ...) -> Generation: ...
@@ -166,7 +170,7 @@ class Engine:
             on_join()
         return self.run_alone(self.begin(request, on_step, capture_steps))
 
-    def resume(self, request: JobRequest, latent: torch.Tensor, start_step: int,
+    def resume(self, request: JobRequest, latent: LatentSource, start_step: int,
                on_step: StepCallback, capture_steps: frozenset[int] = frozenset(),
                reseed: Reseed | None = None, alone: bool = True,
                on_join: JoinCallback = None) -> Generation:
@@ -181,7 +185,7 @@ class Engine:
 
     @torch.inference_mode()
     def begin(self, request: JobRequest, on_step: StepCallback,
-              capture_steps: frozenset[int] = frozenset(), latent: torch.Tensor | None = None,
+              capture_steps: frozenset[int] = frozenset(), latent: LatentSource | None = None,
               start_step: int = 0, reseed: Reseed | None = None) -> Trajectory:
         """A job ready to advance: from seeded noise (``latent`` None) or from a cached
         ``latent`` after ``start_step`` steps.
@@ -201,6 +205,8 @@ class Engine:
             return self._trajectory(request, scheduler, {}, latents, 0, on_step, capture_steps)
         if not 0 < start_step < request.steps:
             raise ValueError(f"resume step {start_step} outside 1..{request.steps - 1}")
+        if callable(latent):
+            latent = latent()
         if reseed is None or reseed.rule in (SeedRule.SAME_SEED, SeedRule.K_CAP):
             return self._trajectory(request, self._scheduler(request.steps), {},
                                     latent.to(self.device, self.pipe.unet.dtype), start_step,

@@ -115,21 +115,38 @@ def start_generation(job_id: str, jobs: JobStore, now: Callable[[], float],
     return record
 
 
-def on_join(job_id: str, jobs: JobStore, model_label: str, worker: str,
-            now: Callable[[], float], total_steps: int) -> Callable[[], None]:
-    """What the engine calls as the job starts running (at once alone; batched, when it
-    joins a batch): the job becomes GENERATING and counts a delivery only then, so a job
-    that was still waiting for a batch when its worker died is not taken for the poison.
-    Raises JobCancelled if the job was cancelled while it waited."""
-    def join() -> None:
-        try:
-            jobs.update(job_id, lambda r: r.transition(
-                JobState.GENERATING, generation_started_at=now(), step=0,
-                total_steps=total_steps, deliveries=r.deliveries + 1, worker=worker,
-                model=model_label))
-        except InvalidTransition as exc:
-            raise JobCancelled(job_id) from exc
-    return join
+@dataclass
+class Joining:
+    """What the engine calls as a job starts running (alone: at once; batched: when it joins
+    a batch), before its cached latent is fetched: the job becomes GENERATING and counts a
+    delivery then, so a job still waiting for a batch when its worker dies is not taken for
+    the poison, and a fetch that kills the worker is counted. A fallback to a full run in the
+    same delivery joins again without counting."""
+
+    job_id: str
+    jobs: JobStore
+    model_label: str
+    worker: str
+    now: Callable[[], float]
+    counted: bool = False
+
+    def at(self, total_steps: int) -> Callable[[], None]:
+        """The join callback for a run of ``total_steps`` steps. It raises JobCancelled if
+        the job was cancelled while it waited, InvalidTransition if it ended otherwise."""
+        def join() -> None:
+            extra = 0 if self.counted else 1
+            try:
+                self.jobs.update(self.job_id, lambda r: r.transition(
+                    JobState.GENERATING, generation_started_at=self.now(), step=0,
+                    total_steps=total_steps, deliveries=r.deliveries + extra,
+                    worker=self.worker, model=self.model_label))
+            except InvalidTransition as exc:
+                current = self.jobs.get(self.job_id)
+                if current.state is JobState.CANCELLED or current.cancel_requested:
+                    raise JobCancelled(self.job_id) from exc
+                raise
+            self.counted = True
+        return join
 
 
 def redelivered(record: JobRecord) -> bool:
@@ -231,7 +248,7 @@ def _forget_item(job_id: str, partition: str, entry: str, k: int, objects: Objec
 
 
 def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore,
-              engine: DenoisingEngine, worker: str, now: Callable[[], float],
+              engine: DenoisingEngine, joining: Joining, now: Callable[[], float],
               cache: CacheConfig | None, reliability: Reliability,
               **fields: Any) -> dict[str, Any]:
     job_id, request = record.id, record.request
@@ -239,9 +256,11 @@ def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore,
     try:
         result: Generation = engine.generate(
             request, step_reporter(job_id, jobs), capture, alone=redelivered(record),
-            on_join=on_join(job_id, jobs, engine.label, worker, now, request.steps))
+            on_join=joining.at(request.steps))
     except JobCancelled:
         return finish_cancelled(record, jobs, now, cache)
+    except InvalidTransition:   # it ended while it waited for a batch
+        return _skipped(job_id, jobs, cache)
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
                           unet_calls=result.unet_calls, batch_peak=result.batch_peak, **fields)
     if cache:
@@ -266,7 +285,8 @@ def generate_full(job_id: str, jobs: JobStore, objects: ObjectStore,
     record = start_generation(job_id, jobs, now, reliability)
     if record is None:
         return _skipped(job_id, jobs, cache)
-    return _run_full(record, jobs, objects, engine, worker, now, cache, reliability)
+    return _run_full(record, jobs, objects, engine,
+                     Joining(job_id, jobs, engine.label, worker, now), now, cache, reliability)
 
 
 def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore,
@@ -286,25 +306,31 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore,
         return _skipped(job_id, jobs, cache)
     record = started
     request = record.request
-    fetch_started = time.perf_counter()
-    try:
+    joining = Joining(job_id, jobs, engine.label, worker, now)
+    fetch_ms: list[float] = []
+
+    def fetch() -> torch.Tensor:
+        fetch_started = time.perf_counter()
         latent = load_latent(objects, partition, entry, k, engine.latent_shape(request))
+        fetch_ms.append(round((time.perf_counter() - fetch_started) * 1e3, 3))
+        return latent
+
+    capture = cache.kept(plan, request.steps)
+    try:
+        result = engine.resume(request, fetch, k, step_reporter(job_id, jobs), capture,
+                               plan.reseed, alone=redelivered(record),
+                               on_join=joining.at(request.steps - plan.steps_saved))
     except (ObjectMissing, CorruptLatent, ObjectStoreUnavailable) as exc:
         reason = f"latent {entry}/K={k} unusable: {exc}"
         log.warning("job %s: %s; falling back to full generation", job_id, reason)
         if not isinstance(exc, ObjectStoreUnavailable):  # an outage passes; this will not
             _forget_item(job_id, partition, entry, k, objects, cache)
-        return _run_full(record, jobs, objects, engine, worker, now, cache, reliability,
+        return _run_full(record, jobs, objects, engine, joining, now, cache, reliability,
                          fallback=reason)
-    fetched = time.perf_counter()
-    capture = cache.kept(plan, request.steps)
-    try:
-        result = engine.resume(
-            request, latent, k, step_reporter(job_id, jobs), capture, plan.reseed,
-            alone=redelivered(record), on_join=on_join(job_id, jobs, engine.label, worker, now,
-                                                       request.steps - plan.steps_saved))
     except JobCancelled:
         return finish_cancelled(record, jobs, now, cache)
+    except InvalidTransition:   # it ended while it waited for a batch
+        return _skipped(job_id, jobs, cache)
     try:
         hits = cache.catalog.record_hit(entry, k, now())
     except BrokerUnavailable as exc:  # a lost hit only lowers one eviction score a little
@@ -313,8 +339,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore,
     log.info("job %s: resumed from %s K=%d (hit %s)", job_id, entry, k, hits)
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
                           unet_calls=result.unet_calls, batch_peak=result.batch_peak,
-                          resumed_from_k=k,
-                          latent_fetch_ms=round((fetched - fetch_started) * 1e3, 3))
+                          resumed_from_k=k, latent_fetch_ms=fetch_ms[0])
     cache.land(record, succeeded=True)
     if result.captured:
         _cache_entry(record, result.captured, objects, cache)

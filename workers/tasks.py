@@ -63,11 +63,17 @@ def load_models_in_pool_process(**_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def load_engine_in_thread_pool(**_: Any) -> None:
-    """A batching GPU worker (T2I_GPU_BATCH > 1) runs its tasks on threads of this process,
-    where no pool process starts: load the engine here instead."""
+def load_engine_in_thread_pool(sender: Any = None, **_: Any) -> None:
+    """A batching GPU worker (T2I_GPU_BATCH > 1, `-P threads`) runs its tasks on threads of
+    this process, where no pool process starts: load the engine here instead. (Never in a
+    prefork parent: CUDA must not cross a fork.)"""
     queues = set(app.amqp.queues.consume_from or ())
-    if runtime.settings().gpu_batch > 1 and queues & {FULL, RESUME}:
+    threads_pool = type(getattr(sender, "pool", None)).__module__ == "celery.concurrency.thread"
+    if runtime.settings().gpu_batch > 1 and queues & {FULL, RESUME} and not threads_pool:
+        log.error("T2I_GPU_BATCH=%d needs `-P threads -c %d`; this worker runs one job at a "
+                  "time per pool process", runtime.settings().gpu_batch,
+                  runtime.settings().gpu_batch)
+    elif runtime.settings().gpu_batch > 1 and queues & {FULL, RESUME}:
         try:
             runtime.engine()
         except T2IError:

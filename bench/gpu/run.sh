@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command, for a bare machine with python3, torch and transformers
-# and no network (bench/gpu/prepare.sh fetched the rest beforehand, into bench/gpu/wheels):
+# The GPU benchmark in one command, for a bare machine with python3 (3.11 or later), torch,
+# transformers and Pillow and no network (bench/gpu/prepare.sh fetched the rest beforehand,
+# into bench/gpu/wheels):
 #
 #   bench/gpu/run.sh                       # SD 1.5's architecture, fp16, 512 px, batches 1-16
 #   bench/gpu/run.sh --out $OUT/gpu-step.json

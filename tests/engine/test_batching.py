@@ -139,3 +139,56 @@ def test_task_threads_share_the_batchers_unet_calls_and_get_their_own_images(
     for got, expected in zip(batched, alone):
         assert_same(got, expected)
         assert got.batch_peak == 2
+
+
+def test_a_batched_step_that_fails_is_taken_by_each_job_alone(engine, cached):
+    """A UNet call that fails for the whole batch (out of memory, say) but not for one job:
+    each job takes that step alone and goes on; all images as alone."""
+    from workers.batcher import BatchingEngine
+
+    full, other = request("a blue boat on a lake", 1), request("a green hill", 2)
+    alone = [engine.generate(full, no_op, LAST), engine.generate(other, no_op, LAST)]
+    failures: list[int] = []
+
+    def out_of_memory_above_2_rows(module, args):
+        if args[0].shape[0] > 2 and not failures:
+            failures.append(args[0].shape[0])
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    hook = engine.pipe.unet.register_forward_pre_hook(out_of_memory_above_2_rows)
+    batching = BatchingEngine(engine, capacity=2)
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def hold_until_the_other_waits(step: int, total: int) -> None:
+            while step == 1 and batching._inbox.qsize() == 0:
+                threading.Event().wait(0.01)
+
+        with ThreadPoolExecutor(2) as threads:
+            first = threads.submit(batching.generate, full, hold_until_the_other_waits, LAST)
+            threading.Event().wait(0.2)
+            second = threads.submit(batching.generate, other, no_op, LAST)
+            batched = [first.result(timeout=60), second.result(timeout=60)]
+    finally:
+        hook.remove()
+        batching.close()
+    assert failures == [4]   # two guided jobs: 4 rows failed once, then went on
+    for got, expected in zip(batched, alone):
+        assert_same(got, expected)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_jobs_are_failed_not_stranded_when_the_batcher_thread_dies(engine):
+    from core.errors import BatcherStopped
+    from workers.batcher import BatchingEngine
+
+    batching = BatchingEngine(engine, capacity=2)
+
+    def dies(step: int, total: int) -> None:
+        raise SystemExit("the batcher thread dies")   # not an Exception: nothing catches it
+
+    with pytest.raises(BatcherStopped):
+        batching.generate(request("a blue boat on a lake", 1), dies)
+    batching._thread.join(timeout=10)
+    with pytest.raises(BatcherStopped):
+        batching.generate(request("a green hill", 2), no_op)

@@ -123,8 +123,19 @@ def test_a_cancel_is_honoured_at_the_next_step(engine, clock):
 
 
 def test_a_corrupt_cached_latent_falls_back_to_full_and_is_dropped(engine, clock):
-    jobs, objects, catalog, registered = (InMemoryJobStore(), InMemoryObjectStore(),
-                                          InMemoryCatalog(), [])
+    """The delivery is counted before the latent is fetched (a fetch that killed the worker
+    would count towards the poison rule), and once: the fallback runs in the same delivery."""
+    fetched_while: list[tuple[JobState, int]] = []
+
+    class Watching(InMemoryObjectStore):
+        def get(self, key: str) -> bytes:
+            if key.endswith("/k004.safetensors") and "job-1" in jobs.records:
+                record = jobs.get("job-1")
+                fetched_while.append((record.state, record.deliveries))
+            return super().get(key)
+
+    jobs, objects, catalog, registered = (InMemoryJobStore(), Watching(), InMemoryCatalog(),
+                                          [])
     cache = cache_config(catalog, registered)
     source = JobRecord(id="source", state=JobState.SUCCEEDED, request=REQUEST, model="tiny",
                        submitted_at=0.0)
@@ -139,6 +150,7 @@ def test_a_corrupt_cached_latent_falls_back_to_full_and_is_dropped(engine, clock
                     Reliability(sleep=clock.sleep))
     record = jobs.get("job-1")
     assert record.state is JobState.SUCCEEDED and "unusable" in record.extra["fallback"]
+    assert fetched_while == [(JobState.GENERATING, 1)] and record.deliveries == 1
     assert record.extra["unet_calls"] == STEPS
     assert record.public()["cache"]["route"] == "full"
     assert catalog.item("source", 4) is None and not objects.exists(key)
