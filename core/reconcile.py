@@ -1,10 +1,11 @@
 """What to do with an unfinished job that no queue, no worker and no write has touched for
 a while: a message lost to a broker outage, or a worker that died where Celery could not
-hand its message back. Pure: the reconciler (workers.reconcile) gathers the facts."""
+hand its message back; and which delivered messages no live worker holds. Pure: the
+reconciler (workers.reconcile) gathers the facts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 
 from core.jobs import JobRecord, JobState
@@ -47,3 +48,15 @@ def stranded_action(record: JobRecord, triage_task: str, max_requeues: int,
     routed = record.state is JobState.GENERATING or (record.state is JobState.QUEUED and
                                                      record.route)
     return Requeue(record.route if routed else triage_task)
+
+
+def orphaned(delivered_at: Mapping[str, float], claimed: Set[str], now: float,
+             lease_s: float) -> set[str]:
+    """Delivery tags whose worker died whole: delivered, unacknowledged, at least ``lease_s``
+    ago, and named by no live worker's lease. A live worker renews its lease every third of
+    ``lease_s``, so by then it has named every message it received; one that died (SIGKILL,
+    a lost machine) leaves no process to hand its messages back, and Redis alone would wait
+    the whole visibility timeout. The caller looks twice, a renewal apart, so leases lost
+    with Redis itself are renewed before anything is judged on them."""
+    return {tag for tag, at in delivered_at.items()
+            if now - at >= lease_s and tag not in claimed}

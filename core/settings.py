@@ -318,6 +318,12 @@ class Settings:
                                         "and no broker message is re-sent to its stage's queue "
                                         "(failed after T2I_MAX_DELIVERIES re-sends)",
                                         check=_positive)
+    worker_lease_s: float = _setting("T2I_WORKER_LEASE_S", 30.0,
+                                     "a GPU worker renews a lease naming the messages it holds "
+                                     "every third of this; the reconciler hands back the "
+                                     "unacknowledged GPU messages that no live lease names (their "
+                                     "worker died whole) once they are this old; 0: off, they "
+                                     "wait for T2I_VISIBILITY_TIMEOUT_S", check=_at_least(0))
     job_ttl_s: int = _setting("T2I_JOB_TTL_S", 7 * 24 * 3600, "job records expire after this long",
     check=_at_least(60))
     image_url_ttl_s: int = _setting("T2I_IMAGE_URL_TTL_S", 3600,

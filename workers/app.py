@@ -10,7 +10,7 @@ from core.errors import BrokerUnavailable
 from core.settings import Settings
 
 # Worker processes: configured from the environment through the celeryconfig module.
-app = Celery("t2i", include=["workers.tasks"])
+app = Celery("t2i", include=["workers.tasks", "workers.lease"])
 app.config_from_object("celeryconfig")
 
 

@@ -7,8 +7,17 @@ stranded: its message was lost (a Redis outage while a worker acknowledged or re
 or its worker died where Celery could not hand it back. It is re-sent to the queue of its
 stage (core.reconcile), or failed with a reason after ``max_requeues`` tries.
 
-It reads kombu's Redis transport as it stores messages (a list per queue, and the
-``unacked`` hash of delivered ones); with another broker it does nothing.
+A worker that dies whole (SIGKILL of the worker process, a lost machine) leaves no process
+to hand its delivered messages back, and Redis alone redelivers them only after the
+visibility timeout (hours, so that long queue waits never run twice). So each GPU worker
+keeps a lease naming the messages it holds (``keep_lease``), and the reconciler hands back
+the GPU messages that no live lease names (``restore_orphans``, rule in core.reconcile).
+That is how a batching worker (one process, many jobs) gets its jobs back in about
+T2I_WORKER_LEASE_S, where a prefork worker's dead pool process gets Celery's at once.
+
+It reads kombu's Redis transport as it stores messages (a list per queue, the ``unacked``
+hash of delivered ones and their ``unacked_index`` of delivery times); with another broker
+it does nothing.
 """
 
 from __future__ import annotations
@@ -16,18 +25,22 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import redis
 
-from core.errors import JobNotFound
+from core.errors import BrokerUnavailable, JobNotFound
 from core.jobstore import JobStore, redis_errors
-from core.reconcile import GiveUp, Requeue, Wait, stranded_action
+from core.reconcile import GiveUp, Requeue, Wait, orphaned, stranded_action
+from workers.queues import GPU_QUEUES
 
 log = logging.getLogger(__name__)
 
 UNACKED_KEY = "unacked"          # kombu's Redis transport: delivered, not yet acknowledged
+UNACKED_INDEX_KEY = "unacked_index"  # kombu's: delivery tag -> when it was delivered
+LEASES_KEY = "t2i:worker-leases"     # the nodes that keep a lease
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")  # kombu's priority lists
 
 
@@ -60,6 +73,96 @@ def broker_job_ids(client: redis.Redis, queues: Iterable[str]) -> set[str]:
         except (ValueError, IndexError, TypeError):
             continue
     return {job_id for raw in raws if (job_id := _job_id(raw))}
+
+
+def _lease_key(node: str) -> str:
+    return f"t2i:worker-lease:{node}"
+
+
+def renew_lease(client: redis.Redis, node: str, held: Iterable[str], lease_s: float) -> None:
+    """Say that ``node`` lives and holds the messages ``held`` (delivery tags), for
+    ``lease_s``."""
+    with redis_errors():
+        pipe = client.pipeline(transaction=False)
+        pipe.sadd(LEASES_KEY, node)
+        pipe.set(_lease_key(node), json.dumps(sorted(held)), px=max(1, int(lease_s * 1000)))
+        pipe.execute()
+
+
+def keep_lease(client: redis.Redis, node: str, held: Callable[[], Iterable[str]],
+               lease_s: float, stop: threading.Event) -> None:
+    """Renew the lease every third of ``lease_s`` until ``stop``; a Redis outage is logged
+    and waited out (the reconciler's second look gives a renewal's time after it)."""
+    failing = False
+    while not stop.is_set():
+        try:
+            renew_lease(client, node, held(), lease_s)
+            if failing:
+                log.info("worker lease of %s renewed again", node)
+            failing = False
+        except BrokerUnavailable as exc:
+            if not failing:
+                log.warning("worker lease of %s not renewed: %s", node, exc)
+            failing = True
+        stop.wait(lease_s / 3)
+
+
+def claimed_tags(client: redis.Redis) -> set[str]:
+    """The delivery tags that live leases name; nodes whose lease lapsed are forgotten."""
+    with redis_errors():
+        nodes = sorted(client.smembers(LEASES_KEY))
+        if not nodes:
+            return set()
+        leases = client.mget([_lease_key(node) for node in nodes])
+        lapsed = [node for node, lease in zip(nodes, leases, strict=True) if lease is None]
+        if lapsed:
+            client.srem(LEASES_KEY, *lapsed)
+    return {tag for lease in leases if lease for tag in json.loads(lease)}
+
+
+def gpu_deliveries(client: redis.Redis) -> dict[str, tuple[float, str | None]]:
+    """The GPU queues' delivered, unacknowledged messages: delivery tag -> (when delivered,
+    job id)."""
+    with redis_errors():
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(UNACKED_KEY)
+        pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+        entries, index = pipe.execute()
+    delivered_at = dict(index)
+    found: dict[str, tuple[float, str | None]] = {}
+    for tag, entry in entries.items():
+        try:
+            payload, _exchange, routing_key = json.loads(entry)
+        except (ValueError, TypeError):
+            continue
+        if routing_key in GPU_QUEUES and tag in delivered_at:
+            found[tag] = (float(delivered_at[tag]), _job_id(json.dumps(payload)))
+    return found
+
+
+def restore_orphans(client: redis.Redis, restore: Callable[[str], None],
+                    now: Callable[[], float], lease_s: float,
+                    second_look: Callable[[], None]) -> dict[str, str | None]:
+    """Hand back (``restore``, by delivery tag) the GPU messages whose worker died whole
+    (core.reconcile.orphaned), judged on two looks ``second_look`` apart (at least one lease
+    renewal, so leases lost with Redis are renewed first). Returns tag -> job id."""
+    def look() -> tuple[set[str], dict[str, tuple[float, str | None]]]:
+        deliveries = gpu_deliveries(client)
+        when = {tag: at for tag, (at, _) in deliveries.items()}
+        return orphaned(when, claimed_tags(client), now(), lease_s), deliveries
+
+    suspects, _ = look()
+    if not suspects:
+        return {}
+    second_look()
+    still, deliveries = look()
+    restored: dict[str, str | None] = {}
+    for tag in sorted(suspects & still):
+        restore(tag)
+        restored[tag] = job_id = deliveries[tag][1]
+        log.warning("job %s: no live worker holds its message %s (its worker died whole); "
+                    "handed back to its queue", job_id, tag)
+    return restored
 
 
 def _live(jobs: JobStore, job_id: str) -> bool:

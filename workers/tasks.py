@@ -255,17 +255,24 @@ def cache_train_predictor() -> dict[str, Any]:
 def jobs_reconcile() -> dict[str, Any]:
     from dataclasses import asdict
 
-    from workers.reconcile import broker_job_ids, reconcile
+    from workers.reconcile import broker_job_ids, reconcile, restore_orphans
 
     config = runtime.settings()
     if not config.broker.startswith(("redis://", "rediss://")):
         return {"ran": False, "why": "the reconciler reads the Redis broker only"}
     broker = runtime.broker_client()
+    restored: dict[str, str | None] = {}
+    if config.worker_lease_s:
+        with app.connection_for_write() as connection:
+            restored = restore_orphans(
+                broker, lambda tag: connection.default_channel.qos.restore_by_tag(tag),
+                runtime.clock, config.worker_lease_s,
+                second_look=lambda: time.sleep(config.worker_lease_s / 3 + 1.0))
     report = reconcile(runtime.job_store(), lambda: broker_job_ids(broker, JOB_QUEUES),
                        lambda task, job_id: enqueue(app, task, job_id), runtime.clock,
                        config.reconcile_quiet_s, TRIAGE_TASK, config.max_deliveries,
                        second_look=lambda: time.sleep(1.0))
-    return {"ran": True, **asdict(report)}
+    return {"ran": True, "restored": sorted(filter(None, restored.values())), **asdict(report)}
 
 
 @app.task(name=WEBHOOK_TASK)

@@ -1,7 +1,9 @@
 """Faults against real processes: workers killed mid-job, a poison job, Redis restarted, the
 object store and the vector index down. The module runs its own stack (persistent Redis,
 S3, a Chroma server, a triage/cache worker and a GPU worker) so it can break pieces of it
-without disturbing other tests. Nothing here is mocked."""
+without disturbing other tests. Nothing here is mocked. Every test runs twice: with a GPU
+worker that runs one job per pool process, and with one that batches (T2I_GPU_BATCH=4, a
+threads pool), where the process generating a job is the whole worker."""
 
 from __future__ import annotations
 
@@ -71,15 +73,17 @@ class Stack:
             self.stop(name)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=[1, 4], ids=["one-job-per-process", "batch-4"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          settings: Settings) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("faults")
     config = dataclasses.replace(
         settings, redis_url=f"redis://127.0.0.1:{servers.free_port()}/0",
         s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
         s3_bucket="t2i-faults", chroma_url=f"http://127.0.0.1:{servers.free_port()}",
         state_dir=str(base / "state"), predictor_enabled=False, max_deliveries=2,
-        store_outage_s=90.0, visibility_timeout_s=15, api_port=servers.free_port(),
+        gpu_batch=request.param, torch_threads=1, worker_lease_s=6.0,
+        store_outage_s=90.0, visibility_timeout_s=300, api_port=servers.free_port(),
         sweep_grace_s=2.0, redis_outage_s=120.0, reconcile_interval_s=5.0,
         reconcile_quiet_s=20.0, sweep_interval_s=3600.0)
     running = Stack(config, base)
@@ -124,6 +128,20 @@ def generating_pid(client: Client, job_id: str, min_step: int = 1) -> int | None
     return None
 
 
+def kill_generating(stack: Stack, pid: int) -> None:
+    """SIGKILL the process generating a job. One job per process: a pool process, whose
+    message Celery hands back at once. Batching: the whole worker (its jobs' messages come
+    back through the reconciler once its lease lapses), restarted as an orchestrator would."""
+    if stack.config.gpu_batch == 1:
+        os.kill(pid, signal.SIGKILL)
+        return
+    worker = stack.processes.pop("gpu")
+    assert worker.pid == pid, (worker.pid, pid)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    stack.start("gpu")
+
+
 def finished(client: Client, job_id: str, timeout: float = 180.0) -> dict:
     return wait_until(lambda: (v := client.status(job_id))["state"] in TERMINAL and v,
                       timeout, f"job {job_id} to finish")
@@ -139,11 +157,14 @@ def keys_of(config: Settings, prefix: str) -> list[str]:
     return list(ObjectStore.from_settings(config).keys(prefix))
 
 
-def test_pool_process_killed_mid_generation_job_is_redelivered_and_succeeds_once(stack, client):
+def test_the_process_generating_a_job_killed_mid_step_it_is_redelivered_and_succeeds_once(
+        stack, client):
     job_id = client.submit("fault test: a lighthouse in a storm", steps=30, seed=3)
     pid = wait_until(lambda: generating_pid(client, job_id, min_step=3), what="generation")
-    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    kill_generating(stack, pid)
     view = finished(client, job_id)
+    assert time.monotonic() - killed_at < stack.config.visibility_timeout_s
     assert view["state"] == "succeeded", view
     assert client.jobs.get(job_id).deliveries == 2 and worker_pid(client, job_id) != pid
     assert keys_of(stack.config, f"images/{job_id}") == [f"images/{job_id}.png"]
@@ -155,19 +176,23 @@ def test_pool_process_killed_mid_generation_job_is_redelivered_and_succeeds_once
     assert len(latents) == 6
 
 
-def test_whole_worker_killed_its_job_comes_back_after_the_visibility_timeout(stack, client):
-    """The machine dies: no process is left to hand the message back, so Redis does once
-    the visibility timeout passes (15 s here, T2I_VISIBILITY_TIMEOUT_S in production)."""
-    job_id = client.submit("fault test: a windmill at night", steps=30, seed=11)
-    wait_until(lambda: generating_pid(client, job_id, min_step=3), what="generation")
+def test_whole_worker_killed_its_jobs_come_back_once_its_lease_lapses(stack, client):
+    """The machine dies: no process is left to hand the messages back. The worker's lease
+    lapses (T2I_WORKER_LEASE_S, 6 s here) and the reconciler hands back the messages it
+    held (batching: both jobs; one job per process: the one it ran, the other still waits
+    in the queue), long before Redis would (T2I_VISIBILITY_TIMEOUT_S, 300 s here)."""
+    job_ids = [client.submit(f"fault test: a windmill at night {i}", steps=30, seed=11 + i)
+               for i in range(2)]
+    wait_until(lambda: generating_pid(client, job_ids[0], min_step=3), what="generation")
     worker = stack.processes.pop("gpu")
     os.killpg(worker.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     worker.wait()
     stack.start("gpu")
-    view = finished(client, job_id)
-    assert view["state"] == "succeeded" and client.jobs.get(job_id).deliveries == 2, view
-    assert time.monotonic() - killed_at >= stack.config.visibility_timeout_s - 1
+    views = [finished(client, job_id) for job_id in job_ids]
+    assert [view["state"] for view in views] == ["succeeded"] * 2, views
+    assert client.jobs.get(job_ids[0]).deliveries == 2
+    assert time.monotonic() - killed_at < stack.config.visibility_timeout_s / 3
 
 
 def test_poison_job_fails_after_bounded_deliveries_and_the_queue_moves_on(stack, client):
@@ -178,8 +203,8 @@ def test_poison_job_fails_after_bounded_deliveries_and_the_queue_moves_on(stack,
         while client.status(poison)["state"] not in TERMINAL:
             pid = generating_pid(client, poison)
             if pid and pid not in killed:
-                os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
+                kill_generating(stack, pid)
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_whoever_generates_it, daemon=True)

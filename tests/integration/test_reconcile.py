@@ -1,11 +1,15 @@
 """The reconciler against a real Redis broker: it finds the job ids kombu holds (waiting in
-a queue, or delivered and unacknowledged), and re-sends or fails only the jobs that no
-message holds and nothing touched."""
+a queue, or delivered and unacknowledged), re-sends or fails only the jobs that no message
+holds and nothing touched, and hands back the messages of a worker that died whole."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -13,7 +17,14 @@ from core.jobs import JobRecord, JobRequest, JobState
 from core.jobstore import JobStore, connect
 from core.settings import Settings
 from workers.app import make_app
-from workers.reconcile import broker_job_ids, reconcile
+from workers.reconcile import (
+    broker_job_ids,
+    claimed_tags,
+    gpu_deliveries,
+    reconcile,
+    renew_lease,
+    restore_orphans,
+)
 
 REQUEST = JobRequest("a lost lighthouse", "", 5, 7.5, 1, 64, 64)
 _ids = itertools.count()
@@ -80,3 +91,68 @@ def test_only_quiet_jobs_no_message_holds_are_resent_or_failed(redis_url):
     reconcile(jobs, set, lambda task, job_id: sent.append((task, job_id)), lambda: clock[0],
               quiet_s=5, triage_task="triage.route", max_requeues=3, second_look=lambda: None)
     assert {job_id for _, job_id in sent} == {held, seen_late}
+
+
+DIE_HOLDING = """
+import os, sys
+from kombu import Connection
+with Connection(sys.argv[1]) as connection:
+    for queue in sys.argv[2:]:
+        message = connection.SimpleQueue(queue).get_nowait()
+        print(message.delivery_tag, flush=True)
+    os._exit(0)  # dies holding them: nothing hands them back
+"""
+
+
+def test_gpu_messages_of_a_worker_that_died_whole_are_handed_back_live_ones_kept(broker):
+    """A worker process takes a GPU message and a triage one and dies without a word; a live
+    worker holds another GPU message and names it in its lease. Once a lease's time has
+    passed, the reconciler hands back the dead worker's GPU message only (prefork Celery
+    hands back triage's when a pool process dies; a whole triage worker's wait for the
+    visibility timeout), judged on two looks."""
+    app, client = broker
+    url = app.conf.broker_url
+    for task, job_id in (("gen.full", "orphan-job"), ("gen.full", "live-job"),
+                         ("triage.route", "triage-job")):
+        app.send_task(task, args=[job_id])
+    died = subprocess.run([sys.executable, "-c", DIE_HOLDING, url, "gen.full", "triage"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    orphan_tag = died.stdout.split()[0]
+    with app.connection_for_read() as connection:
+        live = connection.SimpleQueue("gen.full").get_nowait()
+        assert json.loads(live.body)[0] == ["live-job"]
+        live_tag = live.delivery_tag
+        renew_lease(client, "gpu-live@host", {live_tag}, lease_s=30)
+        assert claimed_tags(client) == {live_tag}
+        assert set(gpu_deliveries(client)) == {orphan_tag, live_tag}
+
+        looks: list[str] = []
+        with app.connection_for_write() as writer:
+            def restore(tag: str) -> None:
+                writer.default_channel.qos.restore_by_tag(tag)
+
+            early = restore_orphans(client, restore, time.time, 30, lambda: looks.append("2"))
+            assert early == {} and looks == []  # not a lease old yet: nobody judged
+            later = lambda: time.time() + 30  # noqa: E731 - a lease's time has passed
+            client.delete("t2i:worker-lease:gpu-live@host")  # lost, as in a Redis outage
+            restored = restore_orphans(client, restore, later, 30, lambda: (
+                looks.append("2"), renew_lease(client, "gpu-live@host", {live_tag}, 30)))
+        assert restored == {orphan_tag: "orphan-job"} and looks == ["2"]
+        assert broker_job_ids(client, ["gen.full"]) == {"orphan-job", "live-job", "triage-job"}
+        assert client.llen("gen.full") == 1 and set(gpu_deliveries(client)) == {live_tag}
+        assert "triage-job" in broker_job_ids(client, ["triage"])  # still unacked, untouched
+        assert client.llen("triage") == 0
+        again = connection.SimpleQueue("gen.full").get_nowait()
+        assert json.loads(again.body)[0] == ["orphan-job"] and again.delivery_info["redelivered"]
+        again.ack()
+        live.ack()
+
+
+def test_a_lapsed_lease_names_nothing_and_its_node_is_forgotten(broker):
+    _, client = broker
+    renew_lease(client, "gpu-a@host", {"tag-a"}, lease_s=0.2)
+    renew_lease(client, "gpu-b@host", {"tag-b"}, lease_s=30)
+    assert claimed_tags(client) == {"tag-a", "tag-b"}
+    time.sleep(0.3)
+    assert claimed_tags(client) == {"tag-b"}
+    assert client.smembers("t2i:worker-leases") == {"gpu-b@host"}

@@ -217,3 +217,16 @@ def test_the_public_view_has_no_internal_ids_or_task_names():
         assert internal not in text, internal
     assert record.public()["cache"] == {"route": "resume", "k": 5, "similarity": 0.97,
                                         "reason": "hit", "fallback": None, "seed_rule": None}
+
+
+def test_a_delivered_message_is_orphaned_once_old_enough_and_named_by_no_live_lease() -> None:
+    from core.reconcile import orphaned
+
+    delivered_at = {"held": 90.0, "dead-workers": 90.0, "a-lease-ago": 100.0,
+                    "just-delivered": 125.0}
+    claimed = {"held"}
+    assert orphaned(delivered_at, claimed, now=130.0, lease_s=30.0) == {"dead-workers",
+                                                                        "a-lease-ago"}
+    # a message its holder has not yet had a whole lease to name is not judged
+    assert orphaned(delivered_at, claimed, now=129.9, lease_s=30.0) == {"dead-workers"}
+    assert orphaned({}, set(), now=1e9, lease_s=30.0) == set()
