@@ -34,6 +34,11 @@ def celery_options(config: Settings) -> dict[str, Any]:
         # or a long-waiting job would run twice.
         "broker_transport_options": {"visibility_timeout": config.visibility_timeout_s},
         "result_backend_transport_options": {"visibility_timeout": config.visibility_timeout_s},
+        # Job tasks report through the job record, and Flower reads events: storing their
+        # results (and a STARTED state before each, whose failed write in a Redis outage ends
+        # the task before it starts) would write ~2 keys a job that nothing reads. The
+        # maintenance tasks keep theirs: an operator (or a test) reads their reports.
+        "task_ignore_result": True,
         "result_expires": config.job_ttl_s,
         "task_track_started": True,
         "task_send_sent_event": True,

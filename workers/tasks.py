@@ -215,7 +215,7 @@ def cache_register(self: Task, entry: str, partition: str,
         runtime.embedder(), runtime.vectors(), runtime.catalog(), runtime.clock))
 
 
-@app.task(name=EVICT_TASK)
+@app.task(name=EVICT_TASK, ignore_result=False)
 def cache_evict() -> dict[str, Any]:
     if not runtime.settings().cache_enabled:
         return {"ran": False}
@@ -227,7 +227,7 @@ def cache_evict() -> dict[str, Any]:
             "freed_bytes": report.freed_bytes, "seconds": round(report.seconds, 4)}
 
 
-@app.task(name=SWEEP_TASK)
+@app.task(name=SWEEP_TASK, ignore_result=False)
 def cache_sweep() -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -240,7 +240,7 @@ def cache_sweep() -> dict[str, Any]:
                         runtime.embedder().embed))
 
 
-@app.task(name=TRAIN_PREDICTOR_TASK)
+@app.task(name=TRAIN_PREDICTOR_TASK, ignore_result=False)
 def cache_train_predictor() -> dict[str, Any]:
     from cachemgr.predictor_store import train_and_publish
 
@@ -251,7 +251,7 @@ def cache_train_predictor() -> dict[str, Any]:
                              config.predictor_nu, config.predictor_min_samples)
 
 
-@app.task(name=RECONCILE_TASK)
+@app.task(name=RECONCILE_TASK, ignore_result=False)
 def jobs_reconcile() -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -291,7 +291,7 @@ def webhooks_deliver(job_id: str) -> dict[str, Any]:
             "retry_in_s": attempt.retry_in_s}
 
 
-@app.task(name=WEBHOOK_SWEEP_TASK)
+@app.task(name=WEBHOOK_SWEEP_TASK, ignore_result=False)
 def webhooks_sweep() -> dict[str, Any]:
     from workers.webhooks import WebhookOutbox, resend_overdue
 

@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import TENANT, job_count
 from core.errors import InvalidRequest
 from core.jobs import image_key
+from core.jobstore import connect
 from core.objectstore import ObjectStore
 from producer.client import Client
 
@@ -42,7 +43,7 @@ def decode_png(data: bytes) -> Image.Image:
     return image
 
 
-def test_client_submit_poll_and_fetch_image(client: Client):
+def test_client_submit_poll_and_fetch_image(client: Client, stack):
     job_id = client.submit("a red fox in the snow", width=64, height=96, steps=8, seed=3)
     view = client.wait(job_id, timeout=180)
     assert view["state"] == "succeeded", view
@@ -57,6 +58,10 @@ def test_client_submit_poll_and_fetch_image(client: Client):
     assert image.format == "PNG" and image.size == (64, 96)
     assert "X-Amz-Signature" in view["image_url"]
     assert decode_png(httpx.get(view["image_url"]).content).size == (64, 96)
+    # job tasks store no Celery result (the job record is the answer; nothing reads them)
+    results = connect(stack.results)
+    stored = [results.get(key) for key in results.scan_iter("celery-task-meta-*")]
+    assert not [value for value in stored if value and job_id in value]
 
 
 def test_http_api_submit_poll_and_image(api: httpx.Client):
