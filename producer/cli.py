@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -196,3 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     except T2IError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`t2i status ID | head`): stop quietly, as a Unix tool killed
+        # by SIGPIPE does, and keep Python from failing again as it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
