@@ -7,6 +7,7 @@ import io
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
@@ -36,7 +37,7 @@ def _s3_errors(key: str = "") -> Iterator[None]:
 class ObjectStore:
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
                  secure: bool = False, region: str = "us-east-1", timeout_s: float = 30.0,
-                 retries: int = 2) -> None:
+                 retries: int = 2, public_url: str = "") -> None:
         # Few, short retries: a store that is down should fail a call in seconds, not minutes.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=min(3.0, timeout_s), read=timeout_s),
@@ -45,6 +46,12 @@ class ObjectStore:
         )
         self._client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
                              secure=secure, region=region, http_client=http)
+        # Presigned URLs are signed for the host browsers reach (the signature covers the
+        # host); with the region given, signing makes no request.
+        public = urlsplit(public_url)
+        self._signer = Minio(public.netloc, access_key=access_key, secret_key=secret_key,
+                             secure=public.scheme == "https", region=region,
+                             http_client=http) if public_url else self._client
         self.bucket = bucket
 
     @classmethod
@@ -53,7 +60,7 @@ class ObjectStore:
         return cls(config.s3_endpoint, config.s3_access_key,
                    require_secret(config, "s3_secret_key"),
                    config.s3_bucket, secure=config.s3_secure, region=config.s3_region,
-                   timeout_s=timeout_s, retries=retries)
+                   timeout_s=timeout_s, retries=retries, public_url=config.s3_public_url)
 
     def ensure_bucket(self) -> None:
         with _s3_errors(self.bucket):
@@ -98,7 +105,7 @@ class ObjectStore:
 
     def presigned_url(self, key: str, ttl_s: int) -> str:
         with _s3_errors(key):
-            return self._client.presigned_get_object(self.bucket, key,
+            return self._signer.presigned_get_object(self.bucket, key,
                                                      expires=timedelta(seconds=ttl_s))
 
 

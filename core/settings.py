@@ -151,6 +151,11 @@ class Settings:
                                   "S3 secret key; empty: generated at first start into "
                                   "STATE_DIR/secrets/s3-secret-key (0600)", secret=True)
     s3_secure: bool = _setting("T2I_S3_SECURE", False, "use HTTPS for S3")
+    s3_public_url: str = _setting("T2I_S3_PUBLIC_URL", "",
+                                  "where browsers reach S3 (scheme://host[:port]): presigned "
+                                  "image URLs are signed for it (a signed URL cannot be "
+                                  "rewritten); empty: T2I_S3_ENDPOINT",
+                                  check=_url("http", "https", empty=True))
     s3_region: str = _setting("T2I_S3_REGION", "us-east-1", "S3 region (signatures need one)",
     check=_not_empty)
     s3_bucket: str = _setting("T2I_S3_BUCKET", "t2i", "bucket for images and cached latents",

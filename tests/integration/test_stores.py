@@ -153,6 +153,28 @@ def test_presigned_url_serves_the_object(objects: ObjectStore):
         assert response.read() == b"hello"
 
 
+def test_presigned_urls_are_signed_for_the_public_address(s3_server, objects: ObjectStore):
+    """Browsers reach S3 by another name than the workers do (here `localhost` for
+    `127.0.0.1`); the signature covers the host, so the URL is signed for the public one,
+    and rewriting the host of an internal URL is refused."""
+    import dataclasses
+    import urllib.error
+
+    objects.put("t/public.txt", b"for a browser")
+    port = s3_server.s3_endpoint.rsplit(":", 1)[1]
+    public = ObjectStore.from_settings(dataclasses.replace(
+        s3_server, s3_public_url=f"http://localhost:{port}"))
+    url = public.presigned_url("t/public.txt", ttl_s=60)
+    assert url.startswith(f"http://localhost:{port}/")
+    with urllib.request.urlopen(url) as response:
+        assert response.read() == b"for a browser"
+    rewritten = objects.presigned_url("t/public.txt", ttl_s=60).replace(
+        s3_server.s3_endpoint, f"localhost:{port}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(rewritten)
+    assert refused.value.code == 403
+
+
 def test_wrong_secret_is_refused(s3_server):
     import dataclasses
     wrong = ObjectStore.from_settings(dataclasses.replace(s3_server, s3_secret_key="wrong-secret"))
