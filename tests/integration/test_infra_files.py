@@ -22,7 +22,7 @@ INFRA = Path(__file__).resolve().parents[2] / "infra"
 K8S = INFRA / "k8s"
 KUBERNETES_VERSION = "1.31.0"
 # Read by the programs we run, not by our code: Flower's auth, Hugging Face's offline switch.
-THIRD_PARTY_VARIABLES = {"FLOWER_BASIC_AUTH", "HF_HUB_OFFLINE", "POD_NAME"}
+THIRD_PARTY_VARIABLES = {"FLOWER_BASIC_AUTH", "HF_HUB_OFFLINE", "HF_HOME", "POD_NAME"}
 APP_IMAGE = "t2i-serve:latest"
 
 
@@ -105,6 +105,32 @@ def test_kubernetes_manifests_pass_the_schemas_strictly() -> None:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         checked += 1
     assert checked >= 10
+
+
+def test_offline_pods_keep_the_hugging_face_cache_on_the_models_volume_a_job_fills() -> None:
+    """With HF_HUB_OFFLINE a hub model loads only from HF_HOME: it must be on a volume that
+    outlives the pod (not the image's home, not an emptyDir), and the fetch job writes
+    there."""
+    documents = k8s_documents()
+    config = next(d for d in documents if d["kind"] == "ConfigMap")["data"]
+    assert config["HF_HUB_OFFLINE"] == "1"
+    claims = {d["metadata"]["name"] for d in documents if d["kind"] == "PersistentVolumeClaim"}
+    job = yaml.safe_load((K8S / "jobs" / "fetch-model.yaml").read_text())
+    kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+    gpu = next(d for d in documents if d["kind"] == "Deployment" and
+               d["metadata"]["name"] == "gpu-worker")
+    for pod in (gpu["spec"]["template"]["spec"], job["spec"]["template"]["spec"]):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = pod["containers"][0]["volumeMounts"]
+        holding = [m for m in mounts if config["HF_HOME"].startswith(m["mountPath"] + "/")]
+        assert holding, "HF_HOME is on no mounted volume"
+        assert volumes[holding[0]["name"]]["persistentVolumeClaim"]["claimName"] in claims
+    fetch_env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]
+                 ["env"]}
+    assert fetch_env["HF_HUB_OFFLINE"] == "0"
+    compose_env = compose()["x-app"]["environment"]
+    mounted = compose()["x-app"]["volumes"][0].split(":")[1]
+    assert compose_env["HF_HOME"].startswith(mounted + "/")
 
 
 def test_kubernetes_apps_read_known_variables_and_have_probes() -> None:
