@@ -61,6 +61,13 @@ class JobSubmission(BaseModel):
 SECURED: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]}
 
 
+def _job_urls(job_id: str) -> dict[str, str]:
+    """The API's own paths for a job, as cog answers them (``image_url`` is only ever the
+    presigned S3 URL of a succeeded job)."""
+    path = f"/v1/jobs/{job_id}"
+    return {"get": path, "cancel": path, "stream": f"{path}/events", "image": f"{path}/image"}
+
+
 def _error(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
@@ -235,9 +242,8 @@ def create_app(client: Client | None = None) -> FastAPI:
                                                     "header instead")
         job_id = await asyncio.to_thread(acting.submit_payload, payload,
                                          request.headers.get("idempotency-key"))
-        return JSONResponse({"id": job_id, "state": "queued",
-                             "status_url": f"/v1/jobs/{job_id}",
-                             "image_url": f"/v1/jobs/{job_id}/image"}, status_code=202)
+        return JSONResponse({"id": job_id, "state": "queued", "urls": _job_urls(job_id)},
+                            status_code=202)
 
     @api.get("/v1/jobs/{job_id}", openapi_extra={**SECURED, "parameters": [
         {"name": "wait", "in": "query", "required": False,
@@ -257,7 +263,7 @@ def create_app(client: Client | None = None) -> FastAPI:
         while True:
             view = await asyncio.to_thread(acting.status, job_id)
             if JobState(view["state"]).terminal or time.monotonic() >= deadline:
-                return view
+                return {**view, "urls": _job_urls(job_id)}
             await asyncio.sleep(WATCH_POLL_S)
 
     @api.get("/v1/jobs/{job_id}/events", openapi_extra={

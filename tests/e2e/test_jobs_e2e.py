@@ -68,11 +68,15 @@ def test_http_api_submit_poll_and_image(api: httpx.Client):
     response = api.post("/v1/jobs", json={"prompt": "a blue bicycle", "width": 72, "height": 64,
                                           "steps": 6})
     assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
-    view = wait_for(lambda: (v := api.get(f"/v1/jobs/{job_id}").json())["state"]
+    job_id, urls = response.json()["id"], response.json()["urls"]
+    assert urls == {"get": f"/v1/jobs/{job_id}", "cancel": f"/v1/jobs/{job_id}",
+                    "stream": f"/v1/jobs/{job_id}/events", "image": f"/v1/jobs/{job_id}/image"}
+    assert "image_url" not in response.json()  # only ever the presigned URL of a finished job
+    view = wait_for(lambda: (v := api.get(urls["get"]).json())["state"]
                     in ("succeeded", "failed") and v)
-    assert view["state"] == "succeeded", view
-    image = api.get(f"/v1/jobs/{job_id}/image")
+    assert view["state"] == "succeeded" and view["urls"] == urls, view
+    assert "X-Amz-Signature" in view["image_url"]
+    image = api.get(urls["image"])
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert decode_png(image.content).size == (72, 64)
 
