@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from core.settings import Settings
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height")
+# What a submission may carry: the request, and where to POST the finished job (checked by
+# the producer, which hands parse_request the rest).
+SUBMISSION_FIELDS = (*REQUEST_FIELDS, "webhook_url")
 MIN_SIZE = 64
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 50.0
@@ -134,7 +137,7 @@ def parse_request(payload: Any, limits: RequestLimits, random_seed: int) -> JobR
     unknown = sorted(str(key) for key in payload if key not in REQUEST_FIELDS)
     if unknown:
         raise InvalidRequest(unknown[0], f"unknown field {unknown[0]!r} "
-                                         f"(allowed: {', '.join(REQUEST_FIELDS)})")
+                                         f"(allowed: {', '.join(SUBMISSION_FIELDS)})")
     if "prompt" not in payload:
         raise InvalidRequest("prompt", "is required")
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import logs
 from core.errors import (
@@ -191,6 +192,14 @@ def create_app(client: Client | None = None) -> FastAPI:
             raise Unauthorized("missing or unknown API key"
                                if presented else "an API key is required")
         return base.for_tenant(tenant)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and wrong methods answer in the API's one error shape too."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        response = _error(exc.status_code, code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # Allow, on a 405
+        return response
 
     @api.exception_handler(T2IError)
     async def on_error(_: Request, exc: T2IError) -> JSONResponse:

@@ -39,6 +39,7 @@ JSON = {"content-type": "application/json"}
     ({"prompt": "x", "guidance": 10**400}, 422, "guidance"),
     ({"prompt": "x", "seed": -10**300}, 422, "seed"),
     ({"prompt": "x", "self": 1}, 422, "self"),                   # a Python parameter's name
+    ({"prompt": "x", "sampler": "ddim"}, 422, "webhook_url"),    # the allowed ones, all
     ({"prompt": "x", "payload": {}}, 422, "payload"),
     ({"prompt": "x", "webhook_url": "http://[::1/hook"}, 422, "webhook_url"),
     ({"prompt": "x", "webhook_url": "http://example.com:80a/"}, 422, "webhook_url"),
@@ -120,6 +121,23 @@ def test_fuzzed_requests_get_4xx_or_a_valid_job_never_a_5xx(api, jobs_stored, bo
     assert jobs_stored() == before + 1
     view = api.get(f"/v1/jobs/{job_id}").json()
     assert view["request"]["prompt"] == body["prompt"].strip()
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("GET", "/v1/nowhere", 404, "not_found"),
+    ("PUT", "/v1/jobs", 405, "method_not_allowed"),
+    ("PATCH", "/v1/jobs/some-id", 405, "method_not_allowed"),
+])
+def test_unknown_routes_and_wrong_methods_answer_in_the_one_error_shape(
+        api, stack, method, path, status, code):
+    before = job_count(stack)
+    response = api.request(method, path, json={"prompt": "x"})
+    assert response.status_code == status
+    assert response.json() == {"error": {"code": code, "message": response.json()["error"][
+        "message"]}} and response.json()["error"]["message"]
+    if status == 405:
+        assert response.headers["allow"]
+    assert job_count(stack) == before
 
 
 def test_the_service_still_serves_after_all_that(api):
