@@ -84,7 +84,8 @@ def up(config: Settings) -> None:
         process = servers.start(service, log_path)
         pid_path = _pid_file(config, name)
         pid_path.parent.mkdir(parents=True, exist_ok=True)
-        pid_path.write_text(json.dumps({"pid": process.pid, "argv": service.argv}))
+        pid_path.write_text(json.dumps({"pid": process.pid, "argv": service.argv,
+                                        "model": config.model}))
         print(f"{name:8} starting (pid {process.pid}) ...", end="", flush=True)
         servers.wait_ready(service, process, log_path)
         print(" ready", flush=True)
@@ -113,7 +114,22 @@ def status(config: Settings) -> bool:
         all_up &= pid is not None
         state = f"up (pid {pid})" if pid else "down"
         print(f"{name:8} {state:18} {endpoints.get(name, ''):28} log {_log_file(config, name)}")
+    served = _served_model(config)
+    if served:
+        print(f"model    {served}, served by the GPU worker" + (
+            "" if served == config.model else
+            f" (this shell's T2I_MODEL is {config.model}: export T2I_MODEL={served} to match)"))
     return all_up
+
+
+def _served_model(config: Settings) -> str | None:
+    """The model the running GPU worker was started with (its T2I_MODEL then)."""
+    if running_pid(config, "gpu") is None:
+        return None
+    try:
+        return str(json.loads(_pid_file(config, "gpu").read_text())["model"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

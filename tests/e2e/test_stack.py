@@ -84,7 +84,11 @@ def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings,
         bad = run("t2i", "submit", "x", "--width", "65", env=env)
         assert bad.returncode == 2 and "width: 65 is not a multiple of 8" in bad.stderr
 
-        assert run("t2i-stack", "status", env=env).returncode == 0
+        status = run("t2i-stack", "status", env=env)
+        assert status.returncode == 0 and f"model    {config.model}, served by" in status.stdout
+        other = "scene" if config.model != "scene" else "tiny"
+        elsewhere = run("t2i-stack", "status", env={**env, "T2I_MODEL": other})
+        assert f"this shell's T2I_MODEL is {other}" in elsewhere.stdout  # a new shell is told
         pids = [json.loads(path.read_text())["pid"]
                 for path in (tmp_path / "state" / "pids").glob("*.pid")]
         assert len(pids) == 8
