@@ -33,13 +33,52 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _how(view: dict[str, Any]) -> str:
+    """The state, and once triage decided, how the job runs: "generating, resume K 10"."""
+    cache = view.get("cache") or {}
+    route = cache.get("route")
+    if route == "resume":
+        return f"{view['state']}, resume K {cache.get('k')}"
+    return f"{view['state']}, {route}" if route else view["state"]
+
+
+def _summary(view: dict[str, Any]) -> str:
+    timings, progress = view.get("timings") or {}, view["progress"]
+    took = ""
+    if timings.get("finished_at") and timings.get("submitted_at"):
+        took = f" in {timings['finished_at'] - timings['submitted_at']:.1f} s"
+    line = f"job {view['id']} {view['state']}{took}: {_how(view).split(', ', 1)[-1]}"
+    line += f", {progress['step']}/{progress['total']} steps"
+    if view["state"] == "succeeded":
+        return line + f"\n  image: t2i result {view['id']}  (or {view.get('image_url')})"
+    return line + (f"\n  error: {view['error']}" if view.get("error") else "")
+
+
+def _follow(client: Client, job_id: str, timeout: float, as_json: bool) -> int:
+    """Wait with a progress bar on stderr (steps, state, route and K), then print a summary,
+    or the whole record with --json."""
+    with tqdm(desc=job_id[:8], unit="step", leave=False) as bar:
+        def show(view: dict[str, Any]) -> None:
+            progress = view["progress"]
+            if progress["total"]:
+                bar.total, bar.n = progress["total"], progress["step"]
+            bar.set_postfix_str(_how(view), refresh=False)
+            bar.refresh()
+
+        view = client.wait(job_id, timeout=timeout, watch=show)
+    if as_json:
+        _print_json(view)
+    else:
+        print(_summary(view))
+    return 0 if view["state"] == "succeeded" else 1
+
+
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     job_id = client.submit(args.prompt, **_params(args))
     if not args.wait:
         print(job_id)
         return 0
-    _print_json(client.wait(job_id, timeout=args.timeout))
-    return 0
+    return _follow(client, job_id, args.timeout, args.json)
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
@@ -48,9 +87,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
-    view = client.wait(args.job_id, timeout=args.timeout)
-    _print_json(view)
-    return 0 if view["state"] == "succeeded" else 1
+    return _follow(client, args.job_id, args.timeout, args.json)
 
 
 def cmd_result(client: Client, args: argparse.Namespace) -> int:
@@ -157,12 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=int, help="seed (random when omitted)")
     submit.add_argument("--width", type=int, help="multiple of 8")
     submit.add_argument("--height", type=int, help="multiple of 8")
-    submit.add_argument("--wait", action="store_true", help="wait and print the final record")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait with a progress bar (steps, route, K), then print a summary")
+    submit.add_argument("--json", action="store_true",
+                        help="with --wait: print the final record as JSON instead")
     submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     submit.set_defaults(run=cmd_submit)
 
     for name, run, helptext in (("status", cmd_status, "print a job's record"),
-                                ("wait", cmd_wait, "wait until a job finishes"),
+                                ("wait", cmd_wait, "wait until a job finishes, with a "
+                                                   "progress bar"),
                                 ("cancel", cmd_cancel, "cancel a job"),
                                 ("result", cmd_result, "save a job's PNG")):
         command = sub.add_parser(name, help=helptext)
@@ -170,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run)
         if name == "wait":
             command.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+            command.add_argument("--json", action="store_true",
+                                 help="print the final record as JSON, not a summary")
         if name == "result":
             command.add_argument("-o", "--output", help="file to write (default JOB_ID.png)")
 

@@ -11,6 +11,7 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from core.errors import (
@@ -136,11 +137,15 @@ class Client:
                                                            self.settings.image_url_ttl_s)
         return view
 
-    def wait(self, job_id: str, timeout: float = 300.0, poll_s: float = 0.1) -> dict[str, Any]:
-        """Poll until the job is finished (succeeded, failed or cancelled)."""
+    def wait(self, job_id: str, timeout: float = 300.0, poll_s: float = 0.1,
+             watch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the job is finished (succeeded, failed or cancelled); ``watch`` sees
+        the job's public record at each poll (a progress bar, say)."""
         deadline = time.monotonic() + timeout
         while True:
             record = self._own(job_id)
+            if watch is not None:
+                watch(record.public())
             if record.state.terminal:
                 return self.status(job_id)
             if time.monotonic() >= deadline:

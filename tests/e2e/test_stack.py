@@ -79,7 +79,14 @@ def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings,
         submitted = run("t2i", "submit", "a small boat", "--steps", "4", "--width", "64",
                         "--height", "64", "--wait", "--timeout", "180", env=env)
         assert submitted.returncode == 0, submitted.stderr
-        assert json.loads(submitted.stdout)["state"] == "succeeded"
+        # a progress bar on stderr (steps, state, route), then a short summary on stdout
+        assert "succeeded, full" in submitted.stderr and "step" in submitted.stderr
+        summary = submitted.stdout.splitlines()
+        assert len(summary) == 2 and "succeeded in" in summary[0] and "4/4 steps" in summary[0]
+        job_id = summary[0].split()[1]
+        assert f"t2i result {job_id}" in summary[1]
+        recorded = run("t2i", "wait", job_id, "--json", env=env)
+        assert json.loads(recorded.stdout)["state"] == "succeeded"
 
         bad = run("t2i", "submit", "x", "--width", "65", env=env)
         assert bad.returncode == 2 and "width: 65 is not a multiple of 8" in bad.stderr
