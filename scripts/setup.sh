@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine: redis-server (apt), a virtualenv in .venv with
-# torch 2.13.0 (installed first, so no multi-GB CUDA build is pulled) and this project.
+# torch 2.13.0 (installed first, so no multi-GB CUDA build is pulled) and this project, at
+# the exact versions in constraints.txt.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,9 +25,10 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==2.13.0"
 fi
 if ! "$VENV/bin/python" -c "import celeryconfig, pytest" 2>/dev/null \
-        || [ pyproject.toml -nt "$VENV/.t2i-installed" ]; then
+        || [ pyproject.toml -nt "$VENV/.t2i-installed" ] \
+        || [ constraints.txt -nt "$VENV/.t2i-installed" ]; then
     echo "==> installing t2i-serve and its dependencies (a few minutes the first time)"
-    "${PIP[@]}" -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+    "${PIP[@]}" -c constraints.txt -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -c "import celeryconfig, diffusers, chromadb, pytest"
     touch "$VENV/.t2i-installed"
 fi

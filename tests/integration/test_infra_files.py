@@ -195,6 +195,37 @@ def test_no_secret_values_are_committed(path: Path) -> None:
             assert "secretKeyRef" in line or line.lstrip().startswith("#"), line
 
 
+def constraints() -> dict[str, str]:
+    pinned = {}
+    for line in (INFRA.parent / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[name.lower().replace("_", "-")] = version
+    return pinned
+
+
+def test_every_install_uses_the_constraints_and_they_pin_every_dependency() -> None:
+    """setup.sh (so CI) and the image install the exact versions of constraints.txt; every
+    dependency the project names is pinned there, and the servers that must match a client
+    run that client's version."""
+    import re
+    import tomllib
+
+    pinned = constraints()
+    project = tomllib.loads((INFRA.parent / "pyproject.toml").read_text())["project"]
+    named = project["dependencies"] + project["optional-dependencies"]["test"]
+    for requirement in named:
+        name = re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        assert name == "torch" or name in pinned, name
+    assert "-c constraints.txt" in (INFRA.parent / "scripts" / "setup.sh").read_text()
+    assert "-c constraints.txt" in (INFRA / "Dockerfile").read_text()
+    images = [c["image"] for d in k8s_documents() if d["kind"] == "StatefulSet"
+              for c in d["spec"]["template"]["spec"]["containers"]]
+    images.append(compose()["services"]["chroma"]["image"])
+    chroma = [image for image in images if image.startswith("chromadb/chroma:")]
+    assert len(chroma) == 2 and {i.split(":")[1] for i in chroma} == {pinned["chromadb"]}
+
+
 def test_the_image_copies_every_package_the_project_installs() -> None:
     import tomllib
 
