@@ -215,6 +215,13 @@ def test_latent_spoiled_between_triage_and_generation_falls_back_to_full(
     # Dropped, so the next identical prompt is not sent to it again.
     assert catalog.item(planned.entry, planned.k) is None
     assert not ObjectStore.from_settings(stack).exists(spoiled)
+    # This job's own latents (K 1, the seed cap at 25 steps, among them) are what the next
+    # case's re-roll resumes from: wait for their registration, which follows the job's
+    # success, so that the next case does not race it (seen under load in the full suite).
+    deadline = time.monotonic() + 60
+    while 1 not in catalog.stored_ks(job_id):
+        assert time.monotonic() < deadline, catalog.stored_ks(job_id)
+        time.sleep(0.05)
 
 
 def test_maintenance_tasks_run_on_the_cache_worker(stack, original):

@@ -266,7 +266,8 @@ def test_a_60_s_redis_outage_strands_no_job(stack, client):
 
 def test_healthz_answers_within_seconds_while_the_object_store_is_frozen(stack):
     """S3 stopped with SIGSTOP: connections are accepted and never answered. Readiness says
-    so within about 2 s; liveness does not look at stores at all."""
+    so within seconds (its deadline is 1.5 s), not the client's 30; liveness does not look at
+    stores at all."""
     api = f"http://{stack.config.api_host}:{stack.config.api_port}"
     frozen = stack.processes["s3"].pid
     os.killpg(frozen, signal.SIGSTOP)
@@ -274,7 +275,9 @@ def test_healthz_answers_within_seconds_while_the_object_store_is_frozen(stack):
         for path in ("/healthz", "/readyz"):
             started = time.monotonic()
             response = httpx.get(api + path, timeout=30)
-            assert time.monotonic() - started < 2.5, path
+            # its deadline is 1.5 s; a hang would be the client's 30 s (the slack: a loaded
+            # 2-core machine running the whole suite once took 3.0 s)
+            assert time.monotonic() - started < 5, path
             assert response.status_code == 503 and response.json()["checks"]["redis"] == "ok"
             assert "no answer" in response.json()["checks"]["s3"], response.text
         started = time.monotonic()
