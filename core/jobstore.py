@@ -30,6 +30,8 @@ WEBHOOK_OUTBOX = "t2i:webhooks"          # sorted set: job id -> when its POST i
 WEBHOOK_ATTEMPTS = "t2i:webhook-attempts"  # hash: job id -> failed POSTs so far
 WEBHOOK_RESENT = "t2i:webhook-resent"    # hash: job id -> when the sweep last re-sent it
 ACTIVE_JOBS = "t2i:active"               # sorted set: unfinished job id -> last sign of life
+EVENTS_PREFIX = "t2i:events:"            # stream per job: each state change and step, in order
+EVENTS_MAXLEN = 2000                     # entries kept per job (above the most steps a job has)
 
 WebhookDue = Callable[[str], None]
 """Called with a job id once its finishing transaction put a webhook in the outbox."""
@@ -159,9 +161,23 @@ class JobStore(JobRules):
         with redis_errors():
             self._redis.ping()
 
+    @staticmethod
+    def events_key(job_id: str) -> str:
+        return EVENTS_PREFIX + job_id
+
+    def _queue_event(self, pipe: redis.client.Pipeline, job_id: str, state: JobState, step: int,
+                     total: int) -> None:
+        """Append the job's state and step to its event stream (server-sent events read it,
+        from the start or from the last id a client saw), kept as long as the record."""
+        key = self.events_key(job_id)
+        pipe.xadd(key, {"state": str(state), "step": step, "total": total},
+                  maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.expire(key, self._ttl_s)
+
     def _queue_create(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
         pipe.hset(self.key(record.id), mapping=record.to_fields())
         pipe.expire(self.key(record.id), self._ttl_s)
+        self._queue_event(pipe, record.id, record.state, record.step, record.total_steps)
         if not record.state.terminal:
             pipe.zadd(ACTIVE_JOBS, {record.id: self._now()})
         add_to(pipe, [sample("t2i_jobs_submitted_total")])
@@ -230,6 +246,8 @@ class JobStore(JobRules):
             new = change(old)
             pipe.multi()
             pipe.hset(key, mapping=new.to_fields())
+            if (new.state, new.step, new.total_steps) != (old.state, old.step, old.total_steps):
+                self._queue_event(pipe, job_id, new.state, new.step, new.total_steps)
             add_to(pipe, transition_samples(old, new))
             outboxed = bool(new.webhook_url and new.state.terminal and not old.state.terminal)
             if outboxed:
@@ -260,6 +278,7 @@ class JobStore(JobRules):
             pipe.hset(self.key(job_id), mapping={"step": step, "total_steps": total})
             pipe.zadd(ACTIVE_JOBS, {job_id: self._now()}, xx=True)
             pipe.hget(self.key(job_id), "cancel_requested")
+            self._queue_event(pipe, job_id, JobState.GENERATING, step, total)
             return pipe.execute()[2] == "1"
 
     def quiet_since(self, before: float, limit: int = 1000) -> list[tuple[str, float]]:

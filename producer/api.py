@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import redis
+import redis.asyncio
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
@@ -40,8 +43,9 @@ MAX_HEADERS = 100        # more request headers than this: 431
 MAX_HEADER_BYTES = 16 * 1024
 HEALTH_CHECK_S = 1.5     # each dependency check of /readyz answers within this
 MAX_WAIT_S = 60.0        # longest long-poll
-WATCH_POLL_S = 0.25      # how often a long-poll or event stream re-reads the job
+WATCH_POLL_S = 0.25      # how often a long-poll re-reads the job
 HEARTBEAT_S = 15.0       # an idle event stream sends a comment line this often
+RECONNECT_MS = 2000      # the event stream's `retry:`: how soon a dropped client reconnects
 
 
 class JobSubmission(BaseModel):
@@ -62,11 +66,122 @@ class JobSubmission(BaseModel):
 SECURED: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]}
 
 
+# What the API answers, for the OpenAPI document (routes build their answers themselves;
+# these describe them, and the e2e tests check the document and the answers agree).
+class ErrorDetail(BaseModel):
+    code: str = Field(description="invalid_request, bad_json, unauthorized, not_found, no_image, "
+                                  "idempotency_conflict, too_large, unavailable, ...")
+    message: str = Field(description="what is wrong, naming the value")
+    field: str | None = Field(None, description="the request field or header at fault")
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers, in one shape."""
+
+    error: ErrorDetail
+
+
+class JobUrls(BaseModel):
+    get: str
+    cancel: str
+    stream: str
+    image: str
+
+
+class Accepted(BaseModel):
+    id: str
+    state: str = Field(description="queued")
+    urls: JobUrls
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class CacheDecision(BaseModel):
+    route: str = Field(description="full, resume or exact")
+    k: int | None = Field(description="steps taken from the cache")
+    similarity: float | None
+    reason: str
+    seed_rule: str | None
+    fallback: str | None = Field(description="why a planned resume ran in full")
+
+
+class JobView(BaseModel):
+    id: str
+    tenant: str
+    state: str = Field(description="queued, triage, generating, succeeded, failed, cancelled")
+    request: dict[str, Any]
+    model: str
+    progress: Progress
+    cache: CacheDecision | None
+    timings: dict[str, float | None]
+    unet_calls: int | None
+    batch_peak: int | None
+    error: str | None
+    cancel_requested: bool
+    webhook_url: str | None
+    webhook: dict[str, Any] | None
+    image_url: str | None = Field(None, description="once succeeded: a presigned S3 URL")
+    urls: JobUrls | None = Field(None, description="the API's paths for the job")
+
+
+class Health(BaseModel):
+    ok: bool
+    checks: dict[str, str] = Field(description="each store: ok, or why not")
+
+
+ERROR_MEANINGS = {
+    400: "the body is not JSON (or repeats a key, or nests too deep)",
+    401: "no API key, or an unknown one",
+    404: "no such job for this tenant",
+    409: "the job has no image yet, or the Idempotency-Key was used for another request",
+    413: "the body is over 64 KiB",
+    415: "the body is not application/json",
+    422: "a field is invalid: the error names it and its value",
+    503: "Redis or S3 is unavailable: retry later",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody, "description": ERROR_MEANINGS[status]}
+            for status in statuses}
+
+
 def _job_urls(job_id: str) -> dict[str, str]:
     """The API's own paths for a job, as cog answers them (``image_url`` is only ever the
     presigned S3 URL of a succeeded job)."""
     path = f"/v1/jobs/{job_id}"
     return {"get": path, "cancel": path, "stream": f"{path}/events", "image": f"{path}/image"}
+
+
+async def _finished_or_latest(acting: Client, job_id: str, wait_s: float) -> dict[str, Any]:
+    """The job's view once it finishes, or after ``wait_s`` as it is then (a long poll)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        view = await asyncio.to_thread(acting.status, job_id)
+        if JobState(view["state"]).terminal or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(WATCH_POLL_S)
+
+
+def _preferred_wait(prefer: str) -> float:
+    """Seconds a `Prefer: wait=N` header (RFC 7240) asks the submission to wait for the
+    job, at most MAX_WAIT_S; 0 without one."""
+    for preference in prefer.split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                raise InvalidRequest("Prefer", f"wait={value.strip()!r} is not a number of "
+                                               "seconds") from None
+            if not 0 <= seconds <= MAX_WAIT_S:
+                raise InvalidRequest("Prefer", f"wait={seconds:g} is out of range "
+                                               f"[0, {MAX_WAIT_S}]")
+            return seconds
+    return 0.0
 
 
 def _error(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
@@ -169,6 +284,9 @@ def create_app(client: Client | None = None) -> FastAPI:
             state["probes"] = (
                 JobStore(connect(settings.redis_url, timeout_s=HEALTH_CHECK_S), settings.job_ttl_s),
                 ObjectStore.from_settings(settings, timeout_s=HEALTH_CHECK_S, retries=0))
+            # event streams block on Redis (XREAD) without holding a thread each
+            state["events"] = redis.asyncio.Redis.from_url(
+                settings.redis_url, decode_responses=True, socket_timeout=HEARTBEAT_S + 10)
             logs.configure(settings.log_format)
         return state["client"]
 
@@ -192,6 +310,13 @@ def create_app(client: Client | None = None) -> FastAPI:
             raise Unauthorized("missing or unknown API key"
                                if presented else "an API key is required")
         return base.for_tenant(tenant)
+
+    @api.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's own parameter checks answer in the one error shape too."""
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return _error(422, "invalid_request", str(first.get("msg", "invalid request")), where)
 
     @api.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -219,14 +344,22 @@ def create_app(client: Client | None = None) -> FastAPI:
             return _error(503, "unavailable", str(exc))
         return _error(500, "internal", str(exc))
 
-    @api.post("/v1/jobs", status_code=202, openapi_extra={
+    @api.post("/v1/jobs", status_code=202, responses={
+        202: {"model": Accepted},
+        200: {"model": JobView, "description": "with Prefer: wait=N, finished within N s"},
+        **_errors(400, 401, 409, 413, 415, 422, 503)}, openapi_extra={
         **SECURED, "requestBody": {"required": True, "content": {
             "application/json": {"schema": JobSubmission.model_json_schema()}}},
         "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                         "schema": {"type": "string", "maxLength": 128},
-                        "description": "a retry with the same key returns the same job"}]})
+                        "description": "a retry with the same key returns the same job"},
+                       {"name": "Prefer", "in": "header", "required": False,
+                        "schema": {"type": "string", "example": "wait=30"},
+                        "description": f"wait=N (at most {MAX_WAIT_S}): answer 200 with the "
+                                       "finished job if it finishes within N seconds"}]})
     async def submit(request: Request) -> JSONResponse:
-        """Submit a job. It is validated before anything is enqueued."""
+        """Submit a job. It is validated before anything is enqueued. With `Prefer: wait=N`
+        the answer waits up to N seconds: 200 and the finished job, else 202 as without."""
         acting = tenant_client(request)
         content_type = request.headers.get("content-type", "")
         # Media types are case-insensitive (RFC 9110): APPLICATION/JSON is JSON too.
@@ -249,12 +382,20 @@ def create_app(client: Client | None = None) -> FastAPI:
         if "idempotency_key" in payload:  # a header, never a body field
             raise InvalidRequest("idempotency_key", "unknown field; send the Idempotency-Key "
                                                     "header instead")
+        wait_s = _preferred_wait(request.headers.get("prefer", ""))
         job_id = await asyncio.to_thread(acting.submit_payload, payload,
                                          request.headers.get("idempotency-key"))
+        if wait_s:
+            view = await _finished_or_latest(acting, job_id, wait_s)
+            if JobState(view["state"]).terminal:  # answered as asked: the finished job
+                return JSONResponse({**view, "urls": _job_urls(job_id)}, status_code=200,
+                                    headers={"Preference-Applied": f"wait={wait_s:g}"})
         return JSONResponse({"id": job_id, "state": "queued", "urls": _job_urls(job_id)},
                             status_code=202)
 
-    @api.get("/v1/jobs/{job_id}", openapi_extra={**SECURED, "parameters": [
+    @api.get("/v1/jobs/{job_id}", responses={200: {"model": JobView},
+                                             **_errors(401, 404, 422, 503)},
+             openapi_extra={**SECURED, "parameters": [
         {"name": "wait", "in": "query", "required": False,
          "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
          "description": "long-poll: answer when the job finishes or after this many seconds"}]})
@@ -268,52 +409,66 @@ def create_app(client: Client | None = None) -> FastAPI:
             raise InvalidRequest("wait", f"{raw!r} is not a number of seconds") from None
         if not 0 <= wait_s <= MAX_WAIT_S:
             raise InvalidRequest("wait", f"{wait_s} is out of range [0, {MAX_WAIT_S}]")
-        deadline = time.monotonic() + wait_s
-        while True:
-            view = await asyncio.to_thread(acting.status, job_id)
-            if JobState(view["state"]).terminal or time.monotonic() >= deadline:
-                return {**view, "urls": _job_urls(job_id)}
-            await asyncio.sleep(WATCH_POLL_S)
+        return {**await _finished_or_latest(acting, job_id, wait_s), "urls": _job_urls(job_id)}
 
-    @api.get("/v1/jobs/{job_id}/events", openapi_extra={
-        **SECURED, "responses": {"200": {"content": {"text/event-stream": {}}}}})
+    @api.get("/v1/jobs/{job_id}/events", responses=_errors(401, 404, 422, 503), openapi_extra={
+        **SECURED, "responses": {"200": {"content": {"text/event-stream": {}}}},
+        "parameters": [{"name": "Last-Event-ID", "in": "header", "required": False,
+                        "schema": {"type": "string"},
+                        "description": "resume after this event (browsers send it)"}]})
     async def events(job_id: str, request: Request) -> StreamingResponse:
-        """Server-sent events: a ``progress`` event at each change of state or step, then
-        ``finished`` with the final record, then the stream ends."""
+        """Server-sent events, pushed from the job's event stream (core.jobstore): a
+        ``progress`` event at each change of state and at every step, in order, each with
+        an ``id`` (a client that reconnects with Last-Event-ID resumes after it); then
+        ``finished`` with the final record, and the stream ends."""
         acting = tenant_client(request)
-        first = await asyncio.to_thread(acting.status, job_id)  # 404 before streaming
+        await asyncio.to_thread(acting.status, job_id)  # 404 before streaming
+        after = request.headers.get("last-event-id", "0")
+        key = JobStore.events_key(job_id)
 
         async def stream() -> AsyncIterator[str]:
-            view, last, quiet_since = first, None, time.monotonic()
+            nonlocal after
+            yield f"retry: {RECONNECT_MS}\n\n"
             while True:
-                seen = (view["state"], view["progress"]["step"], view["cache"])
-                if JobState(view["state"]).terminal:
+                try:
+                    found = await state["events"].xread({key: after},
+                                                        block=int(HEARTBEAT_S * 1000))
+                except redis.exceptions.RedisError:  # an outage: the client reconnects
+                    return
+                view = await asyncio.to_thread(acting.status, job_id)
+                entries = [entry for _, listed in found for entry in listed]
+                if not entries and JobState(view["state"]).terminal:  # its events expired
                     yield f"event: finished\ndata: {json.dumps(view)}\n\n"
                     return
-                if seen != last:
-                    last, quiet_since = seen, time.monotonic()
-                    yield f"event: progress\ndata: {json.dumps(view)}\n\n"
-                elif time.monotonic() - quiet_since >= HEARTBEAT_S:
-                    quiet_since = time.monotonic()
+                if not entries:
                     yield ": still waiting\n\n"
-                await asyncio.sleep(WATCH_POLL_S)
-                view = await asyncio.to_thread(acting.status, job_id)
+                for entry_id, fields in entries:
+                    after = entry_id
+                    if JobState(fields["state"]).terminal:
+                        yield f"id: {entry_id}\nevent: finished\ndata: {json.dumps(view)}\n\n"
+                        return
+                    shown = {**view, "state": fields["state"], "progress": {
+                        "step": int(fields["step"]), "total": int(fields["total"])}}
+                    yield f"id: {entry_id}\nevent: progress\ndata: {json.dumps(shown)}\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @api.get("/v1/jobs/{job_id}/image", response_class=Response, openapi_extra={
+    @api.get("/v1/jobs/{job_id}/image", response_class=Response,
+             responses=_errors(401, 404, 409, 422, 503), openapi_extra={
         **SECURED, "responses": {"200": {"content": {"image/png": {}}}}})
     def image(job_id: str, request: Request) -> Response:
         """The PNG of a succeeded job (409 before then)."""
         return Response(tenant_client(request).result(job_id), media_type="image/png")
 
-    @api.delete("/v1/jobs/{job_id}", openapi_extra=SECURED)
+    @api.delete("/v1/jobs/{job_id}", responses={200: {"model": JobView},
+                                                **_errors(401, 404, 422, 503)},
+                openapi_extra=SECURED)
     def cancel(job_id: str, request: Request) -> dict[str, Any]:
         """Cancel: at once if queued, else at the next denoising step."""
         return tenant_client(request).cancel(job_id)
 
-    @api.get("/v1/webhook-secret", openapi_extra=SECURED)
+    @api.get("/v1/webhook-secret", responses=_errors(401), openapi_extra=SECURED)
     def webhook_secret(request: Request) -> dict[str, str]:
         """This tenant's key for checking webhook signatures (see core.webhooks.verify)."""
         acting = tenant_client(request)
@@ -345,7 +500,8 @@ def create_app(client: Client | None = None) -> FastAPI:
         or S3 never gets the API restarted (that is what readiness is for)."""
         return {"ok": True}
 
-    @api.get("/readyz")
+    @api.get("/readyz", responses={200: {"model": Health},
+                                   503: {"model": Health, "description": "a store is down"}})
     async def readyz() -> JSONResponse:
         """Readiness: Redis and S3 answer, each checked with its own deadline, so this
         answers within about HEALTH_CHECK_S whatever a store does (503 if one does not)."""
@@ -356,7 +512,9 @@ def create_app(client: Client | None = None) -> FastAPI:
         healthy = all(value == "ok" for value in checks.values())
         return JSONResponse({"ok": healthy, "checks": checks}, status_code=200 if healthy else 503)
 
-    api.add_api_route("/healthz", readyz, methods=["GET"],
+    api.add_api_route("/healthz", readyz, methods=["GET"], responses={
+                          200: {"model": Health},
+                          503: {"model": Health, "description": "a store is down"}},
                       description="The same as /readyz (kept for existing probes).")
 
     def openapi() -> dict[str, Any]:

@@ -140,6 +140,22 @@ def test_long_poll_answers_when_the_job_finishes(api: httpx.Client) -> None:
     assert api.get(f"/v1/jobs/{job_id}", params={"wait": 61}).status_code == 422
 
 
+def test_prefer_wait_answers_the_finished_job_or_202_and_a_bad_one_enqueues_nothing(
+        api, stack) -> None:
+    done = api.post("/v1/jobs", json={"prompt": "a patient crane", "steps": 2},
+                    headers={"Prefer": "wait=60"})
+    assert done.status_code == 200 and done.headers["preference-applied"] == "wait=60"
+    assert done.json()["state"] == "succeeded" and "X-Amz-Signature" in done.json()["image_url"]
+    quick = api.post("/v1/jobs", json={"prompt": "an impatient crane", "steps": 30},
+                     headers={"Prefer": "respond-async, wait=0.01"})
+    assert quick.status_code == 202 and set(quick.json()) == {"id", "state", "urls"}
+    before = job_count(stack)
+    for prefer in ("wait=600", "wait=soon"):
+        bad = api.post("/v1/jobs", json={"prompt": "x"}, headers={"Prefer": prefer})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "Prefer", bad.text
+    assert job_count(stack) == before
+
+
 def test_async_client_streams_progress_then_the_result(stack) -> None:
     async def scenario() -> tuple[list[tuple[str, dict]], bytes, str]:
         url = f"http://{stack.api_host}:{stack.api_port}"
@@ -166,6 +182,42 @@ def test_async_client_streams_progress_then_the_result(stack) -> None:
     assert png.startswith(b"\x89PNG")
 
 
+def read_events(api: httpx.Client, path: str, **headers: str) -> list[dict[str, str]]:
+    """A whole server-sent event stream, as one dict (id, event, data, retry) per event."""
+    events, current = [], {}
+    with api.stream("GET", path, headers=headers, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line:
+                if current:
+                    events.append(current)
+                current = {}
+            elif not line.startswith(":"):
+                field, _, value = line.partition(": ")
+                current[field] = value
+    return events
+
+
+def test_event_stream_pushes_every_step_in_order_and_resumes_after_the_last_id(api) -> None:
+    """Pushed from the job's event stream, not sampled: every one of 12 steps arrives, in
+    order, each event with an id; a client that reconnects with Last-Event-ID gets exactly
+    what followed."""
+    job_id = api.post("/v1/jobs", json={"prompt": "a streamed heron", "steps": 12, "width": 64,
+                                        "height": 64}).json()["id"]
+    events = read_events(api, f"/v1/jobs/{job_id}/events")
+    assert events[0] == {"retry": "2000"}
+    pushed = events[1:]
+    assert [e["event"] for e in pushed][-1] == "finished" and all("id" in e for e in pushed)
+    assert json.loads(pushed[-1]["data"])["state"] == "succeeded"
+    views = [json.loads(e["data"]) for e in pushed[:-1]]
+    steps = [v["progress"]["step"] for v in views if v["state"] == "generating"]
+    assert [step for step in steps if step > 0] == list(range(1, 13))
+    assert [v["state"] for v in views][0] in ("queued", "triage")
+    resumed = read_events(api, f"/v1/jobs/{job_id}/events", **{"Last-Event-ID": pushed[4]["id"]})
+    assert [(e["id"], e["event"]) for e in resumed[1:]] == \
+        [(e["id"], e["event"]) for e in pushed[5:]]
+
+
 def test_openapi_document_describes_the_api(api: httpx.Client) -> None:
     document = httpx.get(api.base_url.join("/openapi.json")).json()  # served without a key
     assert document["openapi"].startswith("3.")
@@ -182,6 +234,28 @@ def test_openapi_document_describes_the_api(api: httpx.Client) -> None:
         if path.startswith("/v1/"):
             assert {next(iter(s)) for s in paths[path][method]["security"]} == set(schemes)
     assert "wait" in {p["name"] for p in paths["/v1/jobs/{job_id}"]["get"]["parameters"]}
+    # a typed contract: every route documents its answer and its errors, in one error shape
+    schemas = document["components"]["schemas"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            ok = [status for status in responses if status.startswith("2")]
+            assert ok and all(responses[status].get("content") for status in ok), (path, method)
+            shape = "Health" if path in ("/readyz", "/healthz") else "ErrorBody"
+            for status, answer in responses.items():
+                if status.startswith(("4", "5")):
+                    ref = answer["content"]["application/json"]["schema"]["$ref"]
+                    assert ref.rsplit("/", 1)[1] == shape, (path, method, status)
+            if path.startswith("/v1/"):
+                assert "401" in responses, (path, method)
+    # and the answers are what the document says
+    accepted = api.post("/v1/jobs", json={"prompt": "a documented owl", "steps": 2})
+    assert set(accepted.json()) == set(schemas["Accepted"]["properties"])
+    view = api.get(f"/v1/jobs/{accepted.json()['id']}", params={"wait": 60}).json()
+    assert set(schemas["JobView"]["required"]) <= set(view) <= set(schemas["JobView"]["properties"])
+    missing = api.get("/v1/jobs/no-such-job").json()
+    assert set(missing) == {"error"} and set(missing["error"]) <= set(schemas["ErrorDetail"]
+                                                                       ["properties"])
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
