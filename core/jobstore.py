@@ -31,6 +31,7 @@ WEBHOOK_ATTEMPTS = "t2i:webhook-attempts"  # hash: job id -> failed POSTs so far
 WEBHOOK_RESENT = "t2i:webhook-resent"    # hash: job id -> when the sweep last re-sent it
 ACTIVE_JOBS = "t2i:active"               # sorted set: unfinished job id -> last sign of life
 EVENTS_PREFIX = "t2i:events:"            # stream per job: each state change and step, in order
+TENANT_JOBS_PREFIX = "t2i:tenant-jobs:"  # sorted set per tenant: job id -> when submitted
 EVENTS_MAXLEN = 2000                     # entries kept per job (above the most steps a job has)
 
 WebhookDue = Callable[[str], None]
@@ -178,6 +179,7 @@ class JobStore(JobRules):
         pipe.hset(self.key(record.id), mapping=record.to_fields())
         pipe.expire(self.key(record.id), self._ttl_s)
         self._queue_event(pipe, record.id, record.state, record.step, record.total_steps)
+        pipe.zadd(TENANT_JOBS_PREFIX + record.tenant, {record.id: record.submitted_at})
         if not record.state.terminal:
             pipe.zadd(ACTIVE_JOBS, {record.id: self._now()})
         add_to(pipe, [sample("t2i_jobs_submitted_total")])
@@ -280,6 +282,23 @@ class JobStore(JobRules):
             pipe.hget(self.key(job_id), "cancel_requested")
             self._queue_event(pipe, job_id, JobState.GENERATING, step, total)
             return pipe.execute()[2] == "1"
+
+    def tenant_jobs(self, tenant: str, limit: int, before: float | None) -> list[JobRecord]:
+        """The tenant's jobs, newest first, submitted before ``before`` (None: any time);
+        ids whose record expired are dropped from the index as they are met."""
+        key = TENANT_JOBS_PREFIX + tenant
+        with redis_errors():
+            self._redis.zremrangebyscore(key, "-inf", f"({self._now() - self._ttl_s}")
+            ids = self._redis.zrevrangebyscore(
+                key, f"({before}" if before is not None else "+inf", "-inf", 0, limit)
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.key(job_id))
+            found = pipe.execute()
+            gone = [job_id for job_id, raw in zip(ids, found, strict=True) if not raw]
+            if gone:
+                self._redis.zrem(key, *gone)
+        return [JobRecord.from_fields(raw) for raw in found if raw]
 
     def quiet_since(self, before: float, limit: int = 1000) -> list[tuple[str, float]]:
         """Unfinished jobs with no sign of life since ``before``: (job id, last sign)."""

@@ -35,7 +35,7 @@ from core.jobstore import JobStore, connect
 from core.objectstore import ObjectStore
 from core.settings import api_key_tenants, require_secret
 from core.webhooks import tenant_secret
-from producer.client import Client
+from producer.client import MAX_PAGE, Client
 from producer.metrics import ApiMetrics
 
 MAX_BODY_BYTES = 64 * 1024
@@ -125,6 +125,11 @@ class JobView(BaseModel):
     webhook: dict[str, Any] | None
     image_url: str | None = Field(None, description="once succeeded: a presigned S3 URL")
     urls: JobUrls | None = Field(None, description="the API's paths for the job")
+
+
+class JobPage(BaseModel):
+    jobs: list[JobView]
+    next: float | None = Field(description="pass as `before` for the next page; null: no more")
 
 
 class Health(BaseModel):
@@ -392,6 +397,31 @@ def create_app(client: Client | None = None) -> FastAPI:
                                     headers={"Preference-Applied": f"wait={wait_s:g}"})
         return JSONResponse({"id": job_id, "state": "queued", "urls": _job_urls(job_id)},
                             status_code=202)
+
+    @api.get("/v1/jobs", responses={200: {"model": JobPage}, **_errors(401, 422, 503)},
+             openapi_extra={**SECURED, "parameters": [
+                 {"name": "limit", "in": "query", "required": False,
+                  "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE,
+                             "default": 20}},
+                 {"name": "before", "in": "query", "required": False,
+                  "schema": {"type": "number"},
+                  "description": "the `next` of the previous page"}]})
+    def list_jobs(request: Request) -> dict[str, Any]:
+        """This tenant's jobs, newest first, a page at a time (follow ``next``)."""
+        acting = tenant_client(request)
+        raw_limit, raw_before = (request.query_params.get("limit", "20"),
+                                 request.query_params.get("before"))
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            raise InvalidRequest("limit", f"{raw_limit!r} is not a whole number") from None
+        try:
+            before = float(raw_before) if raw_before is not None else None
+        except ValueError:
+            raise InvalidRequest("before", f"{raw_before!r} is not a cursor") from None
+        page = acting.jobs_page(limit, before)
+        return {**page, "jobs": [{**view, "urls": _job_urls(view["id"])}
+                                 for view in page["jobs"]]}
 
     @api.get("/v1/jobs/{job_id}", responses={200: {"model": JobView},
                                              **_errors(401, 404, 422, 503)},

@@ -32,6 +32,7 @@ from workers.app import TRIAGE_TASK, WEBHOOK_TASK, enqueue, make_app
 from workers.webhooks import resolve_host
 
 DEFAULT_TENANT = "default"
+MAX_PAGE = 100  # jobs per page of a listing
 _IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
 
 
@@ -136,6 +137,16 @@ class Client:
             view["image_url"] = self.objects.presigned_url(record.image_key,
                                                            self.settings.image_url_ttl_s)
         return view
+
+    def jobs_page(self, limit: int = 20, before: float | None = None) -> dict[str, Any]:
+        """This tenant's jobs, newest first, ``limit`` at a time: ``{"jobs": [...], "next":
+        cursor}``; pass ``next`` as ``before`` for the following page (None: no more)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest("limit", f"{limit} is out of range [1, {MAX_PAGE}]")
+        records = self.jobs.tenant_jobs(self.tenant, limit + 1, before)
+        page = records[:limit]
+        return {"jobs": [record.public() for record in page],
+                "next": page[-1].submitted_at if len(records) > limit else None}
 
     def wait(self, job_id: str, timeout: float = 300.0, poll_s: float = 0.1,
              watch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

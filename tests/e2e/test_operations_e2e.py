@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TENANT_KEY, WEBHOOK_PORT, job_count
+from conftest import OTHER_KEY, TENANT_KEY, WEBHOOK_PORT, job_count
 from core.errors import IdempotencyConflict, InvalidRequest
 from core.jobs import REQUEST_FIELDS
 from core.webhooks import SIGNATURE_HEADER, verify
@@ -138,6 +138,23 @@ def test_long_poll_answers_when_the_job_finishes(api: httpx.Client) -> None:
     bad = api.get(f"/v1/jobs/{job_id}", params={"wait": "soon"})
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "wait"
     assert api.get(f"/v1/jobs/{job_id}", params={"wait": 61}).status_code == 422
+
+
+def test_a_tenant_lists_its_own_jobs_newest_first_a_page_at_a_time(api) -> None:
+    ids = [api.post("/v1/jobs", json={"prompt": f"a listed fox {i}", "steps": 2}).json()["id"]
+           for i in range(3)]
+    first = api.get("/v1/jobs", params={"limit": 2}).json()
+    assert [job["id"] for job in first["jobs"]] == ids[::-1][:2] and first["next"] is not None
+    assert first["jobs"][0]["urls"]["get"] == f"/v1/jobs/{ids[2]}"
+    rest = api.get("/v1/jobs", params={"limit": 2, "before": first["next"]}).json()
+    assert rest["jobs"][0]["id"] == ids[0]
+    with httpx.Client(base_url=api.base_url, timeout=30,
+                      headers={"Authorization": f"Bearer {OTHER_KEY}"}) as other:
+        theirs = other.get("/v1/jobs", params={"limit": 100}).json()["jobs"]
+    assert not set(ids) & {job["id"] for job in theirs}
+    for params in ({"limit": 0}, {"limit": 101}, {"limit": "many"}, {"before": "yesterday"}):
+        refused = api.get("/v1/jobs", params=params)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] in params
 
 
 def test_prefer_wait_answers_the_finished_job_or_202_and_a_bad_one_enqueues_nothing(

@@ -119,6 +119,25 @@ def test_cancel_finished_job_changes_nothing(jobs: JobStore):
     assert not jobs.get("store-5").cancel_requested
 
 
+def test_a_tenants_jobs_list_newest_first_by_page_and_forget_expired_records(redis_url: str):
+    import uuid
+
+    clock = [10_000.0]
+    jobs = JobStore(connect(redis_url), ttl_s=60, now=lambda: clock[0])
+    tenant = f"lister-{uuid.uuid4().hex[:8]}"
+    for index, at in enumerate((9_000.0, 9_990.0, 9_991.0, 9_992.0)):
+        jobs.create(JobRecord(id=f"{tenant}-{index}", state=JobState.QUEUED, request=REQUEST,
+                              model="tiny", submitted_at=at, tenant=tenant))
+    jobs.create(JobRecord(id=f"{tenant}-elsewhere", state=JobState.QUEUED, request=REQUEST,
+                          model="tiny", submitted_at=9_995.0, tenant=tenant + "-other"))
+    # the oldest is past the records' 60 s life: dropped from the index as it is met
+    assert [r.id for r in jobs.tenant_jobs(tenant, 10, None)] == [
+        f"{tenant}-3", f"{tenant}-2", f"{tenant}-1"]
+    assert [r.id for r in jobs.tenant_jobs(tenant, 1, 9_992.0)] == [f"{tenant}-2"]
+    connect(redis_url).delete(jobs.key(f"{tenant}-2"))  # expired in Redis
+    assert [r.id for r in jobs.tenant_jobs(tenant, 10, None)] == [f"{tenant}-3", f"{tenant}-1"]
+
+
 def test_redis_down_raises_broker_unavailable():
     dead = JobStore(connect(f"redis://127.0.0.1:{servers.free_port()}/0"), ttl_s=60)
     with pytest.raises(BrokerUnavailable, match="Redis unreachable"):
