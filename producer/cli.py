@@ -12,14 +12,16 @@ import os
 import signal
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from core import settings
 from core.errors import T2IError
 from core.trace import DEFAULT_TRACE, read_trace
+from producer.api_client import ApiClient
 from producer.client import Client
 from quality.toy_trace import Behaviour, toy_trace
 
@@ -27,6 +29,18 @@ from quality.toy_trace import Behaviour, toy_trace
 def _params(args: argparse.Namespace) -> dict[str, Any]:
     names = ("negative_prompt", "steps", "guidance", "seed", "width", "height")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+class Jobs(Protocol):
+    """What the job commands call: the local stack's Client (Redis), or ApiClient (a
+    deployment's HTTP API, with --api-url)."""
+
+    def submit(self, prompt: str, **params: Any) -> str: ...
+    def status(self, job_id: str) -> dict[str, Any]: ...
+    def wait(self, job_id: str, timeout: float = 300.0, *,
+             watch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]: ...
+    def result(self, job_id: str) -> bytes: ...
+    def cancel(self, job_id: str) -> dict[str, Any]: ...
 
 
 def _print_json(value: Any) -> None:
@@ -54,7 +68,7 @@ def _summary(view: dict[str, Any]) -> str:
     return line + (f"\n  error: {view['error']}" if view.get("error") else "")
 
 
-def _follow(client: Client, job_id: str, timeout: float, as_json: bool) -> int:
+def _follow(client: Jobs, job_id: str, timeout: float, as_json: bool) -> int:
     """Wait with a progress bar on stderr (steps, state, route and K), then print a summary,
     or the whole record with --json."""
     with tqdm(desc=job_id[:8], unit="step", leave=False) as bar:
@@ -73,7 +87,7 @@ def _follow(client: Client, job_id: str, timeout: float, as_json: bool) -> int:
     return 0 if view["state"] == "succeeded" else 1
 
 
-def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+def cmd_submit(client: Jobs, args: argparse.Namespace) -> int:
     job_id = client.submit(args.prompt, **_params(args))
     if not args.wait:
         print(job_id)
@@ -81,23 +95,23 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     return _follow(client, job_id, args.timeout, args.json)
 
 
-def cmd_status(client: Client, args: argparse.Namespace) -> int:
+def cmd_status(client: Jobs, args: argparse.Namespace) -> int:
     _print_json(client.status(args.job_id))
     return 0
 
 
-def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+def cmd_wait(client: Jobs, args: argparse.Namespace) -> int:
     return _follow(client, args.job_id, args.timeout, args.json)
 
 
-def cmd_result(client: Client, args: argparse.Namespace) -> int:
+def cmd_result(client: Jobs, args: argparse.Namespace) -> int:
     out = Path(args.output or f"{args.job_id}.png")
     out.write_bytes(client.result(args.job_id))
     print(out)
     return 0
 
 
-def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+def cmd_cancel(client: Jobs, args: argparse.Namespace) -> int:
     _print_json(client.cancel(args.job_id))
     return 0
 
@@ -184,6 +198,11 @@ def contact_sheet(paths: list[Path], columns: int = 6):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--api-url", default=os.environ.get("T2I_API_URL", ""),
+                        help="a deployment's HTTP API (e.g. https://t2i.example.com), instead "
+                             "of the local stack's Redis (env T2I_API_URL)")
+    parser.add_argument("--api-key", default=os.environ.get("T2I_API_KEY", ""),
+                        help="its API key (env T2I_API_KEY)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     submit = sub.add_parser("submit", help="submit a prompt; prints the job id")
@@ -235,9 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.api_url and args.run is cmd_demo:
+        parser.error("demo runs on the local stack: leave out --api-url")
     try:
-        return args.run(Client(), args)
+        return args.run(ApiClient(args.api_url, args.api_key) if args.api_url else Client(),
+                        args)
     except T2IError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -140,6 +140,36 @@ def test_long_poll_answers_when_the_job_finishes(api: httpx.Client) -> None:
     assert api.get(f"/v1/jobs/{job_id}", params={"wait": 61}).status_code == 422
 
 
+def test_the_cli_works_against_a_deployment_over_http(stack, tmp_path: Path) -> None:
+    """`t2i --api-url URL --api-key KEY`: submit with a progress bar, status, result and
+    errors, all over the HTTP API (the Redis it would use otherwise is not there)."""
+    import os
+    import subprocess
+    import sys
+
+    from infra.servers import free_port
+
+    env = {**os.environ, "T2I_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+           "T2I_API_URL": f"http://{stack.api_host}:{stack.api_port}",
+           "T2I_API_KEY": TENANT_KEY}
+    t2i = [str(Path(sys.executable).parent / "t2i")]
+
+    def run(*argv: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*t2i, *argv], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=180)
+
+    submitted = run("submit", "an http heron", "--steps", "2", "--width", "64", "--height",
+                    "64", "--wait")
+    assert submitted.returncode == 0, submitted.stderr
+    assert "succeeded" in submitted.stdout and "succeeded, full" in submitted.stderr
+    job_id = submitted.stdout.split()[1]
+    assert json.loads(run("status", job_id).stdout)["state"] == "succeeded"
+    saved = run("result", job_id, "-o", str(tmp_path / "heron.png"))
+    assert saved.returncode == 0 and (tmp_path / "heron.png").read_bytes()[:4] == b"\x89PNG"
+    refused = run("status", job_id, T2I_API_KEY="not-a-key")
+    assert refused.returncode == 2 and "API key" in refused.stderr
+
+
 def test_a_tenant_lists_its_own_jobs_newest_first_a_page_at_a_time(api) -> None:
     ids = [api.post("/v1/jobs", json={"prompt": f"a listed fox {i}", "steps": 2}).json()["id"]
            for i in range(3)]
