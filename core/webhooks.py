@@ -1,10 +1,12 @@
 """Webhook targets, the address policy, signing and the retry schedule. Pure: no network,
 no clock of its own (the resolver and the time are passed in).
 
-A delivery is a POST of the job's JSON view with the header
-``X-T2I-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``, keyed by the
-tenant's signing secret (``GET /v1/webhook-secret``). Receivers recompute it and reject old
-timestamps, which stops replays.
+A delivery is a POST of the job's JSON view, signed as Standard Webhooks
+(standardwebhooks.com) specify, so receivers can use its libraries: ``webhook-id`` (the
+job's id: retries keep it, receivers dedupe on it), ``webhook-timestamp`` (unix seconds) and
+``webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">``, keyed by the
+tenant's secret (``GET /v1/webhook-secret``, ``whsec_<base64 key>``). Receivers recompute it
+and reject old timestamps, which stops replays.
 
 A tenant names the URL, so a webhook is a request our own worker sends on a stranger's
 behalf (SSRF). The same parser (``parse_target``) checks a URL at submit and builds the
@@ -16,18 +18,21 @@ refused unless an operator allowlists them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import urlsplit
 
 from core.errors import DeliveryFailed, InvalidRequest, WebhookRefused
 
-SIGNATURE_HEADER = "X-T2I-Signature"
+ID_HEADER, TIMESTAMP_HEADER = "webhook-id", "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
+SECRET_PREFIX = "whsec_"
 MAX_URL_CHARS = 2000
 # RFC 3986's characters, and '%' for escapes: no space, control, quote or non-ASCII
 # character reaches the HTTP client (a CR/LF would split the request line).
@@ -46,24 +51,33 @@ RETRY_FIRST_S, RETRY_CAP_S = 1.0, 600.0   # a failed delivery is retried after 1
 
 def tenant_secret(master: str, tenant: str) -> str:
     """Each tenant's own signing secret, derived from the service's, so one tenant cannot
-    forge another's deliveries and nothing per tenant needs storing."""
-    return hmac.new(master.encode(), f"webhook:{tenant}".encode(), hashlib.sha256).hexdigest()
+    forge another's deliveries and nothing per tenant needs storing; in Standard Webhooks'
+    form (``whsec_`` and the key in base64)."""
+    key = hmac.new(master.encode(), f"webhook:{tenant}".encode(), hashlib.sha256).digest()
+    return SECRET_PREFIX + base64.b64encode(key).decode()
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={digest.hexdigest()}"
+def signed_headers(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The Standard Webhooks headers of one delivery of ``body``."""
+    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    digest = hmac.new(key, f"{message_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return {ID_HEADER: message_id, TIMESTAMP_HEADER: str(timestamp),
+            SIGNATURE_HEADER: "v1," + base64.b64encode(digest.digest()).decode()}
 
 
-def verify(secret: str, header: str, body: bytes, now: float, tolerance_s: float = 300) -> bool:
-    """What a receiver does: the signature matches and is recent."""
-    parts = dict(item.split("=", 1) for item in header.split(",") if "=" in item)
+def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float,
+           tolerance_s: float = 300) -> bool:
+    """What a receiver does: one of the offered signatures matches and the timestamp is
+    recent."""
+    named = {name.lower(): value for name, value in headers.items()}
     try:
-        timestamp = int(parts["t"])
+        message_id, timestamp = named[ID_HEADER], int(named[TIMESTAMP_HEADER])
     except (KeyError, ValueError):
         return False
-    expected = sign(secret, timestamp, body)
-    return hmac.compare_digest(expected, header) and abs(now - timestamp) <= tolerance_s
+    expected = signed_headers(secret, message_id, timestamp, body)[SIGNATURE_HEADER]
+    offered = named.get(SIGNATURE_HEADER, "").split()
+    return (any(hmac.compare_digest(expected, signature) for signature in offered)
+            and abs(now - timestamp) <= tolerance_s)
 
 
 @dataclass(frozen=True)

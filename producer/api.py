@@ -60,7 +60,7 @@ class JobSubmission(BaseModel):
     width: int | None = Field(None, description="pixels, multiple of 8 (T2I_DEFAULT_SIZE)")
     height: int | None = Field(None, description="pixels, multiple of 8 (T2I_DEFAULT_SIZE)")
     webhook_url: str | None = Field(None, description="http(s) URL POSTed the job when it "
-                                    "finishes, signed (X-T2I-Signature)")
+                                    "finishes, signed as Standard Webhooks specify")
 
 
 SECURED: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]}

@@ -7,7 +7,8 @@ Each message makes one attempt: claim the job's outbox entry, resolve its host, 
 address (core.webhooks.AddressPolicy), POST to a checked address, never a re-resolved one,
 within a total deadline, and record a coarse outcome on the job. A failure is retried by a
 delayed message, backing off; the beat task ``webhooks.sweep`` re-sends a message for any
-entry whose message was lost. At least once: receivers dedupe on ``X-T2I-Delivery``.
+entry whose message was lost. At least once: receivers dedupe on ``webhook-id`` (Standard
+Webhooks, core.webhooks).
 """
 
 from __future__ import annotations
@@ -36,13 +37,12 @@ from core.jobstore import (
 from core.webhooks import (
     RETRY_CAP_S,
     RETRY_FIRST_S,
-    SIGNATURE_HEADER,
     AddressPolicy,
     Outcome,
     Resolve,
     WebhookTarget,
     parse_target,
-    sign,
+    signed_headers,
     tenant_secret,
 )
 
@@ -159,9 +159,9 @@ def _try(record: JobRecord, delivery: Delivery, now: float) -> tuple[Outcome, in
         addresses = delivery.policy.check(target, delivery.resolve)
         body = json.dumps({"event": "job.finished", "job": record.public()},
                           sort_keys=True).encode()
-        headers = {"Content-Type": "application/json", "X-T2I-Delivery": record.id,
-                   SIGNATURE_HEADER: sign(tenant_secret(delivery.master_secret, record.tenant),
-                                          int(now), body)}
+        headers = {"Content-Type": "application/json",
+                   **signed_headers(tenant_secret(delivery.master_secret, record.tenant),
+                                    record.id, int(now), body)}
         status = delivery.send(addresses[0], target, body, headers)
     except (WebhookRefused, InvalidRequest) as exc:  # a URL stored before today's checks
         return Outcome.REFUSED, None, str(exc)

@@ -101,7 +101,7 @@ def test_the_post_goes_to_the_checked_address_and_the_name_is_not_looked_up_agai
                       delivery(allow=f"127.0.0.1:{port}", resolve=resolve_once), time.time)
     assert attempt.outcome is Outcome.DELIVERED and lookups == ["receiver.invalid"]
     assert received[0]["Host"] == f"receiver.invalid:{port}"
-    assert received[0]["X-T2I-Delivery"] == job_id
+    assert received[0]["webhook-id"] == job_id
 
 
 def test_outcomes_do_not_tell_a_closed_port_from_a_redis_server(jobs, redis_url) -> None:

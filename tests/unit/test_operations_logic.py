@@ -27,7 +27,7 @@ from core.webhooks import (
     AddressPolicy,
     parse_allowlist,
     parse_target,
-    sign,
+    signed_headers,
     tenant_secret,
     verify,
 )
@@ -94,13 +94,28 @@ def test_fields_round_trip_and_buckets_cumulate() -> None:
 
 def test_signatures_verify_only_with_the_right_secret_body_and_time() -> None:
     secret = tenant_secret("master", "acme")
-    assert secret != tenant_secret("master", "globex")
-    header = sign(secret, 1000, b'{"a":1}')
-    assert verify(secret, header, b'{"a":1}', now=1100)
-    assert not verify(secret, header, b'{"a":2}', now=1100)
-    assert not verify(tenant_secret("master", "globex"), header, b'{"a":1}', now=1100)
-    assert not verify(secret, header, b'{"a":1}', now=2000)  # too old: a replay
-    assert not verify(secret, "garbage", b'{"a":1}', now=1000)
+    assert secret.startswith("whsec_") and secret != tenant_secret("master", "globex")
+    headers = signed_headers(secret, "job-1", 1000, b'{"a":1}')
+    assert verify(secret, headers, b'{"a":1}', now=1100)
+    assert verify(secret, {k.upper(): v for k, v in headers.items()}, b'{"a":1}', now=1100)
+    assert not verify(secret, headers, b'{"a":2}', now=1100)
+    assert not verify(secret, {**headers, "webhook-id": "job-2"}, b'{"a":1}', now=1100)
+    assert not verify(tenant_secret("master", "globex"), headers, b'{"a":1}', now=1100)
+    assert not verify(secret, headers, b'{"a":1}', now=2000)  # too old: a replay
+    assert not verify(secret, {"webhook-signature": "garbage"}, b'{"a":1}', now=1000)
+
+
+def test_signatures_are_standard_webhooks_as_its_reference_library_checks_them() -> None:
+    """Receivers can use Standard Webhooks' own libraries (here its Python one)."""
+    import time
+
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    secret, body = tenant_secret("master", "acme"), b'{"event":"job.finished"}'
+    headers = signed_headers(secret, "job-1", int(time.time()), body)
+    assert Webhook(secret).verify(body, headers) == {"event": "job.finished"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(tenant_secret("master", "globex")).verify(body, headers)
 
 
 def test_retry_delays_double_up_to_a_cap() -> None:
