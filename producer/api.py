@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import time
@@ -45,6 +46,7 @@ HEALTH_CHECK_S = 1.5     # each dependency check of /readyz answers within this
 MAX_WAIT_S = 60.0        # longest long-poll
 WATCH_POLL_S = 0.25      # how often a long-poll re-reads the job
 HEARTBEAT_S = 15.0       # an idle event stream sends a comment line this often
+MAX_IMAGES = 4           # images one OpenAI-style request may ask for
 RECONNECT_MS = 2000      # the event stream's `retry:`: how soon a dropped client reconnects
 
 
@@ -132,6 +134,22 @@ class JobPage(BaseModel):
     next: float | None = Field(description="pass as `before` for the next page; null: no more")
 
 
+class ImagesRequest(BaseModel):
+    """OpenAI's images request (POST /v1/images/generations)."""
+
+    prompt: str
+    n: int = Field(1, ge=1, description="images, each a job with its own seed")
+    size: str | None = Field(None, description="WIDTHxHEIGHT, multiples of 8")
+    response_format: str = Field("url", description="url (presigned) or b64_json")
+    model: str | None = Field(None, description="accepted and ignored: one model is served")
+    user: str | None = Field(None, description="accepted and ignored")
+
+
+class ImagesAnswer(BaseModel):
+    created: int
+    data: list[dict[str, str]] = Field(description="[{url}] or [{b64_json}], in order")
+
+
 class Health(BaseModel):
     ok: bool
     checks: dict[str, str] = Field(description="each store: ok, or why not")
@@ -159,6 +177,51 @@ def _job_urls(job_id: str) -> dict[str, str]:
     presigned S3 URL of a succeeded job)."""
     path = f"/v1/jobs/{job_id}"
     return {"get": path, "cancel": path, "stream": f"{path}/events", "image": f"{path}/image"}
+
+
+async def _json_object(request: Request) -> dict[str, Any] | JSONResponse:
+    """The request's JSON object body, or the error answer: 415 not JSON's media type, 413
+    too large, 400 not JSON; a body that is JSON but not an object raises InvalidRequest."""
+    content_type = request.headers.get("content-type", "")
+    # Media types are case-insensitive (RFC 9110): APPLICATION/JSON is JSON too.
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        return _error(415, "unsupported_media_type",
+                      f"content-type {content_type[:100]!r}: send application/json")
+    body = await _capped_body(request)
+    if body is None:
+        response = _error(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+        response.headers["Connection"] = "close"  # the rest of it is never read
+        return response
+    try:
+        payload = _decode_body(body)
+    except InvalidRequest as exc:
+        return _error(400, "bad_json", str(exc), exc.field)
+    if not isinstance(payload, dict):
+        raise InvalidRequest("body", f"must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def _openai_images(payload: dict[str, Any]) -> tuple[dict[str, Any], int, str]:
+    """An OpenAI images request (prompt, n, size "WxH", response_format url or b64_json;
+    model and user accepted and ignored: one model is served) as (job request, n, format)."""
+    allowed = {"prompt", "n", "size", "response_format", "model", "user"}
+    unknown = sorted(set(payload) - allowed)
+    if unknown:
+        raise InvalidRequest(unknown[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+    n = payload.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_IMAGES:
+        raise InvalidRequest("n", f"{n!r} is not a whole number in [1, {MAX_IMAGES}]")
+    size = payload.get("size")
+    job: dict[str, Any] = {"prompt": payload.get("prompt")}
+    if size is not None:
+        width, _, height = str(size).partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise InvalidRequest("size", f"{size!r} is not WIDTHxHEIGHT, e.g. 512x512")
+        job.update(width=int(width), height=int(height))
+    response_format = payload.get("response_format", "url")
+    if response_format not in ("url", "b64_json"):
+        raise InvalidRequest("response_format", f"{response_format!r}: url or b64_json")
+    return job, n, response_format
 
 
 async def _finished_or_latest(acting: Client, job_id: str, wait_s: float) -> dict[str, Any]:
@@ -366,22 +429,9 @@ def create_app(client: Client | None = None) -> FastAPI:
         """Submit a job. It is validated before anything is enqueued. With `Prefer: wait=N`
         the answer waits up to N seconds: 200 and the finished job, else 202 as without."""
         acting = tenant_client(request)
-        content_type = request.headers.get("content-type", "")
-        # Media types are case-insensitive (RFC 9110): APPLICATION/JSON is JSON too.
-        if content_type.split(";")[0].strip().lower() != "application/json":
-            return _error(415, "unsupported_media_type",
-                          f"content-type {content_type[:100]!r}: send application/json")
-        body = await _capped_body(request)
-        if body is None:
-            response = _error(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
-            response.headers["Connection"] = "close"  # the rest of it is never read
-            return response
-        try:
-            payload = _decode_body(body)
-        except InvalidRequest as exc:
-            return _error(400, "bad_json", str(exc), exc.field)
-        if not isinstance(payload, dict):
-            raise InvalidRequest("body", f"must be a JSON object, got {type(payload).__name__}")
+        payload = await _json_object(request)
+        if isinstance(payload, JSONResponse):
+            return payload
         if "prompt" not in payload:
             raise InvalidRequest("prompt", "is required")
         if "idempotency_key" in payload:  # a header, never a body field
@@ -397,6 +447,39 @@ def create_app(client: Client | None = None) -> FastAPI:
                                     headers={"Preference-Applied": f"wait={wait_s:g}"})
         return JSONResponse({"id": job_id, "state": "queued", "urls": _job_urls(job_id)},
                             status_code=202)
+
+    @api.post("/v1/images/generations", responses={
+        200: {"model": ImagesAnswer}, **_errors(400, 401, 413, 415, 422, 503),
+        502: {"model": ErrorBody, "description": "a job failed or was cancelled"},
+        504: {"model": ErrorBody, "description": f"not finished within {MAX_WAIT_S} s: the "
+                                                 "message names the jobs to poll"}},
+        openapi_extra={**SECURED, "requestBody": {"required": True, "content": {
+            "application/json": {"schema": ImagesRequest.model_json_schema()}}}})
+    async def openai_images(request: Request) -> JSONResponse:
+        """OpenAI's images endpoint, for clients that speak it: each image is a job (the
+        same validation, cache and queue), answered when all finish, within MAX_WAIT_S."""
+        acting = tenant_client(request)
+        payload = await _json_object(request)
+        if isinstance(payload, JSONResponse):
+            return payload
+        job, n, response_format = _openai_images(payload)
+        job_ids = [await asyncio.to_thread(acting.submit_payload, job) for _ in range(n)]
+        views = await asyncio.gather(*(_finished_or_latest(acting, job_id, MAX_WAIT_S)
+                                       for job_id in job_ids))
+        if not all(JobState(view["state"]).terminal for view in views):
+            return _error(504, "timeout", f"not finished within {MAX_WAIT_S} s; poll "
+                                          f"/v1/jobs/{{id}} for {', '.join(job_ids)}")
+        failed = [view for view in views if view["state"] != "succeeded"]
+        if failed:
+            return _error(502, "generation_failed",
+                          f"job {failed[0]['id']} {failed[0]['state']}: {failed[0]['error']}")
+        if response_format == "url":
+            data = [{"url": view["image_url"]} for view in views]
+        else:
+            images = await asyncio.gather(*(asyncio.to_thread(acting.result, job_id)
+                                            for job_id in job_ids))
+            data = [{"b64_json": base64.b64encode(png).decode()} for png in images]
+        return JSONResponse({"created": int(time.time()), "data": data})
 
     @api.get("/v1/jobs", responses={200: {"model": JobPage}, **_errors(401, 422, 503)},
              openapi_extra={**SECURED, "parameters": [

@@ -170,6 +170,31 @@ def test_the_cli_works_against_a_deployment_over_http(stack, tmp_path: Path) -> 
     assert refused.returncode == 2 and "API key" in refused.stderr
 
 
+def test_openai_style_images_endpoint_answers_as_openai_clients_expect(api, stack) -> None:
+    """POST /v1/images/generations: each image a job of ours, answered when all finish."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    asked = {"prompt": "an openai-style otter", "n": 2, "size": "64x64", "model": "any"}
+    answer = api.post("/v1/images/generations", json={**asked, "response_format": "b64_json"},
+                      timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert isinstance(answer.json()["created"], int) and len(answer.json()["data"]) == 2
+    sizes = {Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).size
+             for item in answer.json()["data"]}
+    assert sizes == {(64, 64)}
+    urls = api.post("/v1/images/generations", json={**asked, "n": 1}, timeout=120).json()
+    assert httpx.get(urls["data"][0]["url"]).content[:4] == b"\x89PNG"
+    before = job_count(stack)
+    for bad, field in (({"size": "big"}, "size"), ({"n": 9}, "n"), ({"style": "vivid"}, "style"),
+                       ({"response_format": "png"}, "response_format")):
+        refused = api.post("/v1/images/generations", json={"prompt": "x", **bad})
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == field
+    assert job_count(stack) == before
+
+
 def test_a_tenant_lists_its_own_jobs_newest_first_a_page_at_a_time(api) -> None:
     ids = [api.post("/v1/jobs", json={"prompt": f"a listed fox {i}", "steps": 2}).json()["id"]
            for i in range(3)]
