@@ -20,6 +20,8 @@ def _budget_label(row: dict) -> str:
 
 
 KINDS = ("exact", "re-roll", "near edit", "chained")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+DASHES = ("-", "--", ":", "-.")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -45,10 +47,19 @@ def write_sweep_plots(rows: list[dict], out: Path) -> list[Path]:
     budgets = sorted({r["budget_prompts"] or 0 for r in rows}, key=lambda b: b or float("inf"))
     labels = [str(b) if b else "unbounded" for b in budgets]
     figure, axis = plt.subplots(figsize=(7, 4))
-    for policy, rules in dict.fromkeys((r["policy"], r["rules"]) for r in rows):
+    def line_of(row: dict) -> tuple[str, str]:
+        return row["policy"], row.get("rules", "old")  # results from before the rules: old
+
+    lines = list(dict.fromkeys(line_of(r) for r in rows))
+    for index, (policy, rules) in enumerate(lines):
         by_budget = {r["budget_prompts"] or 0: r["steps_saved_frac"] for r in rows
-                     if (r["policy"], r["rules"]) == (policy, rules)}
-        axis.plot(labels, [100 * by_budget.get(b, float("nan")) for b in budgets], marker="o",
+                     if line_of(r) == (policy, rules)}
+        # Policies often tie (LCBFU and LFU at most budgets): each line its own marker and
+        # dash, drawn smaller than the one before, so a tied line shows inside the other.
+        axis.plot(labels, [100 * by_budget.get(b, float("nan")) for b in budgets],
+                  marker=MARKERS[index % len(MARKERS)], markersize=11 - 2 * (index % 4),
+                  linestyle=DASHES[index % len(DASHES)], linewidth=2.5 - 0.4 * (index % 4),
+                  markerfacecolor="none" if index % 2 else None,
                   label=f"{policy}, {rules} rules")
     axis.set_xlabel("cache budget (prompts' worth of items)")
     axis.set_ylabel("denoising steps saved (%)")
@@ -64,7 +75,8 @@ def write_sweep_plots(rows: list[dict], out: Path) -> list[Path]:
                key=lambda r: r["budget_prompts"] or float("inf"))
     figure, (k_axis, time_axis) = plt.subplots(1, 2, figsize=(11, 4))
     ks = sorted(best["k_histogram"], key=int)
-    k_axis.bar(ks, [best["k_histogram"][k] for k in ks])
+    # numeric positions: matplotlib picks ticks that do not overlap, however many Ks there are
+    k_axis.bar([int(k) for k in ks], [best["k_histogram"][k] for k in ks], width=0.8)
     k_axis.set_xlabel("K on hits (of 50)")
     k_axis.set_ylabel("hits")
     k_axis.set_title(f"K distribution ({best['policy']}, {_budget_label(best)})")
