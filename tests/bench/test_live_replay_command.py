@@ -43,4 +43,8 @@ def test_live_replay_scores_both_arms_and_pairs_resumed_jobs(tmp_path):
         assert diversity[measure]["cache_on"] > 0 and diversity[measure]["cache_off"] > 0
         assert diversity[measure]["ratio_on_off"]["value"] > 0
     assert (tmp_path / "live-samples.png").stat().st_size > 0
+    for arm in ("cache_on", "cache_off"):  # the CDF's data: every job's latency, sorted
+        assert len(result[arm]["latencies_s"]) == 4
+        assert result[arm]["latencies_s"] == sorted(result[arm]["latencies_s"])
+    assert (tmp_path / "live-latency-cdf.png").stat().st_size > 0
     assert "Resumed vs the same requests from scratch" in out.with_suffix(".md").read_text()
