@@ -215,9 +215,10 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
     if pairs:
         rows = [np.concatenate([images["cache_on"][a], images["cache_off"][b]], 1)
                 for a, b in pairs[:grid_size]]
-        grid = np.concatenate(rows, 0)
-        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3),
-                                     Image.Resampling.NEAREST).save(grid_path)
+        labels = [f"K {v['cache']['k']}, similarity {v['cache']['similarity']:.2f}, seed "
+                  f"{v['request']['seed']}: {v['request']['prompt'][:48]}"
+                  for v in resumed[:grid_size]]
+        labelled_grid(rows, ("resumed", "from scratch"), labels).save(grid_path)
 
     def mean(values: list[float]) -> float | None:
         return statistics.fmean(values) if values else None
@@ -245,6 +246,26 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
                      "score_from_scratch": scores["cache_off"][b]}
                     for v, (a, b) in zip(resumed[:grid_size], pairs[:grid_size])],
     }
+
+
+def labelled_grid(rows: list[np.ndarray], columns: tuple[str, str], labels: list[str],
+                  scale: int = 3) -> Image.Image:
+    """Rows of image pairs, enlarged, under column headings, each row named on its right."""
+    from PIL import ImageDraw
+
+    grid = np.concatenate(rows, 0)
+    picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                           Image.Resampling.NEAREST)
+    header, margin, row_height = 18, 420, picture.height // len(rows)
+    canvas = Image.new("RGB", (picture.width + margin, picture.height + header), "white")
+    canvas.paste(picture, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    for index, heading in enumerate(columns):
+        draw.text((index * picture.width // len(columns) + 4, 3), heading, fill="black")
+    for index, label in enumerate(labels):
+        draw.text((picture.width + 6, header + index * row_height + row_height // 2 - 6), label,
+                  fill="black")
+    return canvas
 
 
 def resamples(count: int, draws: int = 2000, seed: int = 0) -> np.ndarray:
