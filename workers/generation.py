@@ -154,21 +154,29 @@ def redelivered(record: JobRecord) -> bool:
     return record.deliveries > 0
 
 
-def step_reporter(job_id: str, jobs: JobStore) -> Callable[[int, int], None]:
+REPORT_PAUSE_S = 5.0  # after a failed progress report, steps go unreported this long
+
+
+def step_reporter(job_id: str, jobs: JobStore,
+                  now: Callable[[], float] = time.monotonic) -> Callable[[int, int], None]:
     """Per-step progress; raises JobCancelled at the next step after a cancel request.
     While Redis is down the steps go on unreported: the work is not thrown away for an
-    outage, and the finished job waits for Redis (JobStore's outage budget)."""
-    unreported = False
+    outage, and the finished job waits for Redis (JobStore's outage budget). After a failed
+    report the next ones are skipped for REPORT_PAUSE_S, so a Redis that does not answer
+    (a partition: each call waits for its timeout) does not hold every step of a batch."""
+    unreported, paused_until = False, 0.0
 
     def on_step(step: int, total: int) -> None:
-        nonlocal unreported
+        nonlocal unreported, paused_until
+        if now() < paused_until:
+            return
         try:
             cancelled = jobs.report_progress(job_id, step, total)
         except BrokerUnavailable as exc:
             if not unreported:
                 log.warning("job %s: progress not reported from step %d on: %s", job_id,
                             step, exc)
-            unreported = True
+            unreported, paused_until = True, now() + REPORT_PAUSE_S
             return
         if unreported:
             log.info("job %s: progress reported again at step %d", job_id, step)

@@ -413,3 +413,36 @@ def test_a_job_waiting_for_a_batch_stays_queued_uncounted_and_can_be_cancelled(e
     assert outcomes[0]["state"] == "succeeded" and outcomes[1]["state"] == "cancelled"
     assert jobs.get("waiting").state is JobState.CANCELLED and jobs.get("waiting").deliveries == 0
     assert len(calls) == STEPS   # the cancelled job ran none
+
+
+def test_after_a_failed_progress_report_steps_go_unreported_for_a_pause_then_report_again(
+        ) -> None:
+    """A Redis that does not answer costs one timeout per pause, not one per step of every
+    job in a batch; once it answers, progress (and cancels) are seen again."""
+    from core.errors import BrokerUnavailable, JobCancelled
+    from workers.generation import REPORT_PAUSE_S, step_reporter
+
+    class FlakyJobs:
+        def __init__(self) -> None:
+            self.down, self.calls, self.cancel = True, [], False
+
+        def report_progress(self, job_id: str, step: int, total: int) -> bool:
+            self.calls.append(step)
+            if self.down:
+                raise BrokerUnavailable("Redis unreachable")
+            return self.cancel
+
+    clock = [0.0]
+    jobs = FlakyJobs()
+    on_step = step_reporter("job", jobs, now=lambda: clock[0])  # type: ignore[arg-type]
+    for step in range(1, 6):  # all within the pause after step 1's failure
+        on_step(step, 10)
+        clock[0] += REPORT_PAUSE_S / 10
+    assert jobs.calls == [1]
+    jobs.down = False
+    clock[0] += REPORT_PAUSE_S
+    on_step(6, 10)
+    assert jobs.calls == [1, 6]
+    jobs.cancel = True
+    with pytest.raises(JobCancelled):
+        on_step(7, 10)
