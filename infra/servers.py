@@ -238,10 +238,10 @@ def cpu_worker(name: str, config: Settings) -> Service:
 def gpu_worker(name: str, config: Settings) -> Service:
     """A generation worker: one job at a time in one pool process, or, with T2I_GPU_BATCH
     above 1, that many task threads whose jobs one batcher thread advances together."""
-    if config.gpu_batch > 1:
-        return worker(name, ",".join(queues.GPU_QUEUES), config,
-                      concurrency=config.gpu_batch, pool="threads")
-    return worker(name, ",".join(queues.GPU_QUEUES), config)
+    from infra.gpu_worker import gpu_pool
+
+    concurrency, pool = gpu_pool(config)
+    return worker(name, ",".join(queues.GPU_QUEUES), config, concurrency=concurrency, pool=pool)
 
 
 def webhook_worker(name: str, config: Settings) -> Service:

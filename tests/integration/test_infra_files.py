@@ -17,6 +17,7 @@ import yaml
 import celeryconfig
 from core import settings
 from core.settings import Settings
+from infra import gpu_worker
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 K8S = INFRA / "k8s"
@@ -35,7 +36,15 @@ def routed_queues() -> set[str]:
             .values()}
 
 
+def effective(command: list[str]) -> list[str]:
+    """The worker command a container runs: t2i-gpu-worker's celery command, or itself."""
+    if command[0] == "t2i-gpu-worker":
+        return gpu_worker.celery_command(Settings(), command[1:])
+    return command
+
+
 def consumed_queues(command: list[str]) -> set[str]:
+    command = effective(command)
     return set(command[command.index("-Q") + 1].split(",")) if "-Q" in command else set()
 
 
@@ -87,7 +96,8 @@ def test_compose_services_set_only_variables_the_code_reads() -> None:
         assert devices[0]["driver"] == "nvidia" and "count" not in devices[0]
         pinned += devices[0]["device_ids"]
     assert len(pinned) == len(set(pinned)) == len(gpus)
-    nodes = [gpu["command"][gpu["command"].index("-n") + 1] for gpu in gpus]
+    nodes = [effective(gpu["command"])[effective(gpu["command"]).index("-n") + 1]
+             for gpu in gpus]
     assert len(set(nodes)) == len(nodes)  # a lease and Flower tell them apart by node name
     published = [port for s in services.values() for port in s.get("ports", [])]
     assert published and all(port.startswith("127.0.0.1:") for port in published)
@@ -233,3 +243,25 @@ def test_the_image_copies_every_package_the_project_installs() -> None:
     copied = {line.split()[1] for line in (INFRA / "Dockerfile").read_text().splitlines()
               if line.startswith("COPY ")}
     assert set(project["tool"]["setuptools"]["packages"]) <= copied
+
+
+def test_gpu_workers_take_the_pool_t2i_gpu_batch_asks_for() -> None:
+    """Compose, Kubernetes and the local stack start GPU workers through one rule."""
+    import dataclasses
+
+    from infra import servers
+
+    one = gpu_worker.celery_command(Settings(), ["-n", "gpu0@%h"])
+    assert one[one.index("-c") + 1] == "1" and one[one.index("-P") + 1] == "prefork"
+    batching = dataclasses.replace(Settings(), gpu_batch=4)
+    four = gpu_worker.celery_command(batching, [])
+    assert four[four.index("-c") + 1] == "4" and four[four.index("-P") + 1] == "threads"
+    assert four[four.index("-n") + 1] == "gpu@%h"  # a node name, unless one is given
+    stack = servers.gpu_worker("gpu", batching).argv
+    assert stack[stack.index("-P") + 1] == "threads" and stack[stack.index("-c") + 1] == "4"
+    services = compose()["services"]
+    pods = [d for d in k8s_documents() if d["kind"] == "Deployment" and
+            d["metadata"]["name"] == "gpu-worker"]
+    commands = [services[name]["command"] for name in services if name.startswith("gpu-")] + \
+        [pod["spec"]["template"]["spec"]["containers"][0]["command"] for pod in pods]
+    assert len(commands) == 3 and all(command[0] == "t2i-gpu-worker" for command in commands)
