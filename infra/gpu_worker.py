@@ -2,8 +2,8 @@
 
 A GPU worker with the pool T2I_GPU_BATCH asks for: one job per pool process (`-c 1 -P
 prefork`), or, above 1, that many task threads whose jobs one batcher thread advances
-together (`-c N -P threads`). Compose, Kubernetes and the local stack start GPU workers with
-it, so none has to repeat that rule.
+together (`-c N -P threads`). Compose and Kubernetes run it; the local stack
+(infra.servers) uses the same rule, ``gpu_pool``.
 """
 
 from __future__ import annotations
