@@ -159,31 +159,6 @@ def summarise(views: list[dict]) -> dict[str, Any]:
     }
 
 
-def write_latency_cdf(result: dict[str, Any], path: Path) -> None:
-    """End-to-end latency CDFs of the two arms, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for arm, style in (("cache_on", "-"), ("cache_off", "--")):
-        latencies = result[arm]["latencies_s"]
-        axis.step(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))],
-                  where="post", linestyle=style, label=f"{arm.replace('_', ' ')} "
-                  f"(p50 {result[arm]['latency_p50_s']:.2f} s, p99 "
-                  f"{result[arm]['latency_p99_s']:.2f} s)")
-    axis.set_xlabel("end-to-end latency (s)")
-    axis.set_ylabel("fraction of jobs")
-    axis.set_title(f"Latency, cache on vs off ({result['requests']} requests, "
-                   f"{result['arrivals']})")
-    axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def fetch_images(client: Client, views: list[dict]) -> dict[str, np.ndarray]:
     """Job id -> RGB pixels of every succeeded job."""
     return {v["id"]: png_pixels(client.result(v["id"])) for v in views
@@ -460,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                                        out.with_name(out.name + "-samples.png"))
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result))
+    from bench.plots import write_latency_cdf
+
     write_latency_cdf(result, out.with_name(out.name + "-latency-cdf.png"))
     print(markdown(result))
     return 0

@@ -47,12 +47,17 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
-def _how(view: dict[str, Any]) -> str:
-    """The state, and once triage decided, how the job runs: "generating, resume K 10"."""
+def _route(view: dict[str, Any]) -> str:
+    """How the job runs once triage decided ("resume K 10", "full", "exact"); "" before."""
     cache = view.get("cache") or {}
-    route = cache.get("route")
-    if route == "resume":
-        return f"{view['state']}, resume K {cache.get('k')}"
+    if cache.get("route") == "resume":
+        return f"resume K {cache.get('k')}"
+    return str(cache.get("route") or "")
+
+
+def _how(view: dict[str, Any]) -> str:
+    """The state, and the route once there is one: "generating, resume K 10"."""
+    route = _route(view)
     return f"{view['state']}, {route}" if route else view["state"]
 
 
@@ -61,7 +66,7 @@ def _summary(view: dict[str, Any]) -> str:
     took = ""
     if timings.get("finished_at") and timings.get("submitted_at"):
         took = f" in {timings['finished_at'] - timings['submitted_at']:.1f} s"
-    line = f"job {view['id']} {view['state']}{took}: {_how(view).split(', ', 1)[-1]}"
+    line = f"job {view['id']} {view['state']}{took}: {_route(view) or view['state']}"
     line += f", {progress['step']}/{progress['total']} steps"
     if view["state"] == "succeeded":
         return line + f"\n  image: t2i result {view['id']}  (or {view.get('image_url')})"
