@@ -96,12 +96,15 @@ def _describe(item: SceneObject, rng: random.Random) -> str:
     return f"a {' '.join(words)} {where}" if rng.random() < 0.7 else f"{where}, a {' '.join(words)}"
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """One of many phrasings of ``scene``: every attribute is named, the words vary."""
+def caption(scene: Scene, rng: random.Random, omit: int | None = None) -> str:
+    """One of many phrasings of ``scene``: every attribute is named, the words vary.
+    ``omit`` leaves out the object at that index and phrases the rest exactly as with it
+    (a user deleting an object from a prompt)."""
     parts = [_describe(item, rng) for item in scene.objects]
-    rng.shuffle(parts)
+    order = list(range(len(parts)))
+    rng.shuffle(order)
     background = rng.choice(BACKGROUND_TEMPLATES).format(c=scene.background)
-    joined = " and ".join(parts)
+    joined = " and ".join(parts[index] for index in order if index != omit)
     return f"{background}: {joined}" if rng.random() < 0.3 else f"{joined}, {background}"
 
 
@@ -157,3 +160,4 @@ def edit(scene: Scene, rng: random.Random) -> Scene:
         item = SceneObject(item.shape, item.colour,
                            next(s for s in SIZES if s != item.size), item.position)
     return Scene(scene.background, scene.objects[:index] + (item,) + scene.objects[index + 1:])
+
