@@ -41,6 +41,7 @@ from producer.client import Client
 from quality.evaluator import Evaluator, png_pixels, to_tensor
 from quality.reroll import feature_distance, pixel_distance, ratio
 from quality.scoring import load_scorer
+from workers.builtin_models import cache_embedder, cache_k_table
 
 
 def arm_settings(base: Settings, state_dir: Path, cache_on: bool) -> Settings:
@@ -110,6 +111,38 @@ def was_resumed(view: dict) -> bool:
 def was_exact(view: dict) -> bool:
     """An identical finished request's image answered the job (no step ran)."""
     return (view["cache"] or {}).get("route") == "exact"
+
+
+def by_request(views: list[dict]) -> dict[tuple[str, int, int], dict]:
+    """Succeeded jobs keyed by (prompt, seed, occurrence): the same request in either arm."""
+    seen: Counter[tuple[str, int]] = Counter()
+    keyed = {}
+    for view in views:
+        asked = (view["request"]["prompt"], view["request"]["seed"])
+        seen[asked] += 1
+        if view["state"] == "succeeded":
+            keyed[(*asked, seen[asked])] = view
+    return keyed
+
+
+def paired_intervals(views: dict[str, list[dict]]) -> dict[str, Any]:
+    """95% bootstrap intervals over the requests both arms answered: steps saved (cache on)
+    and mean latency on / off."""
+    on, off = by_request(views["cache_on"]), by_request(views["cache_off"])
+    both = sorted(set(on) & set(off))
+    if not both:
+        return {}
+    draws = resamples(len(both))
+    requested = np.array([on[key]["request"]["steps"] for key in both], dtype=float)
+    ran = np.array([on[key]["unet_calls"] for key in both], dtype=float)
+
+    def latency(view: dict) -> float:
+        return view["timings"]["finished_at"] - view["timings"]["submitted_at"]
+
+    return {"requests": len(both),
+            "steps_saved_frac": ratio(requested - ran, requested, draws),
+            "latency_ratio_on_off": ratio(np.array([latency(on[key]) for key in both]),
+                                          np.array([latency(off[key]) for key in both]), draws)}
 
 
 def summarise(views: list[dict]) -> dict[str, Any]:
@@ -203,9 +236,15 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
     adherence_ratio = (ratio(np.array([scores["cache_on"][a] for a, _ in pairs]),
                              np.array([scores["cache_off"][b] for _, b in pairs]),
                              resamples(len(pairs))) if pairs else None)
+    on, off = by_request(views["cache_on"]), by_request(views["cache_off"])
+    both = sorted(set(on) & set(off))
     return {
         "scorer": scorer.name,
         "score_ratio_resumed_vs_scratch_ci95": adherence_ratio,
+        "score_ratio_all_jobs_on_off_ci95": ratio(
+            np.array([scores["cache_on"][on[key]["id"]] for key in both]),
+            np.array([scores["cache_off"][off[key]["id"]] for key in both]),
+            resamples(len(both))) if both else None,
         "reroll_diversity": reroll_diversity(views, images, getattr(scorer, "judge", None)),
         "score_mean_cache_on": mean(list(scores["cache_on"].values())),
         "score_mean_cache_off": mean(list(scores["cache_off"].values())),
@@ -241,6 +280,14 @@ def labelled_grid(rows: list[np.ndarray], columns: tuple[str, str], labels: list
         draw.text((picture.width + 6, header + index * row_height + row_height // 2 - 6), label,
                   fill="black")
     return canvas
+
+
+def interval(cell: dict[str, Any]) -> str:
+    """A ratio with its interval, as ``quality.reroll.ratio`` gives them."""
+    if cell.get("value") is None:
+        return "-"
+    low, high = cell["ci95"]
+    return f"**{cell['value']:.3f}** [{low:.3f}, {high:.3f}]"
 
 
 def resamples(count: int, draws: int = 2000, seed: int = 0) -> np.ndarray:
@@ -324,6 +371,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Mean latency ratio on/off: **{result['latency_ratio_on_off']:.3f}**; "
               f"throughput ratio on/off: **{result['throughput_ratio_on_off']:.3f}**.",
               f"Route reasons (cache on): {on['route_reasons']}"]
+    if intervals := result.get("intervals"):
+        lines += ["", f"95% bootstrap intervals over the {intervals['requests']} requests both "
+                  f"arms answered: steps saved {interval(intervals['steps_saved_frac'])}, "
+                  f"latency on/off {interval(intervals['latency_ratio_on_off'])}."]
     if quality := result.get("quality"):
         def show(value: float | None) -> str:
             return "-" if value is None else f"{value:.3f}"
@@ -340,6 +391,9 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{quality['score_ratio_resumed_vs_scratch_ci95']['ci95']})."
                      if (quality.get("score_ratio_resumed_vs_scratch_ci95") or {}).get("ci95")
                      else ".")]
+        if all_jobs := quality.get("score_ratio_all_jobs_on_off_ci95"):
+            lines += ["", f"All jobs, cache on / off (the same requests): "
+                          f"{interval(all_jobs)} (95% bootstrap interval)."]
         if diversity := quality.get("reroll_diversity"):
             lines += ["", f"Re-roll diversity (mean pairwise distance between the images of "
                           f"one prompt under different seeds; {diversity['prompts']} prompts, "
@@ -413,20 +467,23 @@ def main(argv: list[str] | None = None) -> int:
                 stack.down(config)
 
     summary = {name: summarise(arm_views) for name, arm_views in views.items()}
+    embedder = cache_embedder(base.embedder, base.model)
     result = {
         "command": "python -m bench.replay_live " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.node()}: {platform.machine()}, CPU only, two stacks side by side",
         "model": next(v["model"] for v in views["cache_on"] if v["state"] != "refused"),
         "channel": args.channel,
-        "requests": len(requests), "steps": args.steps, "k_table": base.k_table,
+        "requests": len(requests), "steps": args.steps,
+        "k_table": cache_k_table(base.k_table, base.model, embedder),
         "admit_resumed": base.cache_admit_resumed,
         "arrivals": f"Poisson {args.rate}/s" if args.rate else "closed loop",
-        "embedder": base.embedder, "wall_s": wall,
+        "embedder": embedder, "wall_s": wall,
         **summary,
         "latency_ratio_on_off": (summary["cache_on"]["latency_mean_s"]
                                  / summary["cache_off"]["latency_mean_s"]),
         "throughput_ratio_on_off": (summary["cache_on"]["throughput_jobs_per_s"]
                                     / summary["cache_off"]["throughput_jobs_per_s"]),
+        "intervals": paired_intervals(views),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

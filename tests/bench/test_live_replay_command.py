@@ -47,4 +47,14 @@ def test_live_replay_scores_both_arms_and_pairs_resumed_jobs(tmp_path):
         assert len(result[arm]["latencies_s"]) == 4
         assert result[arm]["latencies_s"] == sorted(result[arm]["latencies_s"])
     assert (tmp_path / "live-latency-cdf.png").stat().st_size > 0
-    assert "Resumed vs the same requests from scratch" in out.with_suffix(".md").read_text()
+    intervals = result["intervals"]  # over the 4 requests both arms answered
+    assert intervals["requests"] == 4
+    saved, latency = intervals["steps_saved_frac"], intervals["latency_ratio_on_off"]
+    assert saved["value"] == pytest.approx(result["cache_on"]["steps_saved_frac"], abs=1e-4)
+    assert latency["value"] > 0
+    all_jobs = quality["score_ratio_all_jobs_on_off_ci95"]
+    for cell in (saved, latency) + ((all_jobs,) if all_jobs["value"] is not None else ()):
+        assert cell["ci95"][0] <= cell["value"] <= cell["ci95"][1]
+    report = out.with_suffix(".md").read_text()
+    assert "Resumed vs the same requests from scratch" in report
+    assert "95% bootstrap intervals over the 4 requests" in report
