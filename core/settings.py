@@ -92,8 +92,8 @@ def _image_side(value: int) -> str | None:
 
 
 def _k_table(value: str) -> str | None:
-    return None if value == "reference" or Path(value).expanduser().is_file() else \
-        "is neither 'reference' nor a JSON file that exists"
+    return None if value in ("auto", "reference") or Path(value).expanduser().is_file() else \
+        "is neither 'auto', 'reference' nor a JSON file that exists"
 
 
 def _parses(parse: Callable[[str], object]) -> Check:
@@ -222,13 +222,15 @@ class Settings:
     # Approximate caching
     cache_enabled: bool = _setting("T2I_CACHE", True,
                                    "approximate caching on (1) or off (0: every job runs in full)")
-    embedder: str = _setting("T2I_EMBEDDER", "minilm",
-                             "prompt embedder for the lookup: minilm (all-MiniLM-L6-v2, 384-d) "
-                             "or clip (the served model's text encoder, pooled)",
-                             check=_one_of("minilm", "clip"))
-    k_table: str = _setting("T2I_K_TABLE", "reference",
-                            "similarity -> K table: 'reference' (NIRVANA's) or a JSON file path",
-                            check=_k_table)
+    embedder: str = _setting("T2I_EMBEDDER", "auto",
+                             "prompt embedder for the lookup: minilm (all-MiniLM-L6-v2, 384-d), "
+                             "clip (the served model's text encoder, pooled), or auto (the one "
+                             "the model was profiled best with (scene), else minilm)",
+                             check=_one_of("auto", "minilm", "clip"))
+    k_table: str = _setting("T2I_K_TABLE", "auto",
+                            "similarity -> K table: 'reference' (NIRVANA's), a JSON file path, "
+                            "or auto (the table profiled for the model and embedder: the scene "
+                            "model's, else reference)", check=_k_table)
 
     cache_admit_resumed: bool = _setting("T2I_CACHE_ADMIT_RESUMED", True,
                                          "a job resumed from K keeps its own latents at the K "

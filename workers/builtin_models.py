@@ -144,6 +144,29 @@ def ensure_built(model: BuiltModel, models_dir: Path) -> Path:
     return target
 
 
+# The embedder the scene model is served with under 'auto', and where the tables
+# quality.profile derived for it live, one per embedder (README, Quality harness).
+SCENE_EMBEDDER = "minilm"
+SCENE_K_TABLES = SCENE_MODEL_DIR.parent
+
+
+def cache_embedder(setting: str, model: str) -> str:
+    """T2I_EMBEDDER resolved: 'auto' is the embedder the model was profiled best with (the
+    scene model's own text encoder), else MiniLM."""
+    if setting != "auto":
+        return setting
+    return SCENE_EMBEDDER if model == "scene" else "minilm"
+
+
+def cache_k_table(setting: str, model: str, embedder: str) -> str:
+    """T2I_K_TABLE resolved: 'auto' is the table profiled for this model and embedder where
+    the project has one (the scene model's, per embedder), else the reference table."""
+    if setting != "auto":
+        return setting
+    profiled = SCENE_K_TABLES / f"k-table-scene-{embedder}.json"
+    return str(profiled) if model == "scene" and profiled.is_file() else "reference"
+
+
 def resolve_model(model: str, models_dir: Path) -> tuple[str, str]:
     """(where to load from, label for job records) for a T2I_MODEL value."""
     if model in BUILT_MODELS:

@@ -13,6 +13,7 @@ from cachemgr.ktable import KTable
 from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, load_settings
+from workers.builtin_models import cache_embedder, cache_k_table
 
 clock = time.time
 
@@ -65,9 +66,13 @@ def object_store() -> ObjectStore:
     return store
 
 
+def embedder_name() -> str:
+    return cache_embedder(settings().embedder, settings().model)
+
+
 @functools.cache
 def k_table() -> KTable:
-    return KTable.load(settings().k_table)
+    return KTable.load(cache_k_table(settings().k_table, settings().model, embedder_name()))
 
 
 def _limit_torch_threads() -> None:
@@ -108,7 +113,7 @@ def embedder():
 
     config = settings()
     _limit_torch_threads()
-    return load_embedder(config.embedder, config.model, config.state_path / "models")
+    return load_embedder(embedder_name(), config.model, config.state_path / "models")
 
 
 @functools.cache

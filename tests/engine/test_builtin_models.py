@@ -36,3 +36,19 @@ def test_tiny_is_built_once_and_reused(tmp_path):
     assert index.stat().st_mtime_ns == written
     assert "TEST model" in label
     assert [p.name for p in tmp_path.iterdir()] == [index.parent.name]  # no staging left
+
+
+def test_auto_picks_the_embedder_and_table_profiled_for_the_model(tmp_path, monkeypatch) -> None:
+    from workers import builtin_models
+
+    assert builtin_models.cache_embedder("auto", "scene") == builtin_models.SCENE_EMBEDDER
+    assert builtin_models.cache_embedder("auto", "tiny") == "minilm"
+    assert builtin_models.cache_embedder("minilm", "scene") == "minilm"  # a set value wins
+
+    monkeypatch.setattr(builtin_models, "SCENE_K_TABLES", tmp_path)
+    (tmp_path / "k-table-scene-clip.json").write_text("{}")
+    assert builtin_models.cache_k_table("auto", "scene", "clip") == str(
+        tmp_path / "k-table-scene-clip.json")
+    assert builtin_models.cache_k_table("auto", "scene", "minilm") == "reference"  # none profiled
+    assert builtin_models.cache_k_table("auto", "/models/mine", "clip") == "reference"
+    assert builtin_models.cache_k_table("/t.json", "scene", "clip") == "/t.json"
