@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -129,6 +131,24 @@ def write_latency_cdf(result: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def labelled_grid(rows: list[np.ndarray], columns: tuple[str, str], labels: list[str],
+                  scale: int = 3) -> Image.Image:
+    """Rows of image pairs, enlarged, under column headings, each row named on its right."""
+    grid = np.concatenate(rows, 0)
+    picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                           Image.Resampling.NEAREST)
+    header, margin, row_height = 18, 420, picture.height // len(rows)
+    canvas = Image.new("RGB", (picture.width + margin, picture.height + header), "white")
+    canvas.paste(picture, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    for index, heading in enumerate(columns):
+        draw.text((index * picture.width // len(columns) + 4, 3), heading, fill="black")
+    for index, label in enumerate(labels):
+        draw.text((picture.width + 6, header + index * row_height + row_height // 2 - 6), label,
+                  fill="black")
+    return canvas
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from core.errors import InvalidRequest
@@ -221,6 +220,8 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
     full = [v for v in views["cache_on"] if v["state"] == "succeeded" and v not in resumed]
     pairs = [(v["id"], scratch[key(v)]) for v in resumed]
     if pairs:
+        from bench.plots import labelled_grid  # matplotlib loads only when a grid is drawn
+
         rows = [np.concatenate([images["cache_on"][a], images["cache_off"][b]], 1)
                 for a, b in pairs[:grid_size]]
         labels = [f"K {v['cache']['k']}, similarity {v['cache']['similarity']:.2f}, seed "
@@ -260,26 +261,6 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
                      "score_from_scratch": scores["cache_off"][b]}
                     for v, (a, b) in zip(resumed[:grid_size], pairs[:grid_size])],
     }
-
-
-def labelled_grid(rows: list[np.ndarray], columns: tuple[str, str], labels: list[str],
-                  scale: int = 3) -> Image.Image:
-    """Rows of image pairs, enlarged, under column headings, each row named on its right."""
-    from PIL import ImageDraw
-
-    grid = np.concatenate(rows, 0)
-    picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                           Image.Resampling.NEAREST)
-    header, margin, row_height = 18, 420, picture.height // len(rows)
-    canvas = Image.new("RGB", (picture.width + margin, picture.height + header), "white")
-    canvas.paste(picture, (0, header))
-    draw = ImageDraw.Draw(canvas)
-    for index, heading in enumerate(columns):
-        draw.text((index * picture.width // len(columns) + 4, 3), heading, fill="black")
-    for index, label in enumerate(labels):
-        draw.text((picture.width + 6, header + index * row_height + row_height // 2 - 6), label,
-                  fill="black")
-    return canvas
 
 
 def interval(cell: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ For ``n`` held-out scenes: generate from the caption (through the serving engine
 diffusers model directory works), read the attributes back, and report mean prompt
 adherence next to that of the true rendered scenes (the evaluator's ceiling), plus an
 FID-style distance between generated and true images on the evaluator's features. Writes
-a JSON report and a grid of samples (left: true scene, right: generated).
+a JSON report and a labelled grid of samples (left: true scene, right: generated).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
@@ -88,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    rows = [np.concatenate(pairs[i:i + 4], 1) for i in range(0, len(pairs) - 3, 4)]
-    if rows:
-        Image.fromarray(np.concatenate(rows, 0)).resize(
-            (rows[0].shape[1] * 3, len(rows) * 64 * 3), Image.Resampling.NEAREST).save(
+    if pairs:
+        from bench.plots import labelled_grid
+
+        labels = [f"adherence {sample['adherence']:.2f}: {sample['prompt'][:60]}"
+                  for sample in report["samples"]]
+        labelled_grid(pairs, ("true scene", "generated"), labels, scale=2).save(
             out.with_name(out.name + "-samples.png"))
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     return 0
