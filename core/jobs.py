@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import InvalidRequest, InvalidTransition
 from core.plan import CachePlan, Reason, Route
+from core.webhooks import DEFAULT_EVENTS, Event
 
 if TYPE_CHECKING:
     from core.settings import Settings
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height")
-# What a submission may carry: the request, and where to POST the finished job (checked by
-# the producer, which hands parse_request the rest).
-SUBMISSION_FIELDS = (*REQUEST_FIELDS, "webhook_url")
+# What a submission may carry: the request, and where to POST the job's events and which
+# (checked by the producer, which hands parse_request the rest).
+SUBMISSION_FIELDS = (*REQUEST_FIELDS, "webhook_url", "webhook_events_filter")
 MIN_SIZE = 64
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 50.0
@@ -213,9 +214,28 @@ class JobRecord:
     deliveries: int = 0
     requeues: int = 0            # times the reconciler re-sent a message nothing held
     worker: str = ""
-    webhook_url: str = ""        # POSTed the finished job (see core.webhooks)
+    webhook_url: str = ""        # POSTed the job's events (see core.webhooks)
+    webhook_events: str = ""     # which, comma-separated ("": completed only)
     # What the stages report (GENERATION_FACTS, TIMING_FACTS, the webhook's outcome):
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wanted_events(self) -> tuple[Event, ...]:
+        """The events its webhook is POSTed for (none without a webhook)."""
+        if not self.webhook_url:
+            return ()
+        return tuple(Event(name) for name in self.webhook_events.split(",")) \
+            if self.webhook_events else DEFAULT_EVENTS
+
+    def events_due(self, old: JobRecord) -> list[Event]:
+        """The wanted events that the change from ``old`` to this record makes happen
+        (progress is reported outside the state machine: JobStore.report_progress)."""
+        happened = []
+        if self.state is JobState.GENERATING and old.state is not JobState.GENERATING:
+            happened.append(Event.STARTED)
+        if self.state.terminal and not old.state.terminal:
+            happened.append(Event.COMPLETED)
+        return [event for event in happened if event in self.wanted_events]
 
     def transition(self, new_state: JobState, **changes: Any) -> JobRecord:
         """Return the record in ``new_state`` with ``changes`` applied, if the move is allowed."""
@@ -303,6 +323,7 @@ class JobRecord:
             "error": self.error or None,
             "cancel_requested": self.cancel_requested,
             "webhook_url": self.webhook_url or None,
+            "webhook_events_filter": [str(e) for e in self.wanted_events] or None,
             "webhook": self.extra.get("webhook"),
         }
 

@@ -16,6 +16,7 @@ from core.backoff import backoff_s
 from core.errors import BrokerUnavailable, IdempotencyConflict, JobNotFound, T2IError
 from core.jobs import JobRecord, JobState
 from core.metrics import Sample, merged, sample, transition_samples
+from core.webhooks import Event, delivery_key
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -26,16 +27,17 @@ T = TypeVar("T")
 KEY_PREFIX = "t2i:job:"
 METRICS_KEY = "t2i:metrics"
 IDEMPOTENCY_PREFIX = "t2i:idem:"          # + tenant:key -> "<job id> <request fingerprint>"
-WEBHOOK_OUTBOX = "t2i:webhooks"          # sorted set: job id -> when its POST is due
-WEBHOOK_ATTEMPTS = "t2i:webhook-attempts"  # hash: job id -> failed POSTs so far
-WEBHOOK_RESENT = "t2i:webhook-resent"    # hash: job id -> when the sweep last re-sent it
+# Webhook deliveries, each "<job id>:<event>" (core.webhooks.delivery_key):
+WEBHOOK_OUTBOX = "t2i:webhooks"          # sorted set: delivery -> when its POST is due
+WEBHOOK_ATTEMPTS = "t2i:webhook-attempts"  # hash: delivery -> failed POSTs so far
+WEBHOOK_RESENT = "t2i:webhook-resent"    # hash: delivery -> when the sweep last re-sent it
 ACTIVE_JOBS = "t2i:active"               # sorted set: unfinished job id -> last sign of life
 EVENTS_PREFIX = "t2i:events:"            # stream per job: each state change and step, in order
 TENANT_JOBS_PREFIX = "t2i:tenant-jobs:"  # sorted set per tenant: job id -> when submitted
 EVENTS_MAXLEN = 2000                     # entries kept per job (above the most steps a job has)
 
 WebhookDue = Callable[[str], None]
-"""Called with a job id once its finishing transaction put a webhook in the outbox."""
+"""Called with a delivery key once a transaction put that webhook delivery in the outbox."""
 
 
 @contextlib.contextmanager
@@ -230,17 +232,17 @@ class JobStore(JobRules):
 
     def update(self, job_id: str, change: Callable[[JobRecord], JobRecord]) -> JobRecord:
         """Apply ``change`` atomically (optimistic WATCH/MULTI, retried on a concurrent write).
-        In the same transaction: the metrics it moves (so a retry never counts twice) and, when
-        the job finishes and has a webhook, its delivery (an outbox: it cannot be lost), after
-        which ``webhook_due`` is told, so the delivery need not wait for a sweep.
+        In the same transaction: the metrics it moves (so a retry never counts twice) and the
+        webhook deliveries of the events it makes happen (started, completed, as the job
+        wants: an outbox, so none can be lost), after which ``webhook_due`` is told each, so
+        a delivery need not wait for a sweep.
 
         ``change`` may raise (e.g. InvalidTransition); then nothing is written.
         """
         key = self.key(job_id)
-        outboxed = False
+        outboxed: list[str] = []
 
         def apply(pipe: redis.client.Pipeline) -> JobRecord:
-            nonlocal outboxed
             raw = pipe.hgetall(key)
             if not raw:
                 raise JobNotFound(job_id)
@@ -251,9 +253,9 @@ class JobStore(JobRules):
             if (new.state, new.step, new.total_steps) != (old.state, old.step, old.total_steps):
                 self._queue_event(pipe, job_id, new.state, new.step, new.total_steps)
             add_to(pipe, transition_samples(old, new))
-            outboxed = bool(new.webhook_url and new.state.terminal and not old.state.terminal)
+            outboxed[:] = [delivery_key(job_id, event) for event in new.events_due(old)]
             if outboxed:
-                pipe.zadd(WEBHOOK_OUTBOX, {job_id: 0})  # due at once
+                pipe.zadd(WEBHOOK_OUTBOX, dict.fromkeys(outboxed, 0))  # due at once
             if new.state.terminal:
                 pipe.zrem(ACTIVE_JOBS, job_id)
             else:
@@ -265,23 +267,38 @@ class JobStore(JobRules):
                 return transaction(self._redis, apply, key)
 
         new = self._outlasting(f"job {job_id}: update", transact)
-        if outboxed and self._webhook_due is not None:
-            try:
-                self._webhook_due(job_id)
-            except T2IError as exc:  # the outbox holds it: the sweep sends it later
-                log.warning("job %s: webhook message not sent yet: %s", job_id, exc)
+        for delivery in outboxed:
+            self._tell_webhook_due(delivery)
         return new
 
-    def report_progress(self, job_id: str, step: int, total: int) -> bool:
+    def _tell_webhook_due(self, delivery: str) -> None:
+        if self._webhook_due is None:
+            return
+        try:
+            self._webhook_due(delivery)
+        except T2IError as exc:  # the outbox holds it: the sweep sends it later
+            log.warning("webhook %s: message not sent yet: %s", delivery, exc)
+
+    def report_progress(self, job_id: str, step: int, total: int,
+                        progress_webhook: bool = False) -> bool:
         """Cheap per-step write (outside the state machine), which is also the job's sign of
-        life; returns whether a cancel was asked. Never waits for Redis."""
+        life; returns whether a cancel was asked. Never waits for Redis. With
+        ``progress_webhook`` (the job wants progress events) it also puts a progress delivery
+        in the outbox unless one is pending: the delivery sends the job as it is then, so a
+        slow receiver gets fewer, later steps rather than a backlog."""
+        delivery = delivery_key(job_id, Event.PROGRESS)
         with redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             pipe.hset(self.key(job_id), mapping={"step": step, "total_steps": total})
             pipe.zadd(ACTIVE_JOBS, {job_id: self._now()}, xx=True)
             pipe.hget(self.key(job_id), "cancel_requested")
             self._queue_event(pipe, job_id, JobState.GENERATING, step, total)
-            return pipe.execute()[2] == "1"
+            if progress_webhook:
+                pipe.zadd(WEBHOOK_OUTBOX, {delivery: 0}, nx=True)
+            answers = pipe.execute()
+        if progress_webhook and answers[-1]:
+            self._tell_webhook_due(delivery)
+        return answers[2] == "1"
 
     def tenant_jobs(self, tenant: str, limit: int, before: float | None) -> list[JobRecord]:
         """The tenant's jobs, newest first, submitted before ``before`` (None: any time);
@@ -332,6 +349,7 @@ class InMemoryJobStore(JobRules):
         self.records[job_id] = change(self.get(job_id))
         return self.records[job_id]
 
-    def report_progress(self, job_id: str, step: int, total: int) -> bool:
+    def report_progress(self, job_id: str, step: int, total: int,
+                        progress_webhook: bool = False) -> bool:
         self.records[job_id] = replace(self.get(job_id), step=step, total_steps=total)
         return self.records[job_id].cancel_requested

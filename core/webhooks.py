@@ -2,11 +2,13 @@
 no clock of its own (the resolver and the time are passed in).
 
 A delivery is a POST of the job's JSON view, signed as Standard Webhooks
-(standardwebhooks.com) specify, so receivers can use its libraries: ``webhook-id`` (the
-job's id: retries keep it, receivers dedupe on it), ``webhook-timestamp`` (unix seconds) and
+(standardwebhooks.com) specify, so receivers can use its libraries: ``webhook-id``
+(``<job id>.<event>``, and the step for progress: retries keep it, receivers dedupe on
+it), ``webhook-timestamp`` (unix seconds) and
 ``webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">``, keyed by the
 tenant's secret (``GET /v1/webhook-secret``, ``whsec_<base64 key>``). Receivers recompute it
-and reject old timestamps, which stops replays.
+and reject old timestamps, which stops replays. The body is ``{"event": "job.<event>",
+"job": <the job's view>}`` for the events the job asked for (``Event``).
 
 A tenant names the URL, so a webhook is a request our own worker sends on a stranger's
 behalf (SSRF). The same parser (``parse_target``) checks a URL at submit and builds the
@@ -47,6 +49,50 @@ _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: is_private
 
 
 RETRY_FIRST_S, RETRY_CAP_S = 1.0, 600.0   # a failed delivery is retried after 1, 2, 4 ... s
+
+
+class Event(StrEnum):
+    """What a job's webhook is POSTed for; a job names the ones it wants
+    (``webhook_events_filter``, as cog's), ``completed`` alone by default."""
+
+    STARTED = "started"        # a GPU worker began generating it
+    PROGRESS = "progress"      # a denoising step finished (coalesced: one pending at a time)
+    COMPLETED = "completed"    # it succeeded, failed or was cancelled
+
+
+DEFAULT_EVENTS = (Event.COMPLETED,)
+
+
+def parse_events(value: object) -> tuple[Event, ...]:
+    """A submission's ``webhook_events_filter``: a non-empty list of event names, each known;
+    raises InvalidRequest naming the bad value."""
+    known = ", ".join(event.value for event in Event)
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("webhook_events_filter", f"must be a non-empty list of events "
+                             f"({known}), got {value!r}")
+    for name in value:
+        if not isinstance(name, str) or name not in {event.value for event in Event}:
+            raise InvalidRequest("webhook_events_filter", f"{name!r} is not an event "
+                                 f"(choose from {known})")
+    return tuple(event for event in Event if event in value)
+
+
+def delivery_key(job_id: str, event: Event) -> str:
+    """The outbox entry (and message) of one event of one job."""
+    return f"{job_id}:{event}"
+
+
+def parse_delivery_key(key: str) -> tuple[str, Event]:
+    """(job id, event) of an outbox entry; an entry made before events existed is the job's
+    completion."""
+    job_id, _, event = key.partition(":")
+    return job_id, Event(event) if event else Event.COMPLETED
+
+
+def message_id(job_id: str, event: Event, step: int) -> str:
+    """The ``webhook-id`` receivers dedupe on: retries of one event keep it; each progress
+    step has its own."""
+    return f"{job_id}.{event}" + (f".{step}" if event is Event.PROGRESS else "")
 
 
 def tenant_secret(master: str, tenant: str) -> str:

@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import redis.asyncio
@@ -61,8 +61,11 @@ class JobSubmission(BaseModel):
     seed: int | None = Field(None, description="0 to 2^63-1; random when left out")
     width: int | None = Field(None, description="pixels, multiple of 8 (T2I_DEFAULT_SIZE)")
     height: int | None = Field(None, description="pixels, multiple of 8 (T2I_DEFAULT_SIZE)")
-    webhook_url: str | None = Field(None, description="http(s) URL POSTed the job when it "
-                                    "finishes, signed as Standard Webhooks specify")
+    webhook_url: str | None = Field(None, description="http(s) URL POSTed the job's events, "
+                                    "signed as Standard Webhooks specify")
+    webhook_events_filter: list[Literal["started", "progress", "completed"]] | None = Field(
+        None, description="which events to POST (as cog's filter): started, progress (at "
+                          "most one pending at a time), completed; default [completed]")
 
 
 SECURED: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]}
@@ -124,7 +127,8 @@ class JobView(BaseModel):
     error: str | None
     cancel_requested: bool
     webhook_url: str | None
-    webhook: dict[str, Any] | None
+    webhook_events_filter: list[str] | None
+    webhook: dict[str, Any] | None = Field(None, description="the completed event's delivery")
     image_url: str | None = Field(None, description="once succeeded: a presigned S3 URL")
     urls: JobUrls | None = Field(None, description="the API's paths for the job")
 

@@ -27,7 +27,7 @@ from core.jobs import JobRecord, JobState, RequestLimits, parse_request
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from core.settings import Settings, load_settings
-from core.webhooks import AddressPolicy, parse_allowlist, parse_target
+from core.webhooks import AddressPolicy, parse_allowlist, parse_events, parse_target
 from workers.app import TRIAGE_TASK, WEBHOOK_TASK, enqueue, make_app
 from workers.webhooks import resolve_host
 
@@ -75,15 +75,19 @@ class Client:
         return self._objects
 
     def submit(self, prompt: str, *, idempotency_key: str | None = None,
-               webhook_url: str | None = None, **params: Any) -> str:
+               webhook_url: str | None = None, webhook_events_filter: list[str] | None = None,
+               **params: Any) -> str:
         """Validate and enqueue a job; return its id. Bad input raises InvalidRequest and
         enqueues nothing. A repeated ``idempotency_key`` (per tenant, kept as long as job
         records) returns the first job's id instead of making another; reused with a
-        different request it raises IdempotencyConflict. ``webhook_url`` is POSTed the job
-        when it finishes."""
+        different request it raises IdempotencyConflict. ``webhook_url`` is POSTed the job's
+        events: those of ``webhook_events_filter`` (core.webhooks.Event), completed alone
+        by default."""
         payload = {"prompt": prompt, **params}
         if webhook_url is not None:
             payload["webhook_url"] = webhook_url
+        if webhook_events_filter is not None:
+            payload["webhook_events_filter"] = webhook_events_filter
         return self.submit_payload(payload, idempotency_key)
 
     def submit_payload(self, payload: dict[str, Any], idempotency_key: str | None = None) -> str:
@@ -91,8 +95,12 @@ class Client:
         any key is just a field (an unknown one is refused by name)."""
         params = dict(payload)
         webhook_url = params.pop("webhook_url", None)
+        events_filter = params.pop("webhook_events_filter", None)
         request = parse_request(params, self.limits, random_seed=secrets.randbelow(2**32))
         hook = "" if webhook_url is None else self._allowed_webhook(webhook_url)
+        events = "" if events_filter is None else ",".join(parse_events(events_filter))
+        if events and not hook:
+            raise InvalidRequest("webhook_events_filter", "given without a webhook_url")
         idempotency = None
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY.fullmatch(
@@ -100,11 +108,13 @@ class Client:
                 raise InvalidRequest("Idempotency-Key", f"{idempotency_key!r} must be 1 to 128 "
                                      "printable ASCII characters without spaces")
             idempotency = (f"{self.tenant}:{idempotency_key}",
-                           _fingerprint({"webhook_url": webhook_url, **params}))
+                           _fingerprint({"webhook_url": webhook_url,
+                                         "webhook_events_filter": events_filter, **params}))
         job_id = uuid.uuid4().hex
         holder = self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,
                                             model=self.settings.model, submitted_at=time.time(),
-                                            tenant=self.tenant, webhook_url=hook), idempotency)
+                                            tenant=self.tenant, webhook_url=hook,
+                                            webhook_events=events), idempotency)
         if holder != job_id:
             return holder
         try:

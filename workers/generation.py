@@ -32,6 +32,7 @@ from core.jobs import JobRecord, JobState, image_key
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from core.plan import CachePlan
+from core.webhooks import Event
 from workers.engine import DenoisingEngine, Generation
 from workers.latents import load_latent, save_latents
 
@@ -154,12 +155,17 @@ def redelivered(record: JobRecord) -> bool:
     return record.deliveries > 0
 
 
+def wants_progress(record: JobRecord) -> bool:
+    return Event.PROGRESS in record.wanted_events
+
+
 REPORT_PAUSE_S = 5.0  # after a failed progress report, steps go unreported this long
 
 
-def step_reporter(job_id: str, jobs: JobStore,
-                  now: Callable[[], float] = time.monotonic) -> Callable[[int, int], None]:
-    """Per-step progress; raises JobCancelled at the next step after a cancel request.
+def step_reporter(job_id: str, jobs: JobStore, now: Callable[[], float] = time.monotonic,
+                  progress_webhook: bool = False) -> Callable[[int, int], None]:
+    """Per-step progress (and its webhook, when the job wants progress events); raises
+    JobCancelled at the next step after a cancel request.
     While Redis is down the steps go on unreported: the work is not thrown away for an
     outage, and the finished job waits for Redis (JobStore's outage budget). After a failed
     report the next ones are skipped for REPORT_PAUSE_S, so a Redis that does not answer
@@ -171,7 +177,7 @@ def step_reporter(job_id: str, jobs: JobStore,
         if now() < paused_until:
             return
         try:
-            cancelled = jobs.report_progress(job_id, step, total)
+            cancelled = jobs.report_progress(job_id, step, total, progress_webhook)
         except BrokerUnavailable as exc:
             if not unreported:
                 log.warning("job %s: progress not reported from step %d on: %s", job_id,
@@ -263,8 +269,8 @@ def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore,
     capture = cache.kept(None, request.steps) if cache else frozenset()
     try:
         result: Generation = engine.generate(
-            request, step_reporter(job_id, jobs), capture, alone=redelivered(record),
-            on_join=joining.at(request.steps))
+            request, step_reporter(job_id, jobs, progress_webhook=wants_progress(record)),
+            capture, alone=redelivered(record), on_join=joining.at(request.steps))
     except JobCancelled:
         return finish_cancelled(record, jobs, now, cache)
     except InvalidTransition:   # it ended while it waited for a batch
@@ -325,8 +331,9 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore,
 
     capture = cache.kept(plan, request.steps)
     try:
-        result = engine.resume(request, fetch, k, step_reporter(job_id, jobs), capture,
-                               plan.reseed, alone=redelivered(record),
+        on_step = step_reporter(job_id, jobs, progress_webhook=wants_progress(record))
+        result = engine.resume(request, fetch, k, on_step, capture, plan.reseed,
+                               alone=redelivered(record),
                                on_join=joining.at(request.steps - plan.steps_saved))
     except (ObjectMissing, CorruptLatent, ObjectStoreUnavailable) as exc:
         reason = f"latent {entry}/K={k} unusable: {exc}"

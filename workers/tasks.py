@@ -276,18 +276,19 @@ def jobs_reconcile() -> dict[str, Any]:
 
 
 @app.task(name=WEBHOOK_TASK)
-def webhooks_deliver(job_id: str) -> dict[str, Any]:
-    """One delivery attempt; a failed one that may be retried sends itself again later."""
+def webhooks_deliver(delivery: str) -> dict[str, Any]:
+    """One attempt of a delivery ("<job id>:<event>"); a failed one that may be retried
+    sends itself again later."""
     from workers.webhooks import WebhookOutbox, deliver
 
-    attempt = deliver(job_id, WebhookOutbox(runtime.redis_client()), runtime.job_store(),
+    attempt = deliver(delivery, WebhookOutbox(runtime.redis_client()), runtime.job_store(),
                       runtime.webhook_delivery(), runtime.clock)
     if attempt.retry_in_s is not None:
         try:
-            enqueue(app, WEBHOOK_TASK, job_id, countdown=attempt.retry_in_s)
+            enqueue(app, WEBHOOK_TASK, delivery, countdown=attempt.retry_in_s)
         except TransientError as exc:  # the outbox holds it: the sweep re-sends it
-            log.warning("job %s: webhook retry not scheduled: %s", job_id, exc)
-    return {"job_id": job_id, "outcome": attempt.outcome and str(attempt.outcome),
+            log.warning("webhook %s: retry not scheduled: %s", delivery, exc)
+    return {"delivery": delivery, "outcome": attempt.outcome and str(attempt.outcome),
             "retry_in_s": attempt.retry_in_s}
 
 

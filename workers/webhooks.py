@@ -1,13 +1,16 @@
 """Webhook delivery, on its own queue and worker (``webhooks``): a slow receiver never
 holds up triage, the cache or a GPU.
 
-A job that finishes with a webhook enters a Redis outbox in the same transaction as its
-final state (core.jobstore), and a ``webhooks.deliver`` message for it is sent right after.
-Each message makes one attempt: claim the job's outbox entry, resolve its host, check every
-address (core.webhooks.AddressPolicy), POST to a checked address, never a re-resolved one,
-within a total deadline, and record a coarse outcome on the job. A failure is retried by a
-delayed message, backing off; the beat task ``webhooks.sweep`` re-sends a message for any
-entry whose message was lost. At least once: receivers dedupe on ``webhook-id`` (Standard
+Each event a job's webhook wants (started, progress, completed: core.webhooks.Event)
+enters a Redis outbox as ``<job id>:<event>`` in the same write that makes it happen
+(core.jobstore), and a ``webhooks.deliver`` message for it is sent right after. Each
+message makes one attempt: claim the outbox entry, read the job as it is now, resolve its
+host, check every address (core.webhooks.AddressPolicy), POST to a checked address, never a
+re-resolved one, within a total deadline, and record a coarse outcome (the completion's on
+the job). A failed start or completion is retried by a delayed message, backing off; a
+failed progress POST is not (the next step sends a newer one), and progress after the job
+finished is dropped. The beat task ``webhooks.sweep`` re-sends a message for any entry
+whose message was lost. At least once: receivers dedupe on ``webhook-id`` (Standard
 Webhooks, core.webhooks).
 """
 
@@ -38,9 +41,12 @@ from core.webhooks import (
     RETRY_CAP_S,
     RETRY_FIRST_S,
     AddressPolicy,
+    Event,
     Outcome,
     Resolve,
     WebhookTarget,
+    message_id,
+    parse_delivery_key,
     parse_target,
     signed_headers,
     tenant_secret,
@@ -84,21 +90,21 @@ def http_send(deadline_s: float) -> Send:
 
 
 class WebhookOutbox:
-    """Due deliveries: a sorted set of job id -> when its next attempt is due, and the
-    failed attempts so far."""
+    """Due deliveries: a sorted set of delivery (core.webhooks.delivery_key) -> when its
+    next attempt is due, and the failed attempts so far."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
 
-    def claim(self, job_id: str, now: float, lease_s: float) -> bool:
-        """Take the job's delivery if it is due, moving it ``lease_s`` ahead so a duplicate
+    def claim(self, delivery: str, now: float, lease_s: float) -> bool:
+        """Take the delivery if it is due, moving it ``lease_s`` ahead so a duplicate
         message leaves it alone (and a crashed attempt is retried once the lease ends)."""
         def claim(pipe: redis.client.Pipeline) -> bool:
-            score = pipe.zscore(WEBHOOK_OUTBOX, job_id)
+            score = pipe.zscore(WEBHOOK_OUTBOX, delivery)
             if score is None or score > now:
                 return False  # delivered, given up, or not due yet
             pipe.multi()
-            pipe.zadd(WEBHOOK_OUTBOX, {job_id: now + lease_s})
+            pipe.zadd(WEBHOOK_OUTBOX, {delivery: now + lease_s})
             return True
 
         with redis_errors():
@@ -110,26 +116,26 @@ class WebhookOutbox:
         with redis_errors():
             due = self._redis.zrangebyscore(WEBHOOK_OUTBOX, "-inf", before, 0, limit)
             resent = self._redis.hmget(WEBHOOK_RESENT, due) if due else []
-        return [job_id for job_id, at in zip(due, resent) if at is None or
+        return [delivery for delivery, at in zip(due, resent) if at is None or
                 float(at) < resent_before]
 
-    def resent(self, job_id: str, now: float) -> None:
+    def resent(self, delivery: str, now: float) -> None:
         with redis_errors():
-            self._redis.hset(WEBHOOK_RESENT, job_id, now)
+            self._redis.hset(WEBHOOK_RESENT, delivery, now)
 
-    def done(self, job_id: str) -> None:
+    def done(self, delivery: str) -> None:
         with redis_errors():
-            self._redis.pipeline().zrem(WEBHOOK_OUTBOX, job_id).hdel(
-                WEBHOOK_ATTEMPTS, job_id).hdel(WEBHOOK_RESENT, job_id).execute()
+            self._redis.pipeline().zrem(WEBHOOK_OUTBOX, delivery).hdel(
+                WEBHOOK_ATTEMPTS, delivery).hdel(WEBHOOK_RESENT, delivery).execute()
 
-    def failed(self, job_id: str) -> int:
+    def failed(self, delivery: str) -> int:
         """Count one more failed attempt; returns the count."""
         with redis_errors():
-            return int(self._redis.hincrby(WEBHOOK_ATTEMPTS, job_id, 1))
+            return int(self._redis.hincrby(WEBHOOK_ATTEMPTS, delivery, 1))
 
-    def due_at(self, job_id: str, when: float) -> None:
+    def due_at(self, delivery: str, when: float) -> None:
         with redis_errors():
-            self._redis.zadd(WEBHOOK_OUTBOX, {job_id: when}, xx=True)
+            self._redis.zadd(WEBHOOK_OUTBOX, {delivery: when}, xx=True)
 
 
 @dataclass(frozen=True)
@@ -146,22 +152,23 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Attempt:
-    job_id: str
+    delivery: str
     outcome: Outcome | None           # None: nothing was attempted (not due, or gone)
     retry_in_s: float | None = None   # when the next attempt is due, if there is one
 
 
-def _try(record: JobRecord, delivery: Delivery, now: float) -> tuple[Outcome, int | None, str]:
+def _try(record: JobRecord, event: Event, delivery: Delivery,
+         now: float) -> tuple[Outcome, int | None, str]:
     """One POST: (outcome, HTTP status, detail for the operator's log). Any error is this
     delivery's alone: it never escapes to stop other deliveries."""
     try:
         target = parse_target(record.webhook_url)
         addresses = delivery.policy.check(target, delivery.resolve)
-        body = json.dumps({"event": "job.finished", "job": record.public()},
+        body = json.dumps({"event": f"job.{event}", "job": record.public()},
                           sort_keys=True).encode()
         headers = {"Content-Type": "application/json",
                    **signed_headers(tenant_secret(delivery.master_secret, record.tenant),
-                                    record.id, int(now), body)}
+                                    message_id(record.id, event, record.step), int(now), body)}
         status = delivery.send(addresses[0], target, body, headers)
     except (WebhookRefused, InvalidRequest) as exc:  # a URL stored before today's checks
         return Outcome.REFUSED, None, str(exc)
@@ -174,37 +181,43 @@ def _try(record: JobRecord, delivery: Delivery, now: float) -> tuple[Outcome, in
     return Outcome.HTTP_ERROR, status, f"HTTP {status}"
 
 
-def deliver(job_id: str, outbox: WebhookOutbox, jobs: JobStore, delivery: Delivery,
+def deliver(key: str, outbox: WebhookOutbox, jobs: JobStore, delivery: Delivery,
             now: Callable[[], float]) -> Attempt:
-    """Make one delivery attempt for ``job_id`` if it is due; record its outcome."""
-    if not outbox.claim(job_id, now(), lease_s=delivery.deadline_s + 30):
-        return Attempt(job_id, None)
+    """Make one attempt of the delivery ``key`` if it is due; record its outcome."""
+    if not outbox.claim(key, now(), lease_s=delivery.deadline_s + 30):
+        return Attempt(key, None)
+    job_id, event = parse_delivery_key(key)
     try:
         record = jobs.get(job_id)
     except JobNotFound:  # expired: nothing left to tell
-        outbox.done(job_id)
-        return Attempt(job_id, None)
-    outcome, status, detail = _try(record, delivery, now())
+        outbox.done(key)
+        return Attempt(key, None)
+    if event is Event.PROGRESS and record.state.terminal:
+        outbox.done(key)  # its completion tells more, and a later progress would mislead
+        return Attempt(key, None)
+    outcome, status, detail = _try(record, event, delivery, now())
     retry_in = None
     if outcome is Outcome.DELIVERED:
-        outbox.done(job_id)
+        outbox.done(key)
         attempts = int(record.extra.get("webhook", {}).get("attempts", 0)) + 1
         state = "delivered"
     else:
-        attempts = outbox.failed(job_id)
-        if outcome is Outcome.REFUSED or attempts >= delivery.max_attempts:
-            outbox.done(job_id)
+        attempts = outbox.failed(key)
+        if (outcome is Outcome.REFUSED or event is Event.PROGRESS
+                or attempts >= delivery.max_attempts):
+            outbox.done(key)
             state = "failed"
         else:
             retry_in = backoff_s(attempts - 1, RETRY_FIRST_S, RETRY_CAP_S)
-            outbox.due_at(job_id, now() + retry_in)
+            outbox.due_at(key, now() + retry_in)
             state = "retrying"
-    view = {"status": state, "attempts": attempts, "outcome": str(outcome),
-            "http_status": status}
-    jobs.update(job_id, lambda r: replace(r, extra={**r.extra, "webhook": view}))
-    log.info("job %s: webhook %s after %d attempt(s): %s (%s)", job_id, state, attempts,
-             outcome, detail)
-    return Attempt(job_id, outcome, retry_in)
+    if event is Event.COMPLETED:  # what the job's view reports: the final word's fate
+        view = {"status": state, "attempts": attempts, "outcome": str(outcome),
+                "http_status": status}
+        jobs.update(job_id, lambda r: replace(r, extra={**r.extra, "webhook": view}))
+    log.info("job %s: webhook %s %s after %d attempt(s): %s (%s)", job_id, event, state,
+             attempts, outcome, detail)
+    return Attempt(key, outcome, retry_in)
 
 
 def resend_overdue(outbox: WebhookOutbox, now: float, grace_s: float, resend_after_s: float,
@@ -213,12 +226,12 @@ def resend_overdue(outbox: WebhookOutbox, now: float, grace_s: float, resend_aft
     lost: never sent, or held by a worker that died), at most once per ``resend_after_s``
     each, so a stopped webhook worker does not come back to a pile of duplicates."""
     resent = []
-    for job_id in outbox.overdue(now - grace_s, resent_before=now - resend_after_s):
+    for key in outbox.overdue(now - grace_s, resent_before=now - resend_after_s):
         try:
-            send_message(job_id)
+            send_message(key)
         except T2IError as exc:
-            log.warning("job %s: webhook message not re-sent: %s", job_id, exc)
+            log.warning("webhook %s: message not re-sent: %s", key, exc)
             break
-        outbox.resent(job_id, now)
-        resent.append(job_id)
+        outbox.resent(key, now)
+        resent.append(key)
     return resent

@@ -378,7 +378,8 @@ def test_webhook_is_signed_and_retried_until_delivered(api: httpx.Client, receiv
     assert [status for status, _, _ in Receiver.received] == [500, 500, 204]
     secret = api.get("/v1/webhook-secret").json()["secret"]
     for _, headers, body in Receiver.received:
-        assert headers[ID_HEADER] == job_id  # the same on every retry: receivers dedupe on it
+        # The same on every retry: receivers dedupe on it.
+        assert headers[ID_HEADER] == f"{job_id}.completed"
         assert verify(secret, headers, body, now=time.time())
         assert json.loads(body)["job"]["state"] == "succeeded"
     first, last = (float(h[TIMESTAMP_HEADER]) for _, h, _ in
@@ -386,3 +387,37 @@ def test_webhook_is_signed_and_retried_until_delivered(api: httpx.Client, receiv
     assert last - first >= 2  # backed off 1 s, then 2 s
     assert view["webhook"] == {"status": "delivered", "attempts": 3, "outcome": "delivered",
                                "http_status": 204}
+
+
+def test_a_webhook_gets_the_events_its_filter_names(api: httpx.Client, receiver: str,
+                                                    monkeypatch) -> None:
+    monkeypatch.setattr(Receiver, "failures", 0)
+    bad = api.post("/v1/jobs", json={"prompt": "x", "webhook_url": receiver,
+                                     "webhook_events_filter": ["finished"]})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "webhook_events_filter"
+    job_id = api.post("/v1/jobs", json={
+        "prompt": "a trout that reports", **SMALL, "steps": 30, "webhook_url": receiver,
+        "webhook_events_filter": ["started", "progress", "completed"]}).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}").json()["webhook_events_filter"] == [
+        "started", "progress", "completed"]
+
+    def events() -> list[tuple[str, dict]]:
+        found = []
+        for _, headers, body in list(Receiver.received):
+            sent = json.loads(body)
+            if sent["job"]["id"] == job_id:
+                found.append((headers[ID_HEADER], sent))
+        return found
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not any(
+            sent["event"] == "job.completed" for _, sent in events()):
+        time.sleep(0.2)
+    kinds = [sent["event"] for _, sent in events()]
+    assert kinds.count("job.started") == 1 and kinds.count("job.completed") == 1, kinds
+    for message, sent in events():
+        if sent["event"] == "job.progress":  # the job as it was when the POST was made
+            assert sent["job"]["state"] == "generating"
+            assert message == f"{job_id}.progress.{sent['job']['progress']['step']}"
+        if sent["event"] == "job.completed":
+            assert sent["job"]["state"] == "succeeded" and message == f"{job_id}.completed"

@@ -15,7 +15,14 @@ import pytest
 from core.errors import DeliveryFailed
 from core.jobs import JobRecord, JobRequest, JobState
 from core.jobstore import WEBHOOK_OUTBOX, JobStore, connect
-from core.webhooks import AddressPolicy, Outcome, parse_allowlist, parse_target
+from core.webhooks import (
+    AddressPolicy,
+    Event,
+    Outcome,
+    delivery_key,
+    parse_allowlist,
+    parse_target,
+)
 from infra import servers
 from workers.webhooks import Delivery, WebhookOutbox, deliver, http_send
 
@@ -56,6 +63,10 @@ def jobs(redis_url: str) -> JobStore:
     return JobStore(connect(redis_url), 3600)
 
 
+def completed(job_id: str) -> str:
+    return delivery_key(job_id, Event.COMPLETED)
+
+
 def finished_job(jobs: JobStore, job_id: str, url: str) -> str:
     """A succeeded job whose webhook is due, as the finishing transaction leaves it."""
     jobs.create(JobRecord(id=job_id, state=JobState.GENERATING, request=REQUEST, model="tiny",
@@ -77,13 +88,13 @@ def test_a_name_that_resolves_inside_at_delivery_is_refused_and_nothing_is_sent(
     127.0.0.1. The policy is checked again at delivery, so no POST is sent."""
     port, received, _ = receiver
     job_id = finished_job(jobs, "rebound", f"http://rebind.test:{port}/hook")
-    attempt = deliver(job_id, WebhookOutbox(connect(redis_url)), jobs,
+    attempt = deliver(completed(job_id), WebhookOutbox(connect(redis_url)), jobs,
                       delivery(resolve=lambda host, p: ["127.0.0.1"]), time.time)
     assert attempt.outcome is Outcome.REFUSED and attempt.retry_in_s is None
     assert received == []
     assert jobs.get(job_id).public()["webhook"] == {
         "status": "failed", "attempts": 1, "outcome": "refused by policy", "http_status": None}
-    assert connect(redis_url).zscore(WEBHOOK_OUTBOX, job_id) is None  # given up, not retried
+    assert connect(redis_url).zscore(WEBHOOK_OUTBOX, completed(job_id)) is None  # given up, not retried
 
 
 def test_the_post_goes_to_the_checked_address_and_the_name_is_not_looked_up_again(
@@ -97,11 +108,11 @@ def test_the_post_goes_to_the_checked_address_and_the_name_is_not_looked_up_agai
 
     # The name does not exist: had the HTTP client resolved it again, the POST would fail.
     job_id = finished_job(jobs, "pinned", f"http://receiver.invalid:{port}/hook?x=1")
-    attempt = deliver(job_id, WebhookOutbox(connect(redis_url)), jobs,
+    attempt = deliver(completed(job_id), WebhookOutbox(connect(redis_url)), jobs,
                       delivery(allow=f"127.0.0.1:{port}", resolve=resolve_once), time.time)
     assert attempt.outcome is Outcome.DELIVERED and lookups == ["receiver.invalid"]
     assert received[0]["Host"] == f"receiver.invalid:{port}"
-    assert received[0]["webhook-id"] == job_id
+    assert received[0]["webhook-id"] == f"{job_id}.completed"
 
 
 def test_outcomes_do_not_tell_a_closed_port_from_a_redis_server(jobs, redis_url) -> None:
@@ -111,7 +122,7 @@ def test_outcomes_do_not_tell_a_closed_port_from_a_redis_server(jobs, redis_url)
     outbox, views = WebhookOutbox(connect(redis_url)), []
     for job_id, port in (("to-closed", closed), ("to-redis", redis_port)):
         finished_job(jobs, job_id, f"http://127.0.0.1:{port}/")
-        attempt = deliver(job_id, outbox, jobs, delivery(allow="127.0.0.0/8"), time.time)
+        attempt = deliver(completed(job_id), outbox, jobs, delivery(allow="127.0.0.0/8"), time.time)
         assert attempt.outcome is Outcome.UNREACHABLE and attempt.retry_in_s == 1
         views.append(jobs.get(job_id).public()["webhook"])
     assert views[0] == views[1] == {"status": "retrying", "attempts": 1,
@@ -128,9 +139,9 @@ def test_a_bad_url_fails_only_its_own_delivery(jobs, redis_url, receiver, bad_ur
     bad = finished_job(jobs, f"bad-{abs(hash(bad_url))}", bad_url)
     good = finished_job(jobs, f"good-{abs(hash(bad_url))}", f"http://127.0.0.1:{port}/ok")
     settings = delivery(allow=f"127.0.0.1:{port}")
-    assert deliver(bad, outbox, jobs, settings, time.time).outcome is Outcome.REFUSED
+    assert deliver(completed(bad), outbox, jobs, settings, time.time).outcome is Outcome.REFUSED
     assert jobs.get(bad).public()["webhook"]["status"] == "failed"
-    assert deliver(good, outbox, jobs, settings, time.time).outcome is Outcome.DELIVERED
+    assert deliver(completed(good), outbox, jobs, settings, time.time).outcome is Outcome.DELIVERED
     assert len(received) == 1
 
 
@@ -146,7 +157,7 @@ def test_redirects_are_not_followed(jobs, redis_url, receiver) -> None:
         threading.Thread(target=redirecting.serve_forever, daemon=True).start()
         job_id = finished_job(jobs, "redirected",
                               f"http://127.0.0.1:{redirecting.server_port}/hook")
-        attempt = deliver(job_id, WebhookOutbox(connect(redis_url)), jobs,
+        attempt = deliver(completed(job_id), WebhookOutbox(connect(redis_url)), jobs,
                           delivery(allow="127.0.0.0/8"), time.time)
         redirecting.shutdown()
     assert attempt.outcome is Outcome.HTTP_ERROR
@@ -178,3 +189,51 @@ def test_a_trickling_receiver_is_cut_off_at_the_total_deadline() -> None:
     stop.set()
     listener.close()
     assert 1.4 < elapsed < 3.0, elapsed
+
+
+def test_a_job_gets_the_events_it_asked_for_and_progress_never_piles_up(
+        redis_url, receiver) -> None:
+    """started and completed enter the outbox with the transitions that make them; progress
+    with the step report, one pending at a time however many steps run; a progress still
+    pending when the job finishes is dropped, not sent after the completion."""
+    port, received, _ = receiver
+    told: list[str] = []
+    jobs = JobStore(connect(redis_url), 3600, webhook_due=told.append)
+    outbox, settings = WebhookOutbox(connect(redis_url)), delivery(allow=f"127.0.0.1:{port}")
+    job_id = "eventful"
+    jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=REQUEST, model="tiny",
+                          submitted_at=time.time(), tenant="acme",
+                          webhook_url=f"http://127.0.0.1:{port}/hook",
+                          webhook_events="started,progress,completed"))
+    jobs.update(job_id, lambda r: r.transition(JobState.TRIAGE))
+    jobs.update(job_id, lambda r: r.transition(JobState.QUEUED))  # routed to a GPU queue
+    assert told == []
+    jobs.update(job_id, lambda r: r.transition(JobState.GENERATING))
+    assert told == [f"{job_id}:started"]
+    for step in (1, 2, 3):
+        jobs.report_progress(job_id, step, 4, progress_webhook=True)
+    assert told == [f"{job_id}:started", f"{job_id}:progress"]  # steps 2, 3 joined step 1's
+
+    for key in told:
+        assert deliver(key, outbox, jobs, settings, time.time).outcome is Outcome.DELIVERED
+    assert [h["webhook-id"] for h in received] == [f"{job_id}.started", f"{job_id}.progress.3"]
+    jobs.report_progress(job_id, 4, 4, progress_webhook=True)  # the delivered one made room
+    jobs.update(job_id, lambda r: r.transition(JobState.SUCCEEDED, finished_at=time.time()))
+    assert told[2:] == [f"{job_id}:progress", f"{job_id}:completed"]
+    assert deliver(told[2], outbox, jobs, settings, time.time).outcome is None  # dropped
+    assert deliver(told[3], outbox, jobs, settings, time.time).outcome is Outcome.DELIVERED
+    assert received[-1]["webhook-id"] == f"{job_id}.completed" and len(received) == 3
+    assert all(connect(redis_url).zscore(WEBHOOK_OUTBOX, key) is None for key in told)
+
+
+def test_a_failed_progress_post_is_not_retried(jobs, redis_url) -> None:
+    closed = servers.free_port()
+    jobs.create(JobRecord(id="progressing", state=JobState.GENERATING, request=REQUEST,
+                          model="tiny", submitted_at=time.time(), tenant="acme",
+                          webhook_url=f"http://127.0.0.1:{closed}/", webhook_events="progress"))
+    jobs.report_progress("progressing", 1, 4, progress_webhook=True)
+    attempt = deliver("progressing:progress", WebhookOutbox(connect(redis_url)), jobs,
+                      delivery(allow="127.0.0.0/8"), time.time)
+    assert attempt.outcome is Outcome.UNREACHABLE and attempt.retry_in_s is None
+    assert connect(redis_url).zscore(WEBHOOK_OUTBOX, "progressing:progress") is None
+    assert jobs.get("progressing").public()["webhook"] is None  # the completion's view only

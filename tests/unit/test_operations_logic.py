@@ -211,3 +211,38 @@ def test_json_log_lines_carry_the_job_id_inside_a_job_only() -> None:
     assert inside["job_id"] == "abc123" and inside["stage"] == "triage"
     assert inside["message"] == "routed here" and inside["level"] == "INFO"
     assert "job_id" not in outside
+
+
+def test_webhook_events_filter_names_its_bad_value() -> None:
+    from core.webhooks import Event, parse_events
+
+    assert parse_events(["completed", "started"]) == (Event.STARTED, Event.COMPLETED)
+    for bad, named in ((["finished"], "'finished' is not an event"), ([], "non-empty list"),
+                       ("completed", "non-empty list"), ([3], "3 is not an event")):
+        with pytest.raises(InvalidRequest, match=named) as caught:
+            parse_events(bad)
+        assert caught.value.field == "webhook_events_filter"
+
+
+def test_delivery_keys_name_job_and_event_and_old_entries_are_completions() -> None:
+    from core.webhooks import Event, delivery_key, message_id, parse_delivery_key
+
+    assert parse_delivery_key(delivery_key("abc", Event.PROGRESS)) == ("abc", Event.PROGRESS)
+    assert parse_delivery_key("abc") == ("abc", Event.COMPLETED)  # queued before events
+    assert message_id("abc", Event.PROGRESS, 7) == "abc.progress.7"
+    assert message_id("abc", Event.COMPLETED, 7) == "abc.completed"
+
+
+def test_a_transition_makes_only_the_events_the_job_wants() -> None:
+    from core.webhooks import Event
+
+    queued = JobRecord(id="j", state=JobState.QUEUED, request=JobRequest("x", "", 4, 7.5, 1,
+                                                                         64, 64),
+                       model="tiny", submitted_at=0.0, webhook_url="https://example.com/h")
+    running = queued.transition(JobState.GENERATING)
+    done = running.transition(JobState.SUCCEEDED)
+    assert running.events_due(queued) == [] and done.events_due(running) == [Event.COMPLETED]
+    every = replace(queued, webhook_events="started,progress,completed")
+    assert every.transition(JobState.GENERATING).events_due(every) == [Event.STARTED]
+    assert replace(done, webhook_url="").events_due(running) == []  # no webhook
+    assert done.public()["webhook_events_filter"] == ["completed"]

@@ -104,7 +104,8 @@ def test_a_redelivery_below_the_limit_runs_again(engine, clock):
 
 def test_a_cancel_is_honoured_at_the_next_step(engine, clock):
     class CancelAtStep3(InMemoryJobStore):
-        def report_progress(self, job_id: str, step: int, total: int) -> bool:
+        def report_progress(self, job_id: str, step: int, total: int,
+                            progress_webhook: bool = False) -> bool:
             if step == 3:
                 self.request_cancel(job_id, clock())
             return super().report_progress(job_id, step, total)
@@ -357,7 +358,8 @@ def test_a_follower_generates_itself_when_the_shared_generation_is_cancelled(eng
 
 def test_a_follower_generates_itself_when_the_shared_generation_stops_midway(engine, clock):
     class CancelAtStep3(InMemoryJobStore):
-        def report_progress(self, job_id: str, step: int, total: int) -> bool:
+        def report_progress(self, job_id: str, step: int, total: int,
+                            progress_webhook: bool = False) -> bool:
             if job_id == "leader" and step == 3:
                 self.request_cancel(job_id, clock())
             return super().report_progress(job_id, step, total)
@@ -387,7 +389,7 @@ def test_a_job_waiting_for_a_batch_stays_queued_uncounted_and_can_be_cancelled(e
     seen: dict[str, object] = {}
     original = jobs.report_progress
 
-    def report_and_look(job_id: str, step: int, total: int) -> bool:
+    def report_and_look(job_id: str, step: int, total: int, progress_webhook: bool = False) -> bool:
         if job_id == "running" and step == 3:   # the other job waits by now
             while batching._inbox.qsize() == 0 and not seen:
                 threading.Event().wait(0.01)
@@ -426,7 +428,8 @@ def test_after_a_failed_progress_report_steps_go_unreported_for_a_pause_then_rep
         def __init__(self) -> None:
             self.down, self.calls, self.cancel = True, [], False
 
-        def report_progress(self, job_id: str, step: int, total: int) -> bool:
+        def report_progress(self, job_id: str, step: int, total: int,
+                            progress_webhook: bool = False) -> bool:
             self.calls.append(step)
             if self.down:
                 raise BrokerUnavailable("Redis unreachable")
