@@ -3,7 +3,7 @@
 A GPU worker with the pool T2I_GPU_BATCH asks for: one job per pool process (`-c 1 -P
 prefork`), or, above 1, that many task threads whose jobs one batcher thread advances
 together (`-c N -P threads`). Compose and Kubernetes run it; the local stack
-(infra.servers) uses the same rule, ``gpu_pool``.
+(infra.servers) starts its GPU workers with the same command line, ``celery_command``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import sys
 
 from core.settings import Settings, load_settings
+from infra.servers import celery_argv
 from workers.queues import GPU_QUEUES
 
 
@@ -21,10 +22,11 @@ def gpu_pool(config: Settings) -> tuple[int, str]:
 
 
 def celery_command(config: Settings, options: list[str]) -> list[str]:
+    """The worker's command line: the GPU queues, the pool for T2I_GPU_BATCH, ``options``."""
     concurrency, pool = gpu_pool(config)
     node = [] if "-n" in options else ["-n", "gpu@%h"]
-    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q",
-            ",".join(GPU_QUEUES), "-c", str(concurrency), "-P", pool, *node, *options]
+    return celery_argv("worker", "-Q", ",".join(GPU_QUEUES), "-c", str(concurrency),
+                       "-P", pool, *node, *options)
 
 
 def main(argv: list[str] | None = None) -> int:

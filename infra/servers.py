@@ -215,19 +215,27 @@ def chroma(port: int, data_dir: Path) -> Service:
     return Service("chroma", argv, lambda _: _http_ok(f"http://{LOOPBACK}:{port}/api/v2/heartbeat"))
 
 
-def _celery(*args: str) -> list[str]:
+def celery_argv(*args: str) -> list[str]:
+    """The command line of a Celery program on this project's app."""
     return [sys.executable, "-m", "celery", "-A", "workers.app", *args]
+
+
+# Options every worker of the local stack runs with: events on for Flower, no gossip or
+# mingle chatter between nodes.
+_LOCAL_WORKER_OPTIONS = ("--loglevel", "INFO", "--without-gossip", "--without-mingle", "-E")
+
+
+def _worker_service(name: str, argv: list[str], config: Settings) -> Service:
+    return Service(name, argv, _log_contains(" ready."), env=to_environ(config),
+                   ready_timeout_s=120.0)
 
 
 def worker(name: str, queues: str, config: Settings, concurrency: int = 1,
            pool: str = "prefork") -> Service:
-    """A Celery worker consuming ``queues``. GPU workers take one job at a time per process;
-    the model is loaded in the pool's child process, never before the fork."""
-    argv = _celery("worker", "-Q", queues, "-c", str(concurrency), "-n", f"{name}@%h",
-                   "-P", pool, "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-                   "-E")
-    return Service(name, argv, _log_contains(" ready."), env=to_environ(config),
-                   ready_timeout_s=120.0)
+    """A Celery worker consuming ``queues``."""
+    return _worker_service(name, celery_argv(
+        "worker", "-Q", queues, "-c", str(concurrency), "-n", f"{name}@%h", "-P", pool,
+        *_LOCAL_WORKER_OPTIONS), config)
 
 
 def cpu_worker(name: str, config: Settings) -> Service:
@@ -236,12 +244,14 @@ def cpu_worker(name: str, config: Settings) -> Service:
 
 
 def gpu_worker(name: str, config: Settings) -> Service:
-    """A generation worker: one job at a time in one pool process, or, with T2I_GPU_BATCH
-    above 1, that many task threads whose jobs one batcher thread advances together."""
-    from infra.gpu_worker import gpu_pool
+    """A generation worker, started as ``t2i-gpu-worker`` starts one (the same command
+    line): one job at a time in one pool process (the model loaded in the child, never
+    before the fork), or, with T2I_GPU_BATCH above 1, that many task threads whose jobs one
+    batcher thread advances together."""
+    from infra.gpu_worker import celery_command
 
-    concurrency, pool = gpu_pool(config)
-    return worker(name, ",".join(queues.GPU_QUEUES), config, concurrency=concurrency, pool=pool)
+    return _worker_service(name, celery_command(config, ["-n", f"{name}@%h",
+                                                         *_LOCAL_WORKER_OPTIONS]), config)
 
 
 def webhook_worker(name: str, config: Settings) -> Service:
@@ -253,7 +263,7 @@ def webhook_worker(name: str, config: Settings) -> Service:
 
 def beat(config: Settings, state_dir: Path) -> Service:
     state_dir.mkdir(parents=True, exist_ok=True)  # its schedule file lives there
-    argv = _celery("beat", "--loglevel", "INFO", "-s", str(state_dir / "celerybeat-schedule"))
+    argv = celery_argv("beat", "--loglevel", "INFO", "-s", str(state_dir / "celerybeat-schedule"))
     return Service("beat", argv, _log_contains("beat: Starting"), env=to_environ(config))
 
 
