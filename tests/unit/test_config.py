@@ -52,6 +52,14 @@ def test_celery_options_suit_long_gpu_tasks():
     assert options["task_time_limit"] > options["task_soft_time_limit"]
 
 
+def test_beat_sends_no_webhook_delivery_and_nothing_every_second():
+    """Deliveries are sent by the write that makes them due; beat only sweeps up lost
+    messages, so an idle stack's workers and Flower are not filled with no-op tasks."""
+    schedule = celeryconfig.celery_options(Settings())["beat_schedule"]
+    assert "webhooks.deliver" not in {entry["task"] for entry in schedule.values()}
+    assert min(entry["schedule"] for entry in schedule.values()) >= 5  # eviction, the most often
+
+
 def test_loading_writes_nothing_and_the_stack_makes_missing_secrets_once(tmp_path):
     config = load_settings({"T2I_STATE_DIR": str(tmp_path)})
     assert not any(tmp_path.iterdir())                  # loading never writes
