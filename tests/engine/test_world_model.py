@@ -41,6 +41,9 @@ def test_a_few_training_steps_give_a_model_the_engine_serves(tmp_path) -> None:
                                   progress=False)
     assert 0 <= report["adherence_generated"] <= 1 and 0 <= report["adherence_true_scenes"] <= 1
     assert report["fid_evaluator_features"] >= 0
+    low, high = report["adherence_generated_ci95"]
+    assert low <= report["adherence_generated"] <= high
+    assert set(report["attribute_accuracy_generated"]) == {"bg", "colour", "shape", "size"}
     assert len(report["samples"]) == 6 and pairs[0].shape == (64, 128, 3)
 
 
