@@ -144,9 +144,11 @@ def ensure_built(model: BuiltModel, models_dir: Path) -> Path:
     return target
 
 
-# The embedder the scene model is served with under 'auto', and where the tables
-# quality.profile derived for it live, one per embedder (README, Quality harness).
-SCENE_EMBEDDER = "minilm"
+# The embedder the scene model is served with under 'auto': its own text encoder, whose
+# similarity tells safe reuse from unsafe better than MiniLM's (AUC 0.54-0.70 per K against
+# 0.31-0.54, bench/results/k-profile-scene.json), and where the tables quality.profile
+# derived for it live, one per embedder (README, Quality harness).
+SCENE_EMBEDDER = "clip"
 SCENE_K_TABLES = SCENE_MODEL_DIR.parent
 
 
