@@ -31,6 +31,7 @@ from core.settings import Settings, api_key_tenants
 from infra import servers
 from producer.client import Client
 from workers.app import make_app
+from workers.builtin_models import cache_embedder
 
 pytestmark = pytest.mark.faults
 
@@ -149,7 +150,8 @@ def finished(client: Client, job_id: str, timeout: float = 180.0) -> dict:
 
 def wait_indexed(stack: Stack, entry: str) -> None:
     """Registration ends with the vector, so a lookup can find the entry from then on."""
-    index = VectorIndex.open(None, stack.config.chroma_url, stack.config.embedder)
+    index = VectorIndex.open(None, stack.config.chroma_url,
+                             cache_embedder(stack.config.embedder, stack.config.model))
     wait_until(lambda: any(found == entry for _, found in index.ids()), what=f"{entry} indexed")
 
 
