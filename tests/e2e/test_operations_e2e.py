@@ -18,7 +18,7 @@ import pytest
 
 from conftest import OTHER_KEY, TENANT_KEY, WEBHOOK_PORT, job_count
 from core.errors import IdempotencyConflict, InvalidRequest
-from core.jobs import REQUEST_FIELDS
+from core.jobs import SUBMISSION_FIELDS
 from core.webhooks import ID_HEADER, TIMESTAMP_HEADER, verify
 from producer.aio import AsyncClient
 
@@ -299,7 +299,9 @@ def test_openapi_document_describes_the_api(api: httpx.Client) -> None:
                 ("/v1/webhook-secret", "get"), ("/metrics", "get"), ("/healthz", "get")}
     assert expected <= {(path, method) for path, ops in paths.items() for method in ops}
     body = paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert set(body["properties"]) == {*REQUEST_FIELDS, "webhook_url"}
+    assert set(body["properties"]) == set(SUBMISSION_FIELDS)
+    events = body["properties"]["webhook_events_filter"]["anyOf"][0]["items"]["enum"]
+    assert set(events) == {"started", "progress", "completed"}
     assert body["required"] == ["prompt"]
     schemes = document["components"]["securitySchemes"]
     for path, method in expected:
