@@ -3,8 +3,9 @@
 We run the loop ourselves (prompt encoding, UNet, scheduler step, VAE decode all come from
 diffusers) because approximate caching needs control the stock pipeline call does not give:
 capture the latent after chosen steps, resume from step K on the original N-step grid, count
-UNet calls, stop at the next step when a job is cancelled, and give a resumed job whose seed
-differs from the cached latent's its own picture (``Reseed``).
+UNet calls, stop at the next step when a job is cancelled, give a resumed job whose seed
+differs from the cached latent's its own picture (``Reseed``), and let steps reuse the deep
+features of an earlier step of the same job (the step cache, ``core.stepcache``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from diffusers import (
 from core.errors import ModelLoadError
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
+from core.stepcache import StepCache
 from workers.builtin_models import resolve_model
+from workers.step_cache import SplitUNet
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class Generation:
     unet_calls: int
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     batch_peak: int = 1     # the most jobs that shared one of its UNet calls
+    shallow_unet_calls: int = 0   # of unet_calls, those that reused cached deep features
 
 
 @dataclass
@@ -77,6 +81,8 @@ class Trajectory:
     done: int = 0
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     batch_peak: int = 1
+    deep: torch.Tensor | None = None  # its deep features of its last whole-UNet step
+    shallow_steps: int = 0
 
     @property
     def guided(self) -> bool:
@@ -118,7 +124,7 @@ def pick_device(name: str) -> torch.device:
 
 class Engine:
     def __init__(self, pipe: StableDiffusionPipeline, scheduler: str, device: torch.device,
-                 label: str) -> None:
+                 label: str, step_cache: StepCache = StepCache()) -> None:
         if scheduler not in SCHEDULERS:
             raise ModelLoadError(f"scheduler {scheduler!r} unknown (choose from {sorted(SCHEDULERS)})")
         self.pipe = pipe.to(device)
@@ -126,10 +132,12 @@ class Engine:
         self.scheduler_name = scheduler
         self.device = device
         self.label = label
+        self.step_cache = step_cache
+        self.split = SplitUNet(pipe.unet) if step_cache.on else None
 
     @classmethod
     def load(cls, model: str, scheduler: str, device: str, models_dir: Path,
-             offline: bool) -> Engine:
+             offline: bool, step_cache: StepCache = StepCache()) -> Engine:
         """Load ``model``: a built-in name (see builtin_models), a local directory, or a hub id."""
         torch_device = pick_device(device)
         dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
@@ -140,8 +148,9 @@ class Engine:
                 local_files_only=offline or Path(source).is_dir())
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model {model!r}: {exc}") from exc
-        log.info("loaded model %s on %s (%s, scheduler %s)", label, torch_device, dtype, scheduler)
-        return cls(pipe, scheduler, torch_device, label)
+        log.info("loaded model %s on %s (%s, scheduler %s, step cache %s)", label, torch_device,
+                 dtype, scheduler, step_cache.spec)
+        return cls(pipe, scheduler, torch_device, label, step_cache)
 
     @property
     def latent_channels(self) -> int:
@@ -278,12 +287,15 @@ class Engine:
             rows = torch.cat([trajectory.latents] * trajectory.rows)
             inputs.append(trajectory.scheduler.scale_model_input(rows, t))
             timesteps.append(t.reshape(1).to(torch.float32).expand(trajectory.rows))
-        noise_pred = self.pipe.unet(
-            torch.cat(inputs), torch.cat(timesteps),
-            encoder_hidden_states=torch.cat([trajectory.embeddings for trajectory in batch])
-        ).sample.split([trajectory.rows for trajectory in batch])
+        text = torch.cat([trajectory.embeddings for trajectory in batch])
+        if self.split is None:
+            noise_pred = self.pipe.unet(torch.cat(inputs), torch.cat(timesteps),
+                                        encoder_hidden_states=text).sample
+        else:
+            noise_pred = self._cached_step(batch, torch.cat(inputs), torch.cat(timesteps), text)
         stopped: dict[int, BaseException] = {}
-        for position, (trajectory, predicted) in enumerate(zip(batch, noise_pred)):
+        predictions = noise_pred.split([trajectory.rows for trajectory in batch])
+        for position, (trajectory, predicted) in enumerate(zip(batch, predictions)):
             if trajectory.guided:
                 uncond, cond = predicted.chunk(2)
                 predicted = uncond + trajectory.request.guidance * (cond - uncond)
@@ -302,12 +314,32 @@ class Engine:
                 stopped[position] = exc
         return stopped
 
+    def _cached_step(self, batch: list[Trajectory], sample: torch.Tensor,
+                     timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The UNet call with the step cache: a trajectory at a whole step of its schedule
+        (or without features yet) refreshes its deep features, the others reuse theirs."""
+        assert self.split is not None
+        whole = [t.deep is None or self.step_cache.full(t.done) for t in batch]
+        rows = torch.tensor([w for t, w in zip(batch, whole) for _ in range(t.rows)],
+                            device=sample.device)
+        cached = [t.deep for t, w in zip(batch, whole) if not w and t.deep is not None]
+        noise_pred, deep = self.split(sample, timesteps, text, rows,
+                                      torch.cat(cached) if cached else None)
+        for trajectory, refreshed, features in zip(batch, whole,
+                                                   deep.split([t.rows for t in batch])):
+            if refreshed:
+                trajectory.deep = features.clone()  # not a view holding the batch's features
+            else:
+                trajectory.shallow_steps += 1
+        return noise_pred
+
     @torch.inference_mode()
     def finish(self, trajectory: Trajectory) -> Generation:
         """The finished trajectory's image."""
         return Generation(image_png=self._decode(trajectory.latents),
                           unet_calls=len(trajectory.timesteps), captured=trajectory.captured,
-                          batch_peak=trajectory.batch_peak)
+                          batch_peak=trajectory.batch_peak,
+                          shallow_unet_calls=trajectory.shallow_steps)
 
     def run_alone(self, trajectory: Trajectory) -> Generation:
         while not trajectory.finished:
