@@ -89,12 +89,16 @@ def build_tiny_pipeline(seed: int = 0):
                           num_attention_heads=4))
 
 
+# SD 1.5's UNet: diffusers' defaults are its blocks and widths; these the rest.
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+
+
 def build_sd15_sized_pipeline(seed: int = 0):
-    """SD 1.5's architecture at full size (the UNet's defaults are SD 1.5's blocks and widths;
-    the text encoder is CLIP ViT-L/14's), random weights."""
+    """SD 1.5's architecture at full size (the text encoder is CLIP ViT-L/14's), random
+    weights."""
     return _assemble(
         seed,
-        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        unet=SD15_UNET,
         vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
         text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                           num_attention_heads=12, projection_dim=768))

@@ -28,7 +28,7 @@ from diffusers import (
 from core.errors import ModelLoadError
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
-from core.stepcache import StepCache
+from core.stepcache import NO_STEP_CACHE, StepCache
 from workers.builtin_models import resolve_model
 from workers.step_cache import SplitUNet
 
@@ -124,7 +124,7 @@ def pick_device(name: str) -> torch.device:
 
 class Engine:
     def __init__(self, pipe: StableDiffusionPipeline, scheduler: str, device: torch.device,
-                 label: str, step_cache: StepCache = StepCache()) -> None:
+                 label: str, step_cache: StepCache = NO_STEP_CACHE) -> None:
         if scheduler not in SCHEDULERS:
             raise ModelLoadError(f"scheduler {scheduler!r} unknown (choose from {sorted(SCHEDULERS)})")
         self.pipe = pipe.to(device)
@@ -137,7 +137,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str, scheduler: str, device: str, models_dir: Path,
-             offline: bool, step_cache: StepCache = StepCache()) -> Engine:
+             offline: bool, step_cache: StepCache = NO_STEP_CACHE) -> Engine:
         """Load ``model``: a built-in name (see builtin_models), a local directory, or a hub id."""
         torch_device = pick_device(device)
         dtype = torch.float16 if torch_device.type == "cuda" else torch.float32

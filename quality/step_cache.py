@@ -1,0 +1,241 @@
+"""Quality under the step cache (core.stepcache), alone and stacked on resumes from K.
+
+    python -m quality.step_cache
+
+For -n scene-world pairs (a cached prompt A and a request B one edit, paraphrase or object
+away from it, as quality.profile draws them) and --seeds seeds each, at every step-cache
+interval of --intervals (1: off): A is generated (its latents kept after each K), B is
+generated from scratch (K 0) and resumed from A's latent of the same seed at each K, all
+with that interval. Per (interval, K), with 95% bootstrap intervals over pairs:
+
+- adherence of B (the evaluator's reading against B's caption);
+- re-roll diversity: the mean pairwise distance among B's images across seeds (evaluator
+  features and pixels);
+- each as a ratio to the same K without the step cache (what the step cache costs on top of
+  the resume) and to B from scratch without it (what both cost together);
+- UNet work per image: whole-UNet and shallow steps (core.stepcache's rule).
+
+The pick: the largest interval whose every row keeps >= 95% of adherence and >= 90% of both
+diversities of the same K without the step cache, at the intervals' lower ends (else off).
+Writes OUT.json and OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core.jobs import JobRequest
+from core.settings import load_settings
+from core.stepcache import StepCache
+from quality import evaluator as evaluation
+from quality.evaluator import png_pixels
+from quality.profile import Pair, scene_pairs
+from quality.reroll import (
+    ADHERENCE_TARGET,
+    DIVERSITY_TARGET,
+    feature_distance,
+    mean_pairwise,
+    pixel_distance,
+    ratio,
+)
+from quality.scenes import adherence, parse_caption
+from workers.engine import Engine, Generation, Trajectory
+
+KINDS = ("one-word edit", "paraphrase", "added or removed object")
+MEASURES = ("adherence", "diversity_features", "diversity_pixels")
+
+
+def quiet(done: int, total: int) -> None:
+    return None
+
+
+def run_together(engine: Engine, trajectories: list[Trajectory]) -> list[Generation]:
+    """Advance the trajectories in one batch until all finish (as a batching worker does:
+    each at its own step, each refreshing its deep features on its own schedule)."""
+    while active := [t for t in trajectories if not t.finished]:
+        engine.advance(active)
+    return [engine.finish(t) for t in trajectories]
+
+
+def generate(engine: Engine, pairs: list[Pair], seeds: int, ks: list[int], steps: int,
+             guidance: float, size: int, label: str) -> dict[int, np.ndarray]:
+    """B's images (pairs x seeds x H x W x 3) by K, 0 for from scratch."""
+    images: dict[int, list[list[np.ndarray]]] = {k: [] for k in [0, *ks]}
+    for pair in tqdm(pairs, desc=label, unit="pair"):
+        def request(prompt: str, seed: int) -> JobRequest:
+            return JobRequest(prompt, "", steps, guidance, seed, size, size)
+
+        seeded = [pair.seed + s for s in range(seeds)]
+        sources = run_together(engine, [engine.begin(request(pair.first, s), quiet,
+                                                     frozenset(ks)) for s in seeded])
+        wanted = [request(pair.second, s) for s in seeded]
+        runs = [engine.begin(r, quiet) for r in wanted]
+        runs += [engine.begin(r, quiet, frozenset(), source.captured[k], k)
+                 for k in ks for r, source in zip(wanted, sources)]
+        done = run_together(engine, runs)
+        for index, k in enumerate([0, *ks]):
+            images[k].append([png_pixels(g.image_png)
+                              for g in done[index * seeds:(index + 1) * seeds]])
+    return {k: np.array(rows) for k, rows in images.items()}
+
+
+def per_pair(judge: evaluation.Evaluator, images: np.ndarray,
+             asked: list[frozenset[str]]) -> dict[str, np.ndarray]:
+    pairs, seeds = images.shape[:2]
+    flat = evaluation.to_tensor(images.reshape(-1, *images.shape[2:]))
+    features = judge.embed(flat).numpy().reshape(pairs, seeds, -1)
+    scores = np.array([adherence(asked[i // seeds], seen)
+                       for i, seen in enumerate(judge.read(flat))])
+    return {"adherence": scores.reshape(pairs, seeds).mean(1),
+            "diversity_features": mean_pairwise(features, feature_distance),
+            "diversity_pixels": mean_pairwise(images, pixel_distance)}
+
+
+def keeps(ratios: dict[str, dict], lower_bounds: bool = True) -> bool:
+    def pick(name: str) -> float:
+        cell = ratios[name]
+        value = (cell["ci95"] or [None])[0] if lower_bounds else cell["value"]
+        return float("-inf") if value is None else value
+    return (pick("adherence") >= ADHERENCE_TARGET and pick("diversity_features") >= DIVERSITY_TARGET
+            and pick("diversity_pixels") >= DIVERSITY_TARGET)
+
+
+def pick(rows: list[dict]) -> str:
+    """The largest interval all of whose rows keep the target against the same K without
+    the step cache, at the lower ends; 'off' when none does."""
+    intervals = sorted({r["interval"] for r in rows if r["interval"] > 1})
+    passing = [i for i in intervals
+               if all(r["keeps_vs_same_k"] for r in rows if r["interval"] == i)]
+    return StepCache(max(passing)).spec if passing else StepCache().spec
+
+
+def write_plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("adherence", "adherence", ADHERENCE_TARGET),
+              ("diversity_features", "re-roll diversity (evaluator features)", DIVERSITY_TARGET),
+              ("diversity_pixels", "re-roll diversity (pixels)", DIVERSITY_TARGET))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    intervals = sorted({r["interval"] for r in rows if r["interval"] > 1})
+    for axis, (key, label, target) in zip(axes, panels):
+        for offset, interval in enumerate(intervals):
+            mine = [r for r in rows if r["interval"] == interval]
+            ks = np.array([r["k"] for r in mine]) + 0.2 * (offset - len(intervals) / 2)
+            cells = [r["vs_same_k"][key] for r in mine]
+            values = np.array([c["value"] for c in cells])
+            spans = np.array([[v - c["ci95"][0], c["ci95"][1] - v]
+                              for c, v in zip(cells, values)]).T
+            axis.errorbar(ks, values, yerr=spans, marker="o", capsize=3,
+                          label=f"deepcache:{interval}")
+        axis.axhline(target, color="black", linestyle="--", linewidth=1,
+                     label=f"target {target:.0%}")
+        axis.set_xlabel("K the job resumed from (0: from scratch)")
+        axis.set_ylabel(f"{label}, over the same K without")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    parser.add_argument("-n", "--pairs", type=int, default=48, help="scene-world pairs")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per pair (>= 2)")
+    parser.add_argument("--intervals", default="1,2,3,4,5",
+                        help="step-cache intervals (1: off, always profiled as the baseline)")
+    parser.add_argument("--ks", default="5,10,15,20", help="Ks B resumes from (of --steps)")
+    parser.add_argument("--model", default="scene", help="a T2I_MODEL value")
+    parser.add_argument("--evaluator", default=str(Path.home() / ".cache/t2i/quality/evaluator.pt"),
+                        help="weights from python -m quality.evaluator")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
+    parser.add_argument("--out", default="bench/results/step-cache-profile-scene",
+                        help="output path without suffix (.json and .png)")
+    args = parser.parse_args(argv)
+
+    intervals = sorted({1, *(int(i) for i in args.intervals.split(","))})
+    ks = sorted({int(k) for k in args.ks.split(",")})
+    if not all(0 < k < args.steps for k in ks) or min(intervals) < 1:
+        parser.error(f"every K must lie in 1..{args.steps - 1}, every interval >= 1")
+    if args.seeds < 2 or args.pairs < 2:
+        parser.error("need at least 2 pairs and 2 seeds")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    judge = evaluation.load(Path(args.evaluator).expanduser())
+    base = Engine.load(args.model, "ddim", "cpu", load_settings().state_path / "models", True)
+    rng = random.Random(args.seed)
+    pairs = [p for p in scene_pairs(rng, args.pairs * 5) if p.kind in KINDS][:args.pairs]
+    asked = [parse_caption(p.second).attributes() for p in pairs]
+    measured: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    for interval in intervals:
+        engine = Engine(base.pipe, "ddim", base.device, base.label, StepCache(interval))
+        images = generate(engine, pairs, args.seeds, ks, args.steps, args.guidance, args.size,
+                          f"interval {interval}")
+        for k, array in images.items():
+            measured[(interval, k)] = per_pair(judge, array, asked)
+    resamples = np.random.default_rng(args.seed).integers(0, len(pairs),
+                                                          (args.bootstrap, len(pairs)))
+    rows = []
+    for interval, k in itertools.product(intervals, [0, *ks]):
+        mine, same_k, scratch = measured[(interval, k)], measured[(1, k)], measured[(1, 0)]
+        cache = StepCache(interval)
+        row = {"interval": interval, "step_cache": cache.spec, "k": k,
+               "unet_steps": args.steps - k, "whole_unet_steps": cache.full_steps(args.steps - k),
+               **{m: round(float(mine[m].mean()), 4) for m in MEASURES},
+               "vs_same_k": {m: ratio(mine[m], same_k[m], resamples) for m in MEASURES},
+               "vs_scratch": {m: ratio(mine[m], scratch[m], resamples) for m in MEASURES}}
+        row["keeps_vs_same_k"] = keeps(row["vs_same_k"])
+        row["keeps_vs_scratch"] = keeps(row["vs_scratch"])
+        rows.append(row)
+    command = " ".join(["python -m quality.step_cache", *(sys.argv[1:] if argv is None else argv)])
+    report = {
+        "command": command, "model": base.label, "scheduler": "ddim", "pairs": len(pairs),
+        "kinds": {kind: sum(p.kind == kind for p in pairs) for kind in KINDS},
+        "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "size": args.size,
+        "intervals": intervals, "ks": ks, "bootstrap_resamples": args.bootstrap,
+        "target": {"adherence_ratio_min": ADHERENCE_TARGET,
+                   "diversity_ratio_min": DIVERSITY_TARGET,
+                   "applied_to": "95% interval lower ends, against the same K without the "
+                                 "step cache, every K"},
+        "rows": rows, "pick": pick(rows), "seconds": round(time.monotonic() - started, 1)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_plot(rows, f"{base.label}, ddim, {args.steps} steps: {len(pairs)} pairs x "
+               f"{args.seeds} seeds; ratios to the same K without the step cache",
+               out.with_suffix(".png"))
+    print(f"{'cache':12s} {'K':>3s} {'whole':>5s} " + " ".join(f"{m:>24s}" for m in MEASURES))
+    for row in rows:
+        cells = " ".join(f"{c['value']:.3f} [{c['ci95'][0]:.3f},{c['ci95'][1]:.3f}]".rjust(24)
+                         for c in (row["vs_scratch"][m] for m in MEASURES))
+        print(f"{row['step_cache']:12s} {row['k']:3d} {row['whole_unet_steps']:5d} {cells}"
+              + (" *" if row["keeps_vs_same_k"] else ""))
+    print(f"pick: {report['pick']}; {report['seconds']:.0f} s -> {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
