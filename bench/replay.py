@@ -50,6 +50,7 @@ from cachemgr.simulator import (
     simulate,
 )
 from core.plan import SeedRule
+from core.stepcache import OFF
 from core.trace import DEFAULT_TRACE, TraceRequest, interleaved, read_trace
 
 
@@ -74,7 +75,7 @@ def sim_requests(trace: list[TraceRequest], per_user: bool) -> list[SimRequest]:
     tenant (T2I_CACHE_SCOPE=tenant), else one shared cache. A request without a user id is
     then a tenant of its own (it reuses nothing), so isolation's cost is not understated."""
     return [SimRequest(user=r.user, prompt=r.prompt, steps=r.steps or 50,
-                       partition=partition_key("replay", "ddim", r.steps or 50, r.width, r.height,
+                       partition=partition_key("replay", "ddim", OFF, r.steps or 50, r.width, r.height,
                                                r.cfg if r.cfg is not None else 7.5,
                                                cache_scope(r.user or f"no-user-{index}",
                                                            shared=not per_user)), seed=r.seed)

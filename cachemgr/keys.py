@@ -1,8 +1,8 @@
 """Cache partitions and object keys. Pure.
 
 A latent is reusable only by a job that would have computed it the same way: same model,
-scheduler, step count, image size and guidance scale, and (unless the cache is shared) by
-the same tenant. Those make the partition; a lookup never leaves its partition, so a latent
+scheduler, step cache, step count, image size and guidance scale, and (unless the cache is
+shared) by the same tenant. Those make the partition; a lookup never leaves its partition, so a latent
 from another model, size or tenant is never offered.
 """
 
@@ -24,22 +24,22 @@ def cache_scope(tenant: str, shared: bool) -> str:
     return SHARED_SCOPE if shared else f"tenant:{tenant}"
 
 
-def partition_key(model: str, scheduler: str, steps: int, width: int, height: int,
-                  guidance: float, scope: str) -> str:
-    spec = f"{model}|{scheduler}|n={steps}|{width}x{height}|g={guidance:g}|{scope}"
+def partition_key(model: str, scheduler: str, step_cache: str, steps: int, width: int,
+                  height: int, guidance: float, scope: str) -> str:
+    spec = f"{model}|{scheduler}|{step_cache}|n={steps}|{width}x{height}|g={guidance:g}|{scope}"
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def request_partition(model: str, scheduler: str, request: JobRequest, tenant: str,
-                      shared: bool) -> str:
+def request_partition(model: str, scheduler: str, step_cache: str, request: JobRequest,
+                      tenant: str, shared: bool) -> str:
     """The partition a job's latents belong to (triage looks up, GPU workers write here)."""
-    return partition_key(model, scheduler, request.steps, request.width, request.height,
-                         request.guidance, cache_scope(tenant, shared))
+    return partition_key(model, scheduler, step_cache, request.steps, request.width,
+                         request.height, request.guidance, cache_scope(tenant, shared))
 
 
 def identical_key(partition: str, request: JobRequest) -> str:
     """Requests with the same digest would make the same image: same partition (model,
-    scheduler, steps, size, guidance, tenant unless shared) and prompt, negative prompt
+    scheduler, step cache, steps, size, guidance, tenant unless shared) and prompt, negative prompt
     and seed."""
     spec = f"{partition}|{request.prompt}|{request.negative_prompt}|{request.seed}"
     return hashlib.sha256(spec.encode()).hexdigest()[:32]

@@ -3,6 +3,8 @@
 A table maps a top-1 cosine similarity to K out of ``reference_steps`` (50 in the reference
 work). A job of N steps scales each K to round(K * N / reference_steps), so the K set of a
 10-step job is {1, 2, 3, 4, 5}. Tables are data: ``KTable.from_json`` reads one from a file.
+A table also names the step cache (core.stepcache) its profile chose for the model, what
+T2I_STEP_CACHE=auto serves with.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.stepcache import OFF, StepCache
+
 
 @dataclass(frozen=True)
 class KTable:
     name: str
     thresholds: tuple[tuple[float, int], ...]   # (min similarity, K), highest similarity first
     reference_steps: int = 50
+    step_cache: str = OFF
 
     def __post_init__(self) -> None:
+        StepCache.parse(self.step_cache)
         sims = [sim for sim, _ in self.thresholds]
         if sims != sorted(sims, reverse=True) or len(set(sims)) != len(sims):
             raise ValueError(f"k table {self.name!r}: thresholds must strictly decrease, got {sims}")
@@ -48,13 +54,15 @@ class KTable:
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "reference_steps": self.reference_steps,
-                           "thresholds": [[sim, k] for sim, k in self.thresholds]}, indent=2)
+                           "thresholds": [[sim, k] for sim, k in self.thresholds],
+                           "step_cache": self.step_cache}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> KTable:
         data = json.loads(text)
         return cls(name=data["name"], reference_steps=data.get("reference_steps", 50),
-                   thresholds=tuple((float(sim), int(k)) for sim, k in data["thresholds"]))
+                   thresholds=tuple((float(sim), int(k)) for sim, k in data["thresholds"]),
+                   step_cache=data.get("step_cache", OFF))
 
     @classmethod
     def load(cls, spec: str) -> KTable:

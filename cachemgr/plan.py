@@ -158,16 +158,17 @@ def kept_ks(plan: CachePlan | None, table: KTable, steps: int, admit_resumed: bo
 
 
 def lineage_after(plan: CachePlan | None, source: str, prompt: str, steps: int,
-                  seed: int) -> Lineage:
+                  seed: int, step_cache: str) -> Lineage:
     """The lineage of the latents a job keeps: its own, after the resumed entry's steps up
-    to K; their noise is the job's own seed's unless a resume kept the entry's noise."""
+    to K; their noise is the job's own seed's unless a resume kept the entry's noise; the
+    step cache is the job's (a resume stays in its partition, so the entry's is the same)."""
     if plan is None or plan.route is not Route.RESUME or plan.source_lineage is None \
             or plan.k is None:
-        return Lineage.own(source, prompt, steps, seed)
+        return Lineage.own(source, prompt, steps, seed, step_cache)
     parent = plan.source_lineage
     takes_job_noise = plan.reseed is not None and plan.reseed.rule in _TAKES_JOB_NOISE
     return Lineage(parent.through(plan.k) + (Segment(source, prompt, steps),),
-                   seed if takes_job_noise else parent.noise_seed)
+                   seed if takes_job_noise else parent.noise_seed, step_cache)
 
 
 class HitKind(StrEnum):

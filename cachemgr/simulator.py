@@ -35,6 +35,7 @@ from cachemgr.policies import Budget, ItemStats, Policy, select_victims
 from cachemgr.predictor import AlwaysLookUp, MatchPredictor, train_predictor
 from cachemgr.routing import CachedEntry
 from core.plan import CachePlan, Lineage, Route
+from core.stepcache import OFF
 
 # (lookup would find a usable match, predictor said look up) -> confusion cell
 _CONFUSION = {(True, True): "tp", (True, False): "fn", (False, True): "fp", (False, False): "tn"}
@@ -346,7 +347,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
                            config.rules)
             if kept:
                 lineages[i] = lineage_after(plan, str(i), request.prompt, request.steps,
-                                            request.seed)
+                                            request.seed, OFF)
             admit(i, request.partition, kept, now)
         if plan is None or plan.route is not Route.EXACT:
             finished.setdefault(identical, i)

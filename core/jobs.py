@@ -319,6 +319,8 @@ class JobRecord:
                 **{name: self.extra.get(name) for name in TIMING_FACTS},
             },
             "unet_calls": self.extra.get("unet_calls"),
+            "shallow_unet_calls": self.extra.get("shallow_unet_calls"),
+            "step_cache": self.extra.get("step_cache"),
             "batch_peak": self.extra.get("batch_peak"),
             "error": self.error or None,
             "cancel_requested": self.cancel_requested,
@@ -328,8 +330,9 @@ class JobRecord:
         }
 
 
-# What the stages put in ``extra``, besides the generation's ``unet_calls``, ``batch_peak``,
-# ``resumed_from_k`` and ``fallback`` and the webhook's outcome: the time each part took.
+# What the stages put in ``extra``, besides the generation's ``unet_calls``,
+# ``shallow_unet_calls``, ``step_cache``, ``batch_peak``, ``resumed_from_k`` and ``fallback``
+# and the webhook's outcome: the time each part took.
 TIMING_FACTS = ("embed_ms", "lookup_ms", "latent_fetch_ms", "waited_for_object_store_s")
 
 

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from core.stepcache import OFF
+
 
 class Route(StrEnum):
     FULL = "full"        # from noise, all steps
@@ -65,15 +67,18 @@ class Segment:
 @dataclass(frozen=True)
 class Lineage:
     """Which prompt produced which steps of a cached generation's latents, oldest first (the
-    last segment is the generation's own), and whose seeded noise the latents carry."""
+    last segment is the generation's own), whose seeded noise the latents carry, and the
+    step cache they were computed with (core.stepcache spec; one per partition)."""
 
     segments: tuple[Segment, ...]
     noise_seed: int
+    step_cache: str = OFF
 
     @classmethod
-    def own(cls, source: str, prompt: str, steps: int, seed: int) -> Lineage:
+    def own(cls, source: str, prompt: str, steps: int, seed: int,
+            step_cache: str = OFF) -> Lineage:
         """A full generation's: every step its own, its own seed's noise."""
-        return cls((Segment(source, prompt, steps),), seed)
+        return cls((Segment(source, prompt, steps),), seed, step_cache)
 
     def through(self, k: int) -> tuple[Segment, ...]:
         """The segments that made the latent after step ``k``, the last cut at ``k``."""
@@ -86,12 +91,13 @@ class Lineage:
 
     def to_dict(self) -> dict[str, Any]:
         return {"segments": [[s.source, s.prompt, s.until] for s in self.segments],
-                "noise_seed": self.noise_seed}
+                "noise_seed": self.noise_seed, "step_cache": self.step_cache}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Lineage:
         return cls(tuple(Segment(str(source), str(prompt), int(until))
-                         for source, prompt, until in data["segments"]), int(data["noise_seed"]))
+                         for source, prompt, until in data["segments"]), int(data["noise_seed"]),
+                   str(data.get("step_cache", OFF)))  # lineages kept before step caches
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core.errors import SettingError
+from core.stepcache import StepCache
 from core.webhooks import parse_allowlist
 
 Check = Callable[[Any], "str | None"]
@@ -231,6 +232,13 @@ class Settings:
                             "similarity -> K table: 'reference' (NIRVANA's), a JSON file path, "
                             "or auto (the table profiled for the model and embedder: the scene "
                             "model's, else reference)", check=_k_table)
+
+    step_cache: str = _setting("T2I_STEP_CACHE", "auto",
+                               "within-request step cache: off, deepcache:N (every N-th step "
+                               "of a run runs the whole UNet, the others reuse its deep "
+                               "features and run the outer blocks only), or auto (what the "
+                               "K table names: off for the reference table)",
+                               check=_parses(lambda v: v == "auto" or StepCache.parse(v)))
 
     cache_admit_resumed: bool = _setting("T2I_CACHE_ADMIT_RESUMED", True,
                                          "a job resumed from K keeps its own latents at the K "

@@ -123,6 +123,10 @@ class JobView(BaseModel):
     cache: CacheDecision | None
     timings: dict[str, float | None]
     unet_calls: int | None
+    shallow_unet_calls: int | None = Field(
+        None, description="of unet_calls, the steps that reused deep features of an earlier "
+                          "step and ran the outer UNet blocks only (T2I_STEP_CACHE)")
+    step_cache: str | None = Field(None, description="the step cache the image was made with")
     batch_peak: int | None
     error: str | None
     cancel_requested: bool

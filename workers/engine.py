@@ -28,7 +28,7 @@ from diffusers import (
 from core.errors import ModelLoadError
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
-from core.stepcache import NO_STEP_CACHE, StepCache
+from core.stepcache import NO_STEP_CACHE, OFF, StepCache
 from workers.builtin_models import resolve_model
 from workers.step_cache import SplitUNet
 
@@ -61,6 +61,7 @@ class Generation:
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     batch_peak: int = 1     # the most jobs that shared one of its UNet calls
     shallow_unet_calls: int = 0   # of unet_calls, those that reused cached deep features
+    step_cache: str = OFF         # the step cache it ran with (core.stepcache spec)
 
 
 @dataclass
@@ -339,7 +340,8 @@ class Engine:
         return Generation(image_png=self._decode(trajectory.latents),
                           unet_calls=len(trajectory.timesteps), captured=trajectory.captured,
                           batch_peak=trajectory.batch_peak,
-                          shallow_unet_calls=trajectory.shallow_steps)
+                          shallow_unet_calls=trajectory.shallow_steps,
+                          step_cache=self.step_cache.spec)
 
     def run_alone(self, trajectory: Trajectory) -> Generation:
         while not trajectory.finished:

@@ -32,6 +32,7 @@ from core.jobs import JobRecord, JobState, image_key
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from core.plan import CachePlan
+from core.stepcache import OFF
 from core.webhooks import Event
 from workers.engine import DenoisingEngine, Generation
 from workers.latents import load_latent, save_latents
@@ -65,10 +66,11 @@ class CacheConfig:
     identical: IdenticalRequests
     retriage: Callable[[str], None]  # sends a job (a follower) back to triage
     admit_resumed: bool = True     # T2I_CACHE_ADMIT_RESUMED
+    step_cache: str = OFF          # the engine's (core.stepcache spec): part of the partition
 
     def partition(self, record: JobRecord) -> str:
-        return request_partition(self.model, self.scheduler, record.request, record.tenant,
-                                 self.shared)
+        return request_partition(self.model, self.scheduler, self.step_cache, record.request,
+                                 record.tenant, self.shared)
 
     def land(self, record: JobRecord, succeeded: bool) -> None:
         """The job ended: if it succeeded, identical requests get its image from now on;
@@ -261,6 +263,13 @@ def _forget_item(job_id: str, partition: str, entry: str, k: int, objects: Objec
         log.warning("job %s: unusable item %s/K=%d not dropped: %s", job_id, entry, k, exc)
 
 
+def made_by(result: Generation) -> dict[str, Any]:
+    """What the job record keeps of how its image was computed (the lineage of its cached
+    latents takes the step cache from here)."""
+    return {"unet_calls": result.unet_calls, "shallow_unet_calls": result.shallow_unet_calls,
+            "step_cache": result.step_cache, "batch_peak": result.batch_peak}
+
+
 def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore,
               engine: DenoisingEngine, joining: Joining, now: Callable[[], float],
               cache: CacheConfig | None, reliability: Reliability,
@@ -276,7 +285,7 @@ def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore,
     except InvalidTransition:   # it ended while it waited for a batch
         return _skipped(job_id, jobs, cache)
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
-                          unet_calls=result.unet_calls, batch_peak=result.batch_peak, **fields)
+                          **made_by(result), **fields)
     if cache:
         cache.land(record, succeeded=True)
         if result.captured:
@@ -353,8 +362,7 @@ def generate_resume(job_id: str, jobs: JobStore, objects: ObjectStore,
         log.warning("job %s: hit on %s K=%d not counted: %s", job_id, entry, k, exc)
     log.info("job %s: resumed from %s K=%d (hit %s)", job_id, entry, k, hits)
     outcome = store_image(job_id, result.image_png, jobs, objects, now, reliability,
-                          unet_calls=result.unet_calls, batch_peak=result.batch_peak,
-                          resumed_from_k=k, latent_fetch_ms=fetch_ms[0])
+                          **made_by(result), resumed_from_k=k, latent_fetch_ms=fetch_ms[0])
     cache.land(record, succeeded=True)
     if result.captured:
         _cache_entry(record, result.captured, objects, cache)

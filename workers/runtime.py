@@ -13,6 +13,7 @@ from cachemgr.ktable import KTable
 from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, load_settings
+from core.stepcache import StepCache
 from workers.builtin_models import cache_embedder, cache_k_table
 
 clock = time.time
@@ -75,6 +76,12 @@ def k_table() -> KTable:
     return KTable.load(cache_k_table(settings().k_table, settings().model, embedder_name()))
 
 
+def step_cache() -> StepCache:
+    """T2I_STEP_CACHE resolved: 'auto' is what the K table names (its profile's choice)."""
+    setting = settings().step_cache
+    return StepCache.parse(k_table().step_cache if setting == "auto" else setting)
+
+
 def _limit_torch_threads() -> None:
     if settings().torch_threads:
         import torch
@@ -99,7 +106,7 @@ def _load_engine():
     config = settings()
     _limit_torch_threads()
     loaded = Engine.load(config.model, config.scheduler, config.device,
-                         config.state_path / "models", config.hf_hub_offline)
+                         config.state_path / "models", config.hf_hub_offline, step_cache())
     if config.gpu_batch == 1:
         return loaded
     from workers.batcher import BatchingEngine
@@ -147,7 +154,7 @@ def router():
                     "audit_fraction": config.predictor_audit_fraction}
     return CacheRouter(embedder(), vectors(), catalog(), identical_requests(), object_store(),
                        job_store(), k_table(), predictor, config.model, config.scheduler,
-                       config.cache_scope == "shared", **training)
+                       config.cache_scope == "shared", step_cache().spec, **training)
 
 
 @functools.cache
@@ -173,7 +180,8 @@ def cache_config():
 
     return CacheConfig(config.model, config.scheduler, config.cache_scope == "shared", k_table(),
                        catalog(), register, identical_requests(),
-                       functools.partial(enqueue, app, TRIAGE_TASK), config.cache_admit_resumed)
+                       functools.partial(enqueue, app, TRIAGE_TASK), config.cache_admit_resumed,
+                       step_cache().spec)
 
 
 @functools.cache

@@ -30,6 +30,7 @@ from core.jobs import JobRecord, JobState, RequestLimits, image_key, parse_reque
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from core.plan import FULL_CACHE_OFF, CachePlan, Reason, Route, Segment
+from core.stepcache import OFF
 from workers.app import FULL_TASK, RESUME_TASK
 from workers.embedder import Embedder
 
@@ -79,6 +80,7 @@ class CacheRouter:
     model: str
     scheduler: str
     shared: bool                   # one cache for all tenants (T2I_CACHE_SCOPE=shared)
+    step_cache: str = OFF          # the GPU workers' (core.stepcache spec): part of the partition
     add_sample: Callable[[np.ndarray], None] = lambda embedding: None
     audit_fraction: float = 0.0
     draw: Callable[[], float] = random.random
@@ -86,8 +88,8 @@ class CacheRouter:
 
     def __call__(self, record: JobRecord) -> Triaged:
         request = record.request
-        partition = request_partition(self.model, self.scheduler, request, record.tenant,
-                                      self.shared)
+        partition = request_partition(self.model, self.scheduler, self.step_cache, request,
+                                      record.tenant, self.shared)
         digest = identical_key(partition, request)
         shortcut = self._identical(record.id, digest, partition, request.steps)
         if shortcut is not None:
@@ -213,7 +215,7 @@ def register_entry(entry: str, partition: str, sizes: dict[int, int], jobs: JobS
     record = jobs.get(entry)
     prompt, created = record.request.prompt, now()
     lineage = lineage_after(record.plan, entry, prompt, record.request.steps,
-                            record.request.seed)
+                            record.request.seed, record.extra.get("step_cache", OFF))
     added = catalog.register(entry, partition, sizes, created, prompt, lineage)
     try:
         vectors.add(entry, embedder.embed([prompt])[0], partition, prompt, created)

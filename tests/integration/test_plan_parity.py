@@ -24,6 +24,7 @@ from core.jobs import JobRecord, JobRequest, JobState, image_key
 from core.jobstore import JobStore, connect
 from core.objectstore import InMemoryObjectStore
 from core.plan import Route
+from core.stepcache import OFF
 from workers.embedder import MiniLMEmbedder
 from workers.triage import CacheRouter, register_entry
 
@@ -80,7 +81,7 @@ def live_plans(embedder, redis_url: str, tmp_path) -> list:
 
 def simulated_plans(embedder) -> list:
     requests = [SimRequest(tenant, prompt, steps, request_partition(
-        "tiny", "ddim", JobRequest(prompt, "", steps, 7.5, 0, 64, 64), tenant, False), seed)
+        "tiny", "ddim", OFF, JobRequest(prompt, "", steps, 7.5, 0, 64, 64), tenant, False), seed)
         for (tenant, prompt, steps), seed in zip(REQUESTS, SEEDS)]
     embeddings = embedder.embed([prompt for _, prompt, _ in REQUESTS]).astype(np.float32)
     config = SimConfig(policy_by_name("lcbfu"), REFERENCE_TABLE, admit_resumed=True,

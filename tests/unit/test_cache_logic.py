@@ -7,6 +7,7 @@ import pytest
 from cachemgr.keys import cache_scope, latent_key, partition_key
 from cachemgr.ktable import REFERENCE_TABLE, KTable, derive_table, largest_stored_at_most
 from cachemgr.routing import Bounds, CachedEntry, decide
+from core.errors import SettingError
 from core.plan import Lineage, Reason, Segment
 
 
@@ -61,6 +62,16 @@ def test_a_profiled_table_keeps_the_largest_k_within_tolerance():
     assert KTable.from_json(table.to_json()) == table
 
 
+def test_a_table_names_the_step_cache_its_profile_chose():
+    table = KTable("profiled", ((0.9, 10),), 25, step_cache="deepcache:2")
+    assert KTable.from_json(table.to_json()) == table
+    assert KTable.from_json(REFERENCE_TABLE.to_json()).step_cache == "off"
+    without = '{"name": "older", "reference_steps": 25, "thresholds": [[0.9, 10]]}'
+    assert KTable.from_json(without).step_cache == "off"
+    with pytest.raises(SettingError, match="'deepcache:x'"):
+        KTable("bad", ((0.9, 10),), 25, step_cache="deepcache:x")
+
+
 def test_a_profile_where_nothing_keeps_quality_derives_no_table():
     with pytest.raises(ValueError, match="no similarity bin keeps 95%"):
         derive_table("profiled", 20, {0.9: {4: 0.5}}, tolerance=0.95)
@@ -74,11 +85,12 @@ def test_hole_fallback_takes_largest_stored_k_at_most():
 
 
 def test_partitions_separate_everything_that_changes_a_latent():
-    base = dict(model="m", scheduler="ddim", steps=50, width=512, height=512, guidance=7.5,
+    base = dict(model="m", scheduler="ddim", step_cache="off", steps=50, width=512, height=512, guidance=7.5,
                 scope=cache_scope("acme", shared=False))
     key = partition_key(**base)
     assert partition_key(**base) == key
-    for field, other in [("model", "m2"), ("scheduler", "euler"), ("steps", 30),
+    for field, other in [("model", "m2"), ("scheduler", "euler"),
+                         ("step_cache", "deepcache:3"), ("steps", 30),
                          ("width", 256), ("height", 768), ("guidance", 7.0),
                          ("scope", cache_scope("globex", shared=False))]:
         assert partition_key(**{**base, field: other}) != key, field

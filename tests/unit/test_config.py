@@ -89,7 +89,8 @@ def test_a_missing_secret_is_an_error_that_says_where_it_comes_from(tmp_path):
     ("T2I_K_TABLE", "/no/such.json", "JSON file"), ("T2I_REDIS_URL", "localhost:6379", "scheme"),
     ("T2I_DEFAULT_SIZE", "100", "multiple of 8"), ("T2I_WEBHOOK_ALLOW", "localhost:80", "localhost"),
     ("T2I_SOFT_TIME_LIMIT_S", "700", "T2I_TIME_LIMIT_S=660"), ("T2I_DEVICE", "tpu", "cuda:N"),
-    ("T2I_S3_BUCKET", "x", "bucket name"), ("T2I_WEBHOOK_TIMEOUT_S", "0", "above 0")])
+    ("T2I_S3_BUCKET", "x", "bucket name"), ("T2I_WEBHOOK_TIMEOUT_S", "0", "above 0"),
+    ("T2I_STEP_CACHE", "deepcache:1", "deepcache:N")])
 def test_every_setting_is_checked_at_load_naming_the_variable_and_value(env, value, problem):
     with pytest.raises(settings.SettingError, match=f"{env}=.*{value}.*") as caught:
         load_settings({env: value}, read_secrets=False)

@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
-PURE = ["core.jobs", "core.metrics", "core.webhooks", "core.logs", "core.errors", "core.plan",
-        "core.batching", "cachemgr.plan", "cachemgr.policies", "cachemgr.routing",
+PURE = ["core.jobs", "core.stepcache", "core.metrics", "core.webhooks", "core.logs",
+        "core.errors", "core.plan", "core.batching", "cachemgr.plan", "cachemgr.policies", "cachemgr.routing",
         "cachemgr.ktable", "cachemgr.keys", "cachemgr.predictor", "cachemgr.simulator"]
 FORBIDDEN = {"celery", "kombu", "redis", "torch", "chromadb", "minio", "httpx", "diffusers"}
 

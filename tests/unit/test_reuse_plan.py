@@ -80,9 +80,20 @@ def test_resumed_and_exact_jobs_keep_only_their_own_steps():
 
 def test_lineage_after_a_noise_swap_carries_the_jobs_seed_and_a_renoise_the_entrys():
     swapped = reuse(ENTRY_SEED + 1, DEFAULT_SEED_POLICY)
-    after = lineage_after(swapped, "j", "a fox, red", 50, ENTRY_SEED + 1)
+    after = lineage_after(swapped, "j", "a fox, red", 50, ENTRY_SEED + 1, "off")
     assert after.segments == (Segment("e", "a fox", 2), Segment("j", "a fox, red", 50))
     assert after.noise_seed == ENTRY_SEED + 1
     renoised = reuse(ENTRY_SEED + 1, SeedPolicy(SeedRule.RENOISE, max_fraction=0.2))
-    assert lineage_after(renoised, "j", "a fox", 50, ENTRY_SEED + 1).noise_seed == ENTRY_SEED
-    assert lineage_after(None, "j", "a fox", 50, 3) == Lineage.own("j", "a fox", 50, 3)
+    assert lineage_after(renoised, "j", "a fox", 50, ENTRY_SEED + 1, "off").noise_seed == \
+        ENTRY_SEED
+    assert lineage_after(None, "j", "a fox", 50, 3, "off") == Lineage.own("j", "a fox", 50, 3)
+
+
+def test_a_lineage_says_which_step_cache_made_its_latents():
+    made = lineage_after(None, "j", "a fox", 50, 3, "deepcache:3")
+    resumed = lineage_after(reuse(ENTRY_SEED + 1, DEFAULT_SEED_POLICY), "j", "a fox", 50,
+                            ENTRY_SEED + 1, "deepcache:3")
+    assert made.step_cache == resumed.step_cache == "deepcache:3"
+    assert Lineage.from_dict(made.to_dict()) == made
+    before = {key: value for key, value in made.to_dict().items() if key != "step_cache"}
+    assert Lineage.from_dict(before).step_cache == "off"   # kept before step caches
