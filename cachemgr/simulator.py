@@ -80,6 +80,8 @@ class SimResult:
     steps_requested: int = 0
     steps_saved: int = 0
     k_histogram: Counter = field(default_factory=Counter)          # K (of 50) on resumes
+    requested_steps: Counter = field(default_factory=Counter)      # N -> requests
+    run_lengths: Counter = field(default_factory=Counter)          # UNet steps run -> requests
     hits_by_kind: Counter = field(default_factory=Counter)         # cachemgr.plan.hit_kind
     steps_saved_by_kind: Counter = field(default_factory=Counter)
     hits_same_user: int = 0        # both users known (the trace lacks them in places)
@@ -288,6 +290,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
         now, vector = float(times[i]), embeddings[i]
         result.requests += 1
         result.steps_requested += request.steps
+        result.requested_steps[request.steps] += 1
         identical = (request.partition, request.prompt, request.seed)
         if config.predictor and i and i % config.predictor.retrain_every == 0:
             trained = train_predictor(embeddings[samples[-config.predictor.max_samples:]],
@@ -320,6 +323,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
                 samples.append(i)
         if config.keep_plans:
             result.plans.append(plan)
+        saved = 0
         if plan is not None and plan.route is not Route.FULL:
             entry, saved = int(plan.entry or 0), plan.steps_saved
             if plan.route is Route.RESUME:
@@ -342,6 +346,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
             result.hit_flags.append(True)
         else:
             result.hit_flags.append(False)
+        result.run_lengths[request.steps - saved] += 1
         if config.policy.admits:
             kept = kept_ks(plan, config.table, request.steps, config.admit_resumed,
                            config.rules)
