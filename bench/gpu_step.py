@@ -9,7 +9,9 @@ For batch sizes B and both kinds of job (full: N steps from noise; resumed: N - 
 from a cached latent, its noise swapped, as a re-roll hit runs), B jobs of distinct prompts
 and seeds advance together through the engine's batched step (workers.engine.advance, what
 a T2I_GPU_BATCH worker runs): ms per batched UNet call, images per second (B / (ms per
-call x steps per image), plus the VAE decode), and peak accelerator memory. Also the
+call x steps per image), plus the VAE decode), and peak accelerator memory; for each step
+cache of --step-caches (core.stepcache: the timed steps mix whole and shallow ones as a
+job's schedule does). Also the
 triage-side cost per prompt of the `clip` embedder (the served model's text encoder) on
 this device. Writes JSON.
 """
@@ -27,8 +29,10 @@ from typing import Any
 
 import torch
 
+from core.errors import SettingError
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
+from core.stepcache import StepCache
 from workers.engine import Engine
 
 PROMPTS = ["a lighthouse on a cliff at sunset", "a red fox in the snow", "a bowl of ramen",
@@ -72,7 +76,8 @@ def measure(engine: Engine, batch: int, resumed: bool, args: argparse.Namespace,
     decode_ms = 1e3 * (clock() - begun)
     steps = args.steps - (args.k if resumed else 0)
     seconds_per_batch = ms_per_call * steps / 1e3 + batch * decode_ms / 1e3
-    return {"kind": "resumed" if resumed else "full", "batch": batch, "steps_run": steps,
+    return {"kind": "resumed" if resumed else "full", "step_cache": engine.step_cache.spec,
+            "batch": batch, "steps_run": steps,
             "ms_per_unet_call": round(ms_per_call, 3),
             "ms_per_image_step": round(ms_per_call / batch, 3),
             "decode_ms_per_image": round(decode_ms, 3),
@@ -106,19 +111,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--timed-steps", type=int, default=10)
+    parser.add_argument("--step-caches", default="off,deepcache:3",
+                        help="T2I_STEP_CACHE values to measure, each on the same weights")
     parser.add_argument("--out", default="bench/results/gpu-step.json")
     args = parser.parse_args(argv)
     if args.warmup_steps + args.timed_steps > args.steps - args.k:
         parser.error("--warmup-steps + --timed-steps must fit in the resumed jobs' N - K steps")
+    try:
+        step_caches = [StepCache.parse(spec) for spec in args.step_caches.split(",")]
+    except SettingError as exc:
+        parser.error(f"--step-caches: {exc}")
     started = time.perf_counter()
     engine = Engine.load(args.model, "ddim", args.device, Path(args.models_dir), offline=True)
     loaded_s = time.perf_counter() - started
     clock = synchronised(engine.device)
     rows = []
-    for resumed in (False, True):
-        for batch in (int(b) for b in args.batches.split(",")):
-            rows.append(measure(engine, batch, resumed, args, clock))
-            print(json.dumps(rows[-1]), flush=True)
+    for step_cache in step_caches:
+        cached = Engine(engine.pipe, "ddim", engine.device, engine.label, step_cache)
+        for resumed in (False, True):
+            for batch in (int(b) for b in args.batches.split(",")):
+                rows.append(measure(cached, batch, resumed, args, clock))
+                print(json.dumps(rows[-1]), flush=True)
     device = (torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda"
               else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
     result = {"command": "python -m bench.gpu_step " + " ".join(sys.argv[1:] if argv is None

@@ -5,7 +5,11 @@
 Both stacks (Redis, S3, API, Celery triage/cache and GPU workers, beat, Flower; fresh state
 in a temporary directory) run side by side on this machine and get the same requests in the
 same order and arrival times, so machine noise hits both alike: one job in flight per stack
-(closed loop, the default) or Poisson arrivals at --rate jobs/s (open loop).
+(closed loop, the default) or Poisson arrivals at --rate jobs/s (open loop). With
+--step-cache SPEC two more stacks run beside them with that step cache (T2I_STEP_CACHE),
+cache on and off: plain, across-request reuse only, within-request only, and both, with UNet
+compute per image (whole-UNet steps plus shallow ones at their counted FLOP cost) and
+measured generation time, each against plain.
 Image sizes are the trace's divided by --size-divisor (partitions stay distinct; the CPU
 test model stays fast); guidance comes from the trace (default 7.5), seeds too.
 Writes a JSON and a Markdown summary to bench/results/.
@@ -32,8 +36,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, SettingError
 from core.settings import Settings, ensure_secrets, load_settings
+from core.stepcache import OFF, StepCache
 from core.trace import DEFAULT_TRACE, TraceRequest, read_trace
 from infra import servers, stack
 from producer.client import Client
@@ -43,9 +48,11 @@ from quality.scoring import load_scorer
 from workers.builtin_models import cache_embedder, cache_k_table
 
 
-def arm_settings(base: Settings, state_dir: Path, cache_on: bool) -> Settings:
+def arm_settings(base: Settings, state_dir: Path, cache_on: bool,
+                 step_cache: str | None = None) -> Settings:
     return ensure_secrets(dataclasses.replace(
         base, cache_enabled=cache_on, state_dir=str(state_dir),
+        step_cache=step_cache or base.step_cache,
         redis_url=f"redis://127.0.0.1:{servers.free_port()}/0",
         s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
         api_port=servers.free_port(), flower_port=servers.free_port(), chroma_path="",
@@ -142,6 +149,43 @@ def paired_intervals(views: dict[str, list[dict]]) -> dict[str, Any]:
             "steps_saved_frac": ratio(requested - ran, requested, draws),
             "latency_ratio_on_off": ratio(np.array([latency(on[key]) for key in both]),
                                           np.array([latency(off[key]) for key in both]), draws)}
+
+
+def unet_compute(views: dict[str, list[dict]], shallow_cost: float) -> dict[str, Any]:
+    """Per arm, over the requests every arm answered, with 95% bootstrap intervals: UNet
+    compute per image over the steps asked (a shallow step at ``shallow_cost`` of a whole
+    one), and generation time and latency over plain's (cache_off) for the same requests."""
+    keyed = {name: by_request(arm_views) for name, arm_views in views.items()}
+    both = sorted(set.intersection(*(set(k) for k in keyed.values())))
+    if not both:
+        return {}
+    draws = resamples(len(both))
+
+    def per_job(name: str, measure: Callable[[dict], float]) -> np.ndarray:
+        return np.array([measure(keyed[name][key]) for key in both], dtype=float)
+
+    def compute(view: dict) -> float:
+        shallow = view.get("shallow_unet_calls") or 0
+        return view["unet_calls"] - shallow + shallow_cost * shallow
+
+    def generation(view: dict) -> float:  # the exact path generates nothing
+        timings = view["timings"]
+        if timings.get("generation_started_at") is None:
+            return 0.0
+        return timings["generation_finished_at"] - timings["generation_started_at"]
+
+    def latency(view: dict) -> float:
+        return view["timings"]["finished_at"] - view["timings"]["submitted_at"]
+
+    asked = per_job("cache_off", lambda view: view["request"]["steps"])
+    return {"requests": len(both), "shallow_cost": shallow_cost, "arms": {
+        name: {"step_cache": keyed[name][both[0]].get("step_cache"),
+               "compute_per_image_frac": ratio(per_job(name, compute), asked, draws),
+               "generation_time_ratio": ratio(per_job(name, generation),
+                                              per_job("cache_off", generation), draws),
+               "latency_ratio": ratio(per_job(name, latency), per_job("cache_off", latency),
+                                      draws)}
+        for name in views}}
 
 
 def summarise(views: list[dict]) -> dict[str, Any]:
@@ -247,6 +291,9 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
             np.array([scores["cache_off"][off[key]["id"]] for key in both]),
             resamples(len(both))) if both else None,
         "reroll_diversity": reroll_diversity(views, images, getattr(scorer, "judge", None)),
+        "arms_vs_cache_off": {name: arm_vs_plain(name, views, images, scores,
+                                                 getattr(scorer, "judge", None))
+                              for name in views if name != "cache_off"},
         "score_mean_cache_on": mean(list(scores["cache_on"].values())),
         "score_mean_cache_off": mean(list(scores["cache_off"].values())),
         "score_mean_resumed": resumed_on,
@@ -263,6 +310,19 @@ def score_arms(scorer_spec: str, views: dict[str, list[dict]],
     }
 
 
+def arm_vs_plain(name: str, views: dict[str, list[dict]],
+                 images: dict[str, dict[str, np.ndarray]], scores: dict[str, dict[str, float]],
+                 judge: Evaluator | None) -> dict[str, Any]:
+    """An arm's image scores over cache_off's for the same requests, and its re-roll
+    diversity over cache_off's, with 95% bootstrap intervals."""
+    arm, off = by_request(views[name]), by_request(views["cache_off"])
+    both = sorted(set(arm) & set(off))
+    return {"score_ratio_ci95": ratio(np.array([scores[name][arm[key]["id"]] for key in both]),
+                                      np.array([scores["cache_off"][off[key]["id"]]
+                                                for key in both]), resamples(len(both))),
+            "reroll_diversity": reroll_diversity(views, images, judge, name)}
+
+
 def interval(cell: dict[str, Any]) -> str:
     """A ratio with its interval, as ``quality.reroll.ratio`` gives them."""
     if cell.get("value") is None:
@@ -277,11 +337,11 @@ def resamples(count: int, draws: int = 2000, seed: int = 0) -> np.ndarray:
 
 
 def reroll_diversity(views: dict[str, list[dict]], images: dict[str, dict[str, np.ndarray]],
-                     judge: Evaluator | None) -> dict[str, Any] | None:
-    """Re-roll diversity of each arm: per prompt asked with several seeds, the mean pairwise
-    distance between its images (pixels; the evaluator's features when the scorer has
-    one), cache on over cache off (the same requests from scratch), with a 95% bootstrap
-    interval over prompts."""
+                     judge: Evaluator | None, arm: str = "cache_on") -> dict[str, Any] | None:
+    """Re-roll diversity of ``arm`` and cache_off: per prompt asked with several seeds, the
+    mean pairwise distance between its images (pixels; the evaluator's features when the
+    scorer has one), ``arm`` over cache off (the same requests from scratch, plain), with a
+    95% bootstrap interval over prompts."""
     groups: dict[str, dict[str, list[str]]] = {}
     for name, arm_views in views.items():
         by_prompt: dict[str, dict[int, str]] = {}
@@ -291,8 +351,8 @@ def reroll_diversity(views: dict[str, list[dict]], images: dict[str, dict[str, n
                     view["id"]
         groups[name] = {prompt: [ids[seed] for seed in sorted(ids)]
                         for prompt, ids in by_prompt.items() if len(ids) >= 2}
-    prompts = sorted(set(groups["cache_on"]) & set(groups["cache_off"]))
-    prompts = [p for p in prompts if len(groups["cache_on"][p]) == len(groups["cache_off"][p])]
+    prompts = sorted(set(groups[arm]) & set(groups["cache_off"]))
+    prompts = [p for p in prompts if len(groups[arm][p]) == len(groups["cache_off"][p])]
     if not prompts:
         return None
 
@@ -311,10 +371,10 @@ def reroll_diversity(views: dict[str, list[dict]], images: dict[str, dict[str, n
             feature_distance, lambda x: judge.embed(to_tensor(x)).numpy())
     draws = resamples(len(prompts))
     report: dict[str, Any] = {"prompts": len(prompts),
-                              "images": sum(len(groups["cache_on"][p]) for p in prompts)}
+                              "images": sum(len(groups[arm][p]) for p in prompts)}
     for measure, (distance, embed) in measures.items():
-        on, off = per_prompt("cache_on", distance, embed), per_prompt("cache_off", distance, embed)
-        report[measure] = {"cache_on": float(on.mean()), "cache_off": float(off.mean()),
+        on, off = per_prompt(arm, distance, embed), per_prompt("cache_off", distance, embed)
+        report[measure] = {arm: float(on.mean()), "cache_off": float(off.mean()),
                            "ratio_on_off": ratio(on, off, draws)}
     return report
 
@@ -386,7 +446,34 @@ def markdown(result: dict[str, Any]) -> str:
                     lines.append(f"| {measure} | {cell['cache_on']:.4f} | {cell['cache_off']:.4f} "
                                  f"| **{show(cell['ratio_on_off']['value'])}** "
                                  f"{cell['ratio_on_off']['ci95'] or ''} |")
+    if compute := result.get("unet_compute"):
+        lines += step_cache_section(compute, (result.get("quality") or {}).get("arms_vs_cache_off",
+                                                                                 {}))
     return "\n".join(lines) + "\n"
+
+
+ARM_TITLES = {"cache_off": "plain", "cache_on": "across-request reuse only",
+              "cache_off_step": "within-request (step cache) only", "cache_on_step": "both"}
+
+
+def step_cache_section(compute: dict[str, Any], quality: dict[str, Any]) -> list[str]:
+    """The four arms side by side: UNet compute per image, time and quality over plain."""
+    lines = ["", f"UNet compute per image and cost over plain, the {compute['requests']} "
+                 f"requests every arm answered (95% bootstrap intervals; a shallow step counted "
+                 f"at {compute['shallow_cost']:.3f} of a whole one, its FLOPs):", "",
+             "| arm | step cache | UNet compute / steps asked | generation time / plain | "
+             "latency / plain | image score / plain | re-roll diversity / plain (features) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, arm in compute["arms"].items():
+        score = (quality.get(name) or {}).get("score_ratio_ci95")
+        diversity = ((quality.get(name) or {}).get("reroll_diversity") or {}).get(
+            "evaluator_features", {}).get("ratio_on_off")
+        lines.append(f"| {ARM_TITLES.get(name, name)} | {arm['step_cache']} | "
+                     f"{interval(arm['compute_per_image_frac'])} | "
+                     f"{interval(arm['generation_time_ratio'])} | {interval(arm['latency_ratio'])} "
+                     f"| {interval(score) if score else '-'} "
+                     f"| {interval(diversity) if diversity else '-'} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,15 +497,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="also score every image ('scene', 'scene:WEIGHTS' or 'clip:PATH', "
                              "see quality.scoring) and write a grid of resumed vs from-scratch "
                              "images (OUT-samples.png)")
+    parser.add_argument("--step-cache", default="",
+                        help="also run two stacks with this T2I_STEP_CACHE (deepcache:N), cache "
+                             "on and off, the first two then with the step cache off; only "
+                             "for the scene or sd15-random model (their shallow-step FLOPs are "
+                             "counted here)")
     parser.add_argument("--out", default="bench/results/live-replay",
                         help="output path without extension (.json and .md are written)")
     args = parser.parse_args(argv)
 
-    requests = list(read_trace(Path(args.trace), limit=args.limit, channel=args.channel))
     base = load_settings()
+    arm_specs: dict[str, tuple[bool, str | None]] = {"cache_on": (True, None),
+                                                     "cache_off": (False, None)}
+    shallow_cost = None
+    if args.step_cache:
+        from bench.step_cost import measure  # torch, for the FLOP count
+
+        cost_model = {"scene": "scene", "sd15-random": "sd15"}.get(base.model)
+        if cost_model is None:
+            parser.error(f"--step-cache: T2I_MODEL={base.model} is neither scene nor sd15-random")
+        try:
+            StepCache.parse(args.step_cache)
+        except SettingError as exc:
+            parser.error(f"--step-cache: {exc}")
+        shallow_cost = measure(cost_model, repeats=1)["shallow_cost_flops"]
+        arm_specs = {"cache_on": (True, OFF), "cache_off": (False, OFF),
+                     "cache_on_step": (True, args.step_cache),
+                     "cache_off_step": (False, args.step_cache)}
+    requests = list(read_trace(Path(args.trace), limit=args.limit, channel=args.channel))
     with tempfile.TemporaryDirectory(prefix="t2i-replay-") as tmp:
-        arms = {name: arm_settings(base, Path(tmp) / name, name == "cache_on")
-                for name in ("cache_on", "cache_off")}
+        arms = {name: arm_settings(base, Path(tmp) / name, cache_on, step_cache)
+                for name, (cache_on, step_cache) in arm_specs.items()}
         views: dict[str, list[dict]] = {name: [] for name in arms}
         try:
             for name, config in arms.items():
@@ -451,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     embedder = cache_embedder(base.embedder, base.model)
     result = {
         "command": "python -m bench.replay_live " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.node()}: {platform.machine()}, CPU only, two stacks side by side",
+        "machine": f"{platform.node()}: {platform.machine()}, CPU only, {len(arms)} stacks "
+                   "side by side",
         "model": next(v["model"] for v in views["cache_on"] if v["state"] != "refused"),
         "channel": args.channel,
         "requests": len(requests), "steps": args.steps,
@@ -466,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                                     / summary["cache_off"]["throughput_jobs_per_s"]),
         "intervals": paired_intervals(views),
     }
+    if shallow_cost is not None:
+        result["unet_compute"] = unet_compute(views, shallow_cost)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.scorer:

@@ -20,8 +20,9 @@ def test_the_gpu_benchmark_command_runs_end_to_end_on_the_cpu(tmp_path):
                    cwd=ROOT, check=True, timeout=600,
                    env={**os.environ, "PYTHON": sys.executable})
     result = json.loads(out.read_text())
-    assert [(row["kind"], row["batch"]) for row in result["rows"]] == [
-        ("full", 1), ("full", 2), ("resumed", 1), ("resumed", 2)]
+    assert [(row["step_cache"], row["kind"], row["batch"]) for row in result["rows"]] == [
+        (cache, kind, batch) for cache in ("off", "deepcache:3")
+        for kind in ("full", "resumed") for batch in (1, 2)]
     for row in result["rows"]:
         assert row["ms_per_unet_call"] > 0 and row["images_per_s"] > 0
         assert row["steps_run"] == (10 if row["kind"] == "full" else 5)

@@ -1,6 +1,6 @@
-"""The live replay end to end on a toy-world trace: two real stacks, cache on and off, every
-image scored and resumed images compared with the same requests from scratch (a test of the
-command, not of the numbers)."""
+"""The live replay end to end on a toy-world trace: four real stacks, cache on and off, with
+and without the step cache, every image scored and resumed images compared with the same
+requests from scratch (a test of the command, not of the numbers)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from quality import evaluator, toy_trace
 pytestmark = pytest.mark.e2e
 
 
-def test_live_replay_scores_both_arms_and_pairs_resumed_jobs(tmp_path):
+def test_live_replay_scores_every_arm_and_pairs_resumed_jobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("T2I_MODEL", "scene")  # the step cache's FLOPs are counted for it
     trace = tmp_path / "toy.csv.gz"
     # One user re-rolling one prompt: from the second request on, every job can resume (from
     # K 1 of 25, the seed cap: each re-roll has its own seed).
@@ -25,7 +26,8 @@ def test_live_replay_scores_both_arms_and_pairs_resumed_jobs(tmp_path):
     out = tmp_path / "live"
     assert replay_live.main(["--trace", str(trace), "--channel", "toy", "--limit", "4",
                              "--steps", "25", "--size-divisor", "1", "--warmup", "0",
-                             "--scorer", f"scene:{weights}", "--out", str(out)]) == 0
+                             "--scorer", f"scene:{weights}", "--step-cache", "deepcache:3",
+                             "--out", str(out)]) == 0
 
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["cache_on"]["succeeded"] == result["cache_off"]["succeeded"] == 4
@@ -58,3 +60,18 @@ def test_live_replay_scores_both_arms_and_pairs_resumed_jobs(tmp_path):
     report = out.with_suffix(".md").read_text()
     assert "Resumed vs the same requests from scratch" in report
     assert "95% bootstrap intervals over the 4 requests" in report
+    compute = result["unet_compute"]
+    assert compute["requests"] == 4 and 0 < compute["shallow_cost"] < 1
+    arms = compute["arms"]
+    assert {name: arm["step_cache"] for name, arm in arms.items()} == {
+        "cache_on": "off", "cache_off": "off", "cache_on_step": "deepcache:3",
+        "cache_off_step": "deepcache:3"}
+    frac = {name: arm["compute_per_image_frac"]["value"] for name, arm in arms.items()}
+    assert frac["cache_off"] == 1.0  # plain: every step asked ran the whole UNet
+    assert frac["cache_on"] == pytest.approx(1 - saved["value"], abs=1e-4)
+    # 25 steps with deepcache:3: 9 whole, 16 shallow
+    assert frac["cache_off_step"] == pytest.approx((9 + 16 * compute["shallow_cost"]) / 25,
+                                                   abs=1e-3)
+    assert frac["cache_on_step"] < frac["cache_off_step"]
+    assert set(quality["arms_vs_cache_off"]) == {"cache_on", "cache_on_step", "cache_off_step"}
+    assert "UNet compute per image" in report and "within-request (step cache) only" in report
