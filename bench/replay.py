@@ -100,9 +100,9 @@ def row(result: SimResult, policy: str, budget: int, embedder: str, table: str,
         "budget_prompts": budget or None, "embedder": embedder, "k_table": table,
         "rules": rules, "requests": result.requests, "hit_rate": result.hits / result.requests,
         "steps_saved_frac": result.steps_saved / result.steps_requested,
-        # what the step cache's compute figures (bench.step_cost) start from
-        "requested_steps_histogram": dict(sorted(result.requested_steps.items())),
-        "run_length_histogram": dict(sorted(result.run_lengths.items())),
+        # [N, the step it ran from, requests]: what the step cache's compute figures
+        # (bench.step_cost) start from
+        "runs": [[n, start, count] for (n, start), count in sorted(result.runs.items())],
         "steps_saved_frac_by_kind": {kind: n / result.steps_requested
                                      for kind, n in sorted(result.steps_saved_by_kind.items())},
         "hits_by_kind": dict(sorted(result.hits_by_kind.items())),

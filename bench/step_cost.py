@@ -30,6 +30,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.errors import SettingError
 from core.stepcache import StepCache
 from workers.builtin_models import SCENE_MODEL_DIR, SD15_UNET
 from workers.step_cache import SplitUNet
@@ -83,20 +84,19 @@ def measure(model: str, repeats: int) -> dict[str, Any]:
     return row
 
 
-def compute_per_image(replay: dict[str, Any], intervals: list[int],
+def compute_per_image(replay: dict[str, Any], caches: list[StepCache],
                       shallow_cost: float) -> list[dict[str, Any]]:
     """UNet compute over the steps requested, in whole-UNet steps, per step cache: without
-    reuse (every request runs its N) and with (each its run length from the replay)."""
-    requested = {int(n): c for n, c in replay["requested_steps_histogram"].items()}
-    runs = {int(length): c for length, c in replay["run_length_histogram"].items()}
-    total = sum(n * c for n, c in requested.items())
+    reuse (every request runs its N from 0) and with (each from the step the replay's plan
+    ran it from)."""
+    runs = [(int(n), int(start), int(count)) for n, start, count in replay["runs"]]
+    total = sum(n * count for n, _, count in runs)
     rows = []
-    for interval in intervals:
-        cache = StepCache(interval)
-        plain = sum(cache.unet_cost(n, shallow_cost) * c for n, c in requested.items()) / total
-        reused = sum(cache.unet_cost(length, shallow_cost) * c for length, c in runs.items()) / total
-        rows.append({"step_cache": cache.spec, "without_reuse": round(plain, 4),
-                     "with_reuse": round(reused, 4)})
+    for cache in caches:
+        plain = sum(cache.unet_cost(0, n, shallow_cost) * count for n, _, count in runs)
+        reused = sum(cache.unet_cost(start, n, shallow_cost) * count for n, start, count in runs)
+        rows.append({"step_cache": cache.spec, "without_reuse": round(plain / total, 4),
+                     "with_reuse": round(reused / total, 4)})
     return rows
 
 
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     parser.add_argument("--models", default="scene,sd15", help="scene, sd15")
-    parser.add_argument("--intervals", default="1,2,3,4,5", help="step-cache intervals")
+    parser.add_argument("--step-caches", default="off,deepcache:2,deepcache:3,deepcache:5:0.2",
+                        help="T2I_STEP_CACHE values to convert the replay's runs for")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each kind")
     parser.add_argument("--replay", default="", help="a bench.replay JSON with run lengths")
     parser.add_argument("--replay-row", type=int, default=0, help="which of its rows")
@@ -147,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         rows.append(measure(model, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
-    intervals = sorted({1, *(int(i) for i in args.intervals.split(","))})
+    try:
+        caches = [StepCache.parse(spec) for spec in args.step_caches.split(",")]
+    except SettingError as exc:
+        parser.error(f"--step-caches: {exc}")
     result: dict[str, Any] = {
         "command": "python -m bench.step_cost " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads)",
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         replay = json.loads(Path(args.replay).read_text())
         chosen = replay["rows"][args.replay_row]
         cost = next(r for r in rows if r["model"] == args.cost_model)["shallow_cost_flops"]
-        table = compute_per_image(chosen, intervals, cost)
+        table = compute_per_image(chosen, caches, cost)
         result["compute_per_image"] = {"replay": replay["command"], "rules": chosen["rules"],
                                        "steps_saved_frac": chosen["steps_saved_frac"],
                                        "shallow_cost": cost, "cost_model": args.cost_model,

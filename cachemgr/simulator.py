@@ -80,8 +80,7 @@ class SimResult:
     steps_requested: int = 0
     steps_saved: int = 0
     k_histogram: Counter = field(default_factory=Counter)          # K (of 50) on resumes
-    requested_steps: Counter = field(default_factory=Counter)      # N -> requests
-    run_lengths: Counter = field(default_factory=Counter)          # UNet steps run -> requests
+    runs: Counter = field(default_factory=Counter)   # (N, the step it ran from) -> requests
     hits_by_kind: Counter = field(default_factory=Counter)         # cachemgr.plan.hit_kind
     steps_saved_by_kind: Counter = field(default_factory=Counter)
     hits_same_user: int = 0        # both users known (the trace lacks them in places)
@@ -290,7 +289,6 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
         now, vector = float(times[i]), embeddings[i]
         result.requests += 1
         result.steps_requested += request.steps
-        result.requested_steps[request.steps] += 1
         identical = (request.partition, request.prompt, request.seed)
         if config.predictor and i and i % config.predictor.retrain_every == 0:
             trained = train_predictor(embeddings[samples[-config.predictor.max_samples:]],
@@ -346,7 +344,7 @@ def simulate(requests: Sequence[SimRequest], embeddings: np.ndarray, times: Sequ
             result.hit_flags.append(True)
         else:
             result.hit_flags.append(False)
-        result.run_lengths[request.steps - saved] += 1
+        result.runs[(request.steps, saved)] += 1   # the exact path: from N, no step run
         if config.policy.admits:
             kept = kept_ks(plan, config.table, request.steps, config.admit_resumed,
                            config.rules)

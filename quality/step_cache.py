@@ -3,10 +3,10 @@
     python -m quality.step_cache
 
 For -n scene-world pairs (a cached prompt A and a request B one edit, paraphrase or object
-away from it, as quality.profile draws them) and --seeds seeds each, at every step-cache
-interval of --intervals (1: off): A is generated (its latents kept after each K), B is
+away from it, as quality.profile draws them) and --seeds seeds each, with each step cache of
+--step-caches and without (off): A is generated (its latents kept after each K), B is
 generated from scratch (K 0) and resumed from A's latent of the same seed at each K, all
-with that interval. Per (interval, K), with 95% bootstrap intervals over pairs:
+with that step cache. Per (step cache, K), with 95% bootstrap intervals over pairs:
 
 - adherence of B (the evaluator's reading against B's caption);
 - re-roll diversity: the mean pairwise distance among B's images across seeds (evaluator
@@ -15,8 +15,9 @@ with that interval. Per (interval, K), with 95% bootstrap intervals over pairs:
   the resume) and to B from scratch without it (what both cost together);
 - UNet work per image: whole-UNet and shallow steps (core.stepcache's rule).
 
-The pick: the largest interval whose every row keeps >= 95% of adherence and >= 90% of both
-diversities of the same K without the step cache, at the intervals' lower ends (else off).
+The pick: of the step caches whose every row keeps >= 95% of adherence and >= 90% of both
+diversities of the same K without the step cache, at the intervals' lower ends, the one with
+the fewest whole-UNet steps over the profiled Ks (else off).
 Writes OUT.json and OUT.png.
 """
 
@@ -34,9 +35,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.errors import SettingError
 from core.jobs import JobRequest
 from core.settings import load_settings
-from core.stepcache import StepCache
+from core.stepcache import OFF, StepCache
 from quality import evaluator as evaluation
 from quality.evaluator import png_pixels
 from quality.profile import Pair, scene_pairs
@@ -111,12 +113,13 @@ def keeps(ratios: dict[str, dict], lower_bounds: bool = True) -> bool:
 
 
 def pick(rows: list[dict]) -> str:
-    """The largest interval all of whose rows keep the target against the same K without
-    the step cache, at the lower ends; 'off' when none does."""
-    intervals = sorted({r["interval"] for r in rows if r["interval"] > 1})
-    passing = [i for i in intervals
-               if all(r["keeps_vs_same_k"] for r in rows if r["interval"] == i)]
-    return StepCache(max(passing)).spec if passing else StepCache().spec
+    """Of the step caches all of whose rows keep the target against the same K without
+    it, at the lower ends, the one with the fewest whole-UNet steps; 'off' when none."""
+    specs = [spec for spec in dict.fromkeys(r["step_cache"] for r in rows) if spec != OFF]
+    passing = [spec for spec in specs
+               if all(r["keeps_vs_same_k"] for r in rows if r["step_cache"] == spec)]
+    return min(passing, key=lambda spec: sum(r["whole_unet_steps"] for r in rows
+                                             if r["step_cache"] == spec), default=OFF)
 
 
 def write_plot(rows: list[dict], title: str, path: Path) -> None:
@@ -129,17 +132,16 @@ def write_plot(rows: list[dict], title: str, path: Path) -> None:
               ("diversity_features", "re-roll diversity (evaluator features)", DIVERSITY_TARGET),
               ("diversity_pixels", "re-roll diversity (pixels)", DIVERSITY_TARGET))
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    intervals = sorted({r["interval"] for r in rows if r["interval"] > 1})
+    specs = [spec for spec in dict.fromkeys(r["step_cache"] for r in rows) if spec != OFF]
     for axis, (key, label, target) in zip(axes, panels):
-        for offset, interval in enumerate(intervals):
-            mine = [r for r in rows if r["interval"] == interval]
-            ks = np.array([r["k"] for r in mine]) + 0.2 * (offset - len(intervals) / 2)
+        for offset, spec in enumerate(specs):
+            mine = [r for r in rows if r["step_cache"] == spec]
+            ks = np.array([r["k"] for r in mine]) + 0.15 * (offset - len(specs) / 2)
             cells = [r["vs_same_k"][key] for r in mine]
             values = np.array([c["value"] for c in cells])
             spans = np.array([[v - c["ci95"][0], c["ci95"][1] - v]
                               for c, v in zip(cells, values)]).T
-            axis.errorbar(ks, values, yerr=spans, marker="o", capsize=3,
-                          label=f"deepcache:{interval}")
+            axis.errorbar(ks, values, yerr=spans, marker="o", capsize=3, label=spec)
         axis.axhline(target, color="black", linestyle="--", linewidth=1,
                      label=f"target {target:.0%}")
         axis.set_xlabel("K the job resumed from (0: from scratch)")
@@ -159,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     parser.add_argument("-n", "--pairs", type=int, default=48, help="scene-world pairs")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per pair (>= 2)")
-    parser.add_argument("--intervals", default="1,2,3,4,5",
-                        help="step-cache intervals (1: off, always profiled as the baseline)")
+    parser.add_argument("--step-caches",
+                        default="deepcache:2,deepcache:3,deepcache:3:0.2,deepcache:4:0.2,"
+                                "deepcache:5:0.2,deepcache:8:0.2,deepcache:5:0.3",
+                        help="T2I_STEP_CACHE values to profile (off is the baseline)")
     parser.add_argument("--ks", default="5,10,15,20", help="Ks B resumes from (of --steps)")
     parser.add_argument("--model", default="scene", help="a T2I_MODEL value")
     parser.add_argument("--evaluator", default=str(Path.home() / ".cache/t2i/quality/evaluator.pt"),
@@ -175,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="output path without suffix (.json and .png)")
     args = parser.parse_args(argv)
 
-    intervals = sorted({1, *(int(i) for i in args.intervals.split(","))})
+    try:
+        caches = [StepCache(), *(StepCache.parse(s) for s in args.step_caches.split(",") if s != OFF)]
+    except SettingError as exc:
+        parser.error(f"--step-caches: {exc}")
     ks = sorted({int(k) for k in args.ks.split(",")})
-    if not all(0 < k < args.steps for k in ks) or min(intervals) < 1:
-        parser.error(f"every K must lie in 1..{args.steps - 1}, every interval >= 1")
+    if not all(0 < k < args.steps for k in ks):
+        parser.error(f"every K must lie in 1..{args.steps - 1}")
     if args.seeds < 2 or args.pairs < 2:
         parser.error("need at least 2 pairs and 2 seeds")
     if args.threads:
@@ -189,21 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     pairs = [p for p in scene_pairs(rng, args.pairs * 5) if p.kind in KINDS][:args.pairs]
     asked = [parse_caption(p.second).attributes() for p in pairs]
-    measured: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-    for interval in intervals:
-        engine = Engine(base.pipe, "ddim", base.device, base.label, StepCache(interval))
+    measured: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    for cache in caches:
+        engine = Engine(base.pipe, "ddim", base.device, base.label, cache)
         images = generate(engine, pairs, args.seeds, ks, args.steps, args.guidance, args.size,
-                          f"interval {interval}")
+                          cache.spec)
         for k, array in images.items():
-            measured[(interval, k)] = per_pair(judge, array, asked)
+            measured[(cache.spec, k)] = per_pair(judge, array, asked)
     resamples = np.random.default_rng(args.seed).integers(0, len(pairs),
                                                           (args.bootstrap, len(pairs)))
     rows = []
-    for interval, k in itertools.product(intervals, [0, *ks]):
-        mine, same_k, scratch = measured[(interval, k)], measured[(1, k)], measured[(1, 0)]
-        cache = StepCache(interval)
-        row = {"interval": interval, "step_cache": cache.spec, "k": k,
-               "unet_steps": args.steps - k, "whole_unet_steps": cache.full_steps(args.steps - k),
+    for cache, k in itertools.product(caches, [0, *ks]):
+        mine, same_k, scratch = (measured[(cache.spec, k)], measured[(OFF, k)],
+                                 measured[(OFF, 0)])
+        row = {"step_cache": cache.spec, "k": k, "unet_steps": args.steps - k,
+               "whole_unet_steps": cache.full_steps(k, args.steps),
                **{m: round(float(mine[m].mean()), 4) for m in MEASURES},
                "vs_same_k": {m: ratio(mine[m], same_k[m], resamples) for m in MEASURES},
                "vs_scratch": {m: ratio(mine[m], scratch[m], resamples) for m in MEASURES}}
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "model": base.label, "scheduler": "ddim", "pairs": len(pairs),
         "kinds": {kind: sum(p.kind == kind for p in pairs) for kind in KINDS},
         "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "size": args.size,
-        "intervals": intervals, "ks": ks, "bootstrap_resamples": args.bootstrap,
+        "step_caches": [cache.spec for cache in caches], "ks": ks, "bootstrap_resamples": args.bootstrap,
         "target": {"adherence_ratio_min": ADHERENCE_TARGET,
                    "diversity_ratio_min": DIVERSITY_TARGET,
                    "applied_to": "95% interval lower ends, against the same K without the "
@@ -227,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     write_plot(rows, f"{base.label}, ddim, {args.steps} steps: {len(pairs)} pairs x "
                f"{args.seeds} seeds; ratios to the same K without the step cache",
                out.with_suffix(".png"))
-    print(f"{'cache':12s} {'K':>3s} {'whole':>5s} " + " ".join(f"{m:>24s}" for m in MEASURES))
+    print(f"{'cache':16s} {'K':>3s} {'whole':>5s} " + " ".join(f"{m:>24s}" for m in MEASURES))
     for row in rows:
         cells = " ".join(f"{c['value']:.3f} [{c['ci95'][0]:.3f},{c['ci95'][1]:.3f}]".rjust(24)
                          for c in (row["vs_scratch"][m] for m in MEASURES))
-        print(f"{row['step_cache']:12s} {row['k']:3d} {row['whole_unet_steps']:5d} {cells}"
+        print(f"{row['step_cache']:16s} {row['k']:3d} {row['whole_unet_steps']:5d} {cells}"
               + (" *" if row["keeps_vs_same_k"] else ""))
     print(f"pick: {report['pick']}; {report['seconds']:.0f} s -> {out.with_suffix('.json')}")
     return 0

@@ -320,7 +320,8 @@ class Engine:
         """The UNet call with the step cache: a trajectory at a whole step of its schedule
         (or without features yet) refreshes its deep features, the others reuse theirs."""
         assert self.split is not None
-        whole = [t.deep is None or self.step_cache.full(t.done) for t in batch]
+        whole = [t.deep is None or self.step_cache.full(t.start_step + t.done, t.start_step,
+                                                        t.request.steps) for t in batch]
         rows = torch.tensor([w for t, w in zip(batch, whole) for _ in range(t.rows)],
                             device=sample.device)
         cached = [t.deep for t, w in zip(batch, whole) if not w and t.deep is not None]

@@ -75,6 +75,18 @@ def test_a_step_cached_generation_evaluates_fewer_unet_blocks(engines, block_cal
     assert (result.unet_calls, result.shallow_unet_calls) == (STEPS, 6)
 
 
+def test_the_warm_up_runs_the_first_steps_of_the_grid_whole(engines, block_calls):
+    plain, _ = engines
+    warm = Engine(plain.pipe, plain.scheduler_name, plain.device, plain.label,
+                  StepCache.parse("deepcache:3:0.5"))
+    full = warm.generate(request(), no_op, frozenset({2}))
+    assert full.shallow_unet_calls == 3            # whole: 0-4, 5, 8
+    block_calls.clear()
+    resumed = warm.resume(request(), full.captured[2], 2, no_op)
+    assert resumed.shallow_unet_calls == 3         # whole: 2-4 (the warm-up's rest), 5, 8
+    assert block_calls.count("down1") == 5
+
+
 def test_the_step_cache_changes_the_image_little(engines):
     plain, cached = engines
     difference = np.abs(pixels(cached.generate(request(), no_op))

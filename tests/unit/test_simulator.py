@@ -71,9 +71,8 @@ def test_identical_repeat_is_exact_another_seed_resumes_at_the_seed_cap():
         assert capped.reseed.source_seed == 1
     assert same_seed_edit.reseed is None and same_seed_edit.entry == "0"
     # the runs the step cache's compute figures start from: the exact one ran no step
-    assert result.requested_steps == {50: 6}
-    assert result.run_lengths == {50: 2, 0: 1, 48: 2, 50 - near_k: 1}
-    assert sum(n * c for n, c in result.run_lengths.items()) == \
+    assert result.runs == {(50, 0): 2, (50, 50): 1, (50, 2): 2, (50, near_k): 1}
+    assert sum((n - start) * c for (n, start), c in result.runs.items()) == \
         result.steps_requested - result.steps_saved
 
 
