@@ -133,6 +133,52 @@ def write_latency_cdf(result: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def write_ratio_panels(series: dict[str, list[tuple[float, dict[str, Any]]]],
+                       panels: tuple[tuple[str, str, float], ...], xlabel: str, title: str,
+                       path: Path) -> None:
+    """One panel per (key, label, target): each series' ratio cells ({"value", "ci95"} under
+    ``key``) at their x, the 95% intervals as error bars (series nudged apart so they do not
+    hide each other), the target dashed."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    for axis, (key, label, target) in zip(axes, panels):
+        for offset, (name, points) in enumerate(series.items()):
+            xs = np.array([x for x, _ in points]) + 0.12 * (offset - len(series) / 2)
+            cells = [point[key] for _, point in points]
+            values = np.array([cell["value"] for cell in cells])
+            spans = np.array([[value - cell["ci95"][0], cell["ci95"][1] - value]
+                              for cell, value in zip(cells, values)]).T
+            axis.errorbar(xs, values, yerr=spans, marker="o", capsize=3, label=name)
+        axis.axhline(target, color="black", linestyle="--", linewidth=1,
+                     label=f"target {target:.0%}")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_compute_bars(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    """UNet compute per image per step cache, without and with across-request reuse."""
+    positions = np.arange(len(rows))
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    axis.bar(positions - 0.2, [r["without_reuse"] for r in rows], 0.4,
+             label="without across-request reuse")
+    axis.bar(positions + 0.2, [r["with_reuse"] for r in rows], 0.4,
+             label="with across-request reuse (replay)")
+    axis.set_xticks(list(positions), [r["step_cache"] for r in rows], fontsize=8)
+    axis.set_ylabel("UNet compute per image / plain")
+    axis.set_ylim(0, 1.05)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend()
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def labelled_grid(rows: list[np.ndarray], columns: tuple[str, str], labels: list[str],
                   scale: int = 3) -> Image.Image:
     """Rows of image pairs, enlarged, under column headings, each row named on its right."""

@@ -100,30 +100,6 @@ def compute_per_image(replay: dict[str, Any], caches: list[StepCache],
     return rows
 
 
-def write_plot(table: list[dict[str, Any]], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [row["step_cache"] for row in table]
-    positions = range(len(labels))
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    axis.bar([p - 0.2 for p in positions], [r["without_reuse"] for r in table], 0.4,
-             label="without across-request reuse")
-    axis.bar([p + 0.2 for p in positions], [r["with_reuse"] for r in table], 0.4,
-             label="with across-request reuse (replay)")
-    axis.set_xticks(list(positions), labels)
-    axis.set_ylabel("UNet compute per image / plain")
-    axis.set_ylim(0, 1.05)
-    axis.grid(axis="y", alpha=0.3)
-    axis.legend()
-    axis.set_title(title, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def main(argv: list[str] | None = None) -> int:
     class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
@@ -183,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(f"`{result['command']}` on {result['machine']}\n\n"
                                       + "\n".join(lines) + "\n")
     if args.replay:
-        write_plot(result["compute_per_image"]["rows"],
-                   f"UNet compute per image, whole trace ({args.cost_model} FLOP costs)",
-                   out.with_suffix(".png"))
+        from bench.plots import write_compute_bars
+
+        write_compute_bars(result["compute_per_image"]["rows"],
+                           f"UNet compute per image, whole trace ({args.cost_model} FLOP costs)",
+                           out.with_suffix(".png"))
     print("\n".join(lines))
     print(f"written {out}.json ({result['seconds']} s)")
     return 0

@@ -188,33 +188,15 @@ def recommend(rows: list[dict], steps: int) -> dict[str, object]:
 
 
 def write_plot(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
+    from bench.plots import write_ratio_panels  # matplotlib loads only when a plot is drawn
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (("diversity_ratio_features", "diversity ratio (evaluator features)", DIVERSITY_TARGET),
-              ("diversity_ratio_pixels", "diversity ratio (pixels)", DIVERSITY_TARGET),
-              ("adherence_ratio", "adherence ratio", ADHERENCE_TARGET))
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for axis, (key, label, target) in zip(axes, panels):
-        for offset, rule in enumerate(dict.fromkeys(r["rule"] for r in rows)):
-            mine = [r for r in rows if r["rule"] == rule]
-            ks = np.array([r["k"] for r in mine]) + 0.12 * (offset - 2)  # keep bars apart
-            values = np.array([r[key]["value"] for r in mine])
-            spans = np.array([[v - r[key]["ci95"][0], r[key]["ci95"][1] - v]
-                              for r, v in zip(mine, values)]).T
-            axis.errorbar(ks, values, yerr=spans, marker="o", capsize=3, label=rule)
-        axis.axhline(target, color="black", linestyle="--", linewidth=1,
-                     label=f"target {target:.0%}")
-        axis.set_xlabel("K: steps the cached latent had run")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    rules = dict.fromkeys(r["rule"] for r in rows)
+    write_ratio_panels(
+        {rule: [(r["k"], r) for r in rows if r["rule"] == rule] for rule in rules},
+        (("diversity_ratio_features", "diversity ratio (evaluator features)", DIVERSITY_TARGET),
+         ("diversity_ratio_pixels", "diversity ratio (pixels)", DIVERSITY_TARGET),
+         ("adherence_ratio", "adherence ratio", ADHERENCE_TARGET)),
+        "K: steps the cached latent had run", title, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,35 +123,18 @@ def pick(rows: list[dict]) -> str:
 
 
 def write_plot(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
+    from bench.plots import write_ratio_panels  # matplotlib loads only when a plot is drawn
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (("adherence", "adherence", ADHERENCE_TARGET),
-              ("diversity_features", "re-roll diversity (evaluator features)", DIVERSITY_TARGET),
-              ("diversity_pixels", "re-roll diversity (pixels)", DIVERSITY_TARGET))
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     specs = [spec for spec in dict.fromkeys(r["step_cache"] for r in rows) if spec != OFF]
-    for axis, (key, label, target) in zip(axes, panels):
-        for offset, spec in enumerate(specs):
-            mine = [r for r in rows if r["step_cache"] == spec]
-            ks = np.array([r["k"] for r in mine]) + 0.15 * (offset - len(specs) / 2)
-            cells = [r["vs_same_k"][key] for r in mine]
-            values = np.array([c["value"] for c in cells])
-            spans = np.array([[v - c["ci95"][0], c["ci95"][1] - v]
-                              for c, v in zip(cells, values)]).T
-            axis.errorbar(ks, values, yerr=spans, marker="o", capsize=3, label=spec)
-        axis.axhline(target, color="black", linestyle="--", linewidth=1,
-                     label=f"target {target:.0%}")
-        axis.set_xlabel("K the job resumed from (0: from scratch)")
-        axis.set_ylabel(f"{label}, over the same K without")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    write_ratio_panels(
+        {spec: [(r["k"], r["vs_same_k"]) for r in rows if r["step_cache"] == spec]
+         for spec in specs},
+        (("adherence", "adherence, over the same K without", ADHERENCE_TARGET),
+         ("diversity_features", "re-roll diversity (features), over the same K without",
+          DIVERSITY_TARGET),
+         ("diversity_pixels", "re-roll diversity (pixels), over the same K without",
+          DIVERSITY_TARGET)),
+        "K the job resumed from (0: from scratch)", title, path)
 
 
 def main(argv: list[str] | None = None) -> int:
