@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--timed-steps", type=int, default=10)
-    parser.add_argument("--step-caches", default="off,deepcache:3",
+    parser.add_argument("--step-caches", default="off,deepcache:3:0.2",
                         help="T2I_STEP_CACHE values to measure, each on the same weights")
     parser.add_argument("--out", default="bench/results/gpu-step.json")
     args = parser.parse_args(argv)

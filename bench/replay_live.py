@@ -464,7 +464,8 @@ def step_cache_section(compute: dict[str, Any], quality: dict[str, Any]) -> list
              "| arm | step cache | UNet compute / steps asked | generation time / plain | "
              "latency / plain | image score / plain | re-roll diversity / plain (features) |",
              "|---|---|---|---|---|---|---|"]
-    for name, arm in compute["arms"].items():
+    for name in sorted(compute["arms"], key=lambda arm: list(ARM_TITLES).index(arm)):
+        arm = compute["arms"][name]
         score = (quality.get(name) or {}).get("score_ratio_ci95")
         diversity = ((quality.get(name) or {}).get("reroll_diversity") or {}).get(
             "evaluator_features", {}).get("ratio_on_off")

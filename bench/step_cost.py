@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     parser.add_argument("--models", default="scene,sd15", help="scene, sd15")
-    parser.add_argument("--step-caches", default="off,deepcache:2,deepcache:3,deepcache:5:0.2",
+    parser.add_argument("--step-caches", default="off,deepcache:2,deepcache:3,deepcache:3:0.2,"
+                        "deepcache:4:0.2,deepcache:5:0.2,deepcache:8:0.2,deepcache:5:0.3",
                         help="T2I_STEP_CACHE values to convert the replay's runs for")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each kind")
     parser.add_argument("--replay", default="", help="a bench.replay JSON with run lengths")

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cachemgr.ktable import KTable
+from core.stepcache import StepCache
+
 # The scene-world model, trained here by quality.world_model and committed (fp16, ~4 MB).
 SCENE_MODEL_DIR = Path(__file__).resolve().parent.parent / "quality" / "weights" / "scene-sd"
 SCENE_MODEL_LABEL = "scene-sd (trained on the scene world by quality.world_model)"
@@ -171,6 +174,13 @@ def cache_k_table(setting: str, model: str, embedder: str) -> str:
         return setting
     profiled = SCENE_K_TABLES / f"k-table-scene-{embedder}.json"
     return str(profiled) if model == "scene" and profiled.is_file() else "reference"
+
+
+def cache_step_cache(setting: str, table: KTable) -> StepCache:
+    """T2I_STEP_CACHE resolved: 'auto' is what the K table names (its profile's choice: the
+    scene model's tables name deepcache:3:0.2, bench/results/step-cache-profile-scene.json;
+    the reference table names none)."""
+    return StepCache.parse(table.step_cache if setting == "auto" else setting)
 
 
 def resolve_model(model: str, models_dir: Path) -> tuple[str, str]:

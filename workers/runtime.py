@@ -14,7 +14,7 @@ from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, load_settings
 from core.stepcache import StepCache
-from workers.builtin_models import cache_embedder, cache_k_table
+from workers.builtin_models import cache_embedder, cache_k_table, cache_step_cache
 
 clock = time.time
 
@@ -77,9 +77,7 @@ def k_table() -> KTable:
 
 
 def step_cache() -> StepCache:
-    """T2I_STEP_CACHE resolved: 'auto' is what the K table names (its profile's choice)."""
-    setting = settings().step_cache
-    return StepCache.parse(k_table().step_cache if setting == "auto" else setting)
+    return cache_step_cache(settings().step_cache, k_table())
 
 
 def _limit_torch_threads() -> None:

@@ -21,7 +21,7 @@ def test_the_gpu_benchmark_command_runs_end_to_end_on_the_cpu(tmp_path):
                    env={**os.environ, "PYTHON": sys.executable})
     result = json.loads(out.read_text())
     assert [(row["step_cache"], row["kind"], row["batch"]) for row in result["rows"]] == [
-        (cache, kind, batch) for cache in ("off", "deepcache:3")
+        (cache, kind, batch) for cache in ("off", "deepcache:3:0.2")
         for kind in ("full", "resumed") for batch in (1, 2)]
     for row in result["rows"]:
         assert row["ms_per_unet_call"] > 0 and row["images_per_s"] > 0

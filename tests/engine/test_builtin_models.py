@@ -52,3 +52,15 @@ def test_auto_picks_the_embedder_and_table_profiled_for_the_model(tmp_path, monk
     assert builtin_models.cache_k_table("auto", "scene", "minilm") == "reference"  # none profiled
     assert builtin_models.cache_k_table("auto", "/models/mine", "clip") == "reference"
     assert builtin_models.cache_k_table("/t.json", "scene", "clip") == "/t.json"
+
+
+def test_auto_serves_the_step_cache_the_models_table_names() -> None:
+    from cachemgr.ktable import REFERENCE_TABLE, KTable
+    from workers.builtin_models import cache_k_table, cache_step_cache
+
+    for embedder in ("clip", "minilm"):
+        scene = KTable.load(cache_k_table("auto", "scene", embedder))
+        assert cache_step_cache("auto", scene).spec == "deepcache:3:0.2"
+        assert cache_step_cache("off", scene).spec == "off"   # a set value wins
+    assert cache_step_cache("auto", REFERENCE_TABLE).spec == "off"
+    assert cache_step_cache("deepcache:4", REFERENCE_TABLE).spec == "deepcache:4"
