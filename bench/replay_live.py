@@ -499,8 +499,9 @@ def main(argv: list[str] | None = None) -> int:
                              "see quality.scoring) and write a grid of resumed vs from-scratch "
                              "images (OUT-samples.png)")
     parser.add_argument("--step-cache", default="",
-                        help="also run two stacks with this T2I_STEP_CACHE (deepcache:N), cache "
-                             "on and off, the first two then with the step cache off; only "
+                        help="also run two stacks with this T2I_STEP_CACHE (deepcache:N[:F]), "
+                             "cache on and off, the first two then with the step cache off "
+                             "(without it, every stack serves T2I_STEP_CACHE as set); only "
                              "for the scene or sd15-random model (their shallow-step FLOPs are "
                              "counted here)")
     parser.add_argument("--out", default="bench/results/live-replay",
@@ -570,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         "admit_resumed": base.cache_admit_resumed,
         "arrivals": f"Poisson {args.rate}/s" if args.rate else "closed loop",
         "embedder": embedder, "wall_s": wall,
+        "step_caches": {name: next((v["step_cache"] for v in arm_views
+                                    if v["state"] == "succeeded"), None)
+                        for name, arm_views in views.items()},
         **summary,
         "latency_ratio_on_off": (summary["cache_on"]["latency_mean_s"]
                                  / summary["cache_off"]["latency_mean_s"]),

@@ -60,6 +60,9 @@ def test_live_replay_scores_every_arm_and_pairs_resumed_jobs(tmp_path, monkeypat
     report = out.with_suffix(".md").read_text()
     assert "Resumed vs the same requests from scratch" in report
     assert "95% bootstrap intervals over the 4 requests" in report
+    assert result["step_caches"] == {"cache_on": "off", "cache_off": "off",
+                                     "cache_on_step": "deepcache:3",
+                                     "cache_off_step": "deepcache:3"}
     compute = result["unet_compute"]
     assert compute["requests"] == 4 and 0 < compute["shallow_cost"] < 1
     arms = compute["arms"]
