@@ -43,7 +43,7 @@ from core.trace import DEFAULT_TRACE, TraceRequest, read_trace
 from infra import servers, stack
 from producer.client import Client
 from quality.evaluator import Evaluator, png_pixels, to_tensor
-from quality.reroll import feature_distance, pixel_distance, ratio
+from quality.reroll import feature_distance, pixel_distance, ratio, resamples
 from quality.scoring import load_scorer
 from workers.builtin_models import cache_embedder, cache_k_table
 
@@ -131,6 +131,11 @@ def by_request(views: list[dict]) -> dict[tuple[str, int, int], dict]:
     return keyed
 
 
+def latency(view: dict) -> float:
+    """Submit to finish, end to end."""
+    return view["timings"]["finished_at"] - view["timings"]["submitted_at"]
+
+
 def paired_intervals(views: dict[str, list[dict]]) -> dict[str, Any]:
     """95% bootstrap intervals over the requests both arms answered: steps saved (cache on)
     and mean latency on / off."""
@@ -141,10 +146,6 @@ def paired_intervals(views: dict[str, list[dict]]) -> dict[str, Any]:
     draws = resamples(len(both))
     requested = np.array([on[key]["request"]["steps"] for key in both], dtype=float)
     ran = np.array([on[key]["unet_calls"] for key in both], dtype=float)
-
-    def latency(view: dict) -> float:
-        return view["timings"]["finished_at"] - view["timings"]["submitted_at"]
-
     return {"requests": len(both),
             "steps_saved_frac": ratio(requested - ran, requested, draws),
             "latency_ratio_on_off": ratio(np.array([latency(on[key]) for key in both]),
@@ -174,9 +175,6 @@ def unet_compute(views: dict[str, list[dict]], shallow_cost: float) -> dict[str,
             return 0.0
         return timings["generation_finished_at"] - timings["generation_started_at"]
 
-    def latency(view: dict) -> float:
-        return view["timings"]["finished_at"] - view["timings"]["submitted_at"]
-
     asked = per_job("cache_off", lambda view: view["request"]["steps"])
     return {"requests": len(both), "shallow_cost": shallow_cost, "arms": {
         name: {"step_cache": keyed[name][both[0]].get("step_cache"),
@@ -195,7 +193,7 @@ def summarise(views: list[dict]) -> dict[str, Any]:
     done = [v for v in views if v["state"] == "succeeded"]
     resumed = [v for v in done if was_resumed(v)]
     exact = [v for v in done if was_exact(v)]
-    latencies = [span(v, "submitted_at", "finished_at") for v in done]
+    latencies = [latency(v) for v in done]
     generation = [span(v, "generation_started_at", "generation_finished_at") for v in done
                   if not was_exact(v)]
     requested = sum(v["request"]["steps"] for v in done)
@@ -329,11 +327,6 @@ def interval(cell: dict[str, Any]) -> str:
         return "-"
     low, high = cell["ci95"]
     return f"**{cell['value']:.3f}** [{low:.3f}, {high:.3f}]"
-
-
-def resamples(count: int, draws: int = 2000, seed: int = 0) -> np.ndarray:
-    """Bootstrap resamples (rows of indices) over ``count`` paired units."""
-    return np.random.default_rng(seed).integers(0, count, size=(draws, count))
 
 
 def reroll_diversity(views: dict[str, list[dict]], images: dict[str, dict[str, np.ndarray]],

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from core.jobs import JobRequest
 from quality import evaluator as evaluation
+from quality.reroll import resamples
 from quality.scenes import adherence, caption, render, sample_scene
 from workers.engine import Engine
 
@@ -67,7 +68,7 @@ def assess(engine: Engine, judge: evaluation.Evaluator, count: int, seed: int, s
                                                             ("true", true_t))}
     scores = {name: [adherence(scene.attributes(), read) for scene, read in zip(scenes, reads)]
               for name, reads in found.items()}
-    draws = np.random.default_rng(seed).integers(0, count, (2000, count))
+    draws = resamples(count, 2000, seed)
     report = {
         "scenes": count, "steps": steps, "guidance": guidance,
         "adherence_generated": float(np.mean(scores["generated"])),

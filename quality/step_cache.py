@@ -45,20 +45,17 @@ from quality.profile import Pair, scene_pairs
 from quality.reroll import (
     ADHERENCE_TARGET,
     DIVERSITY_TARGET,
-    feature_distance,
-    mean_pairwise,
-    pixel_distance,
+    keeps_target,
+    quiet,
     ratio,
+    resamples,
+    seed_measures,
 )
-from quality.scenes import adherence, parse_caption
+from quality.scenes import parse_caption
 from workers.engine import Engine, Generation, Trajectory
 
 KINDS = ("one-word edit", "paraphrase", "added or removed object")
 MEASURES = ("adherence", "diversity_features", "diversity_pixels")
-
-
-def quiet(done: int, total: int) -> None:
-    return None
 
 
 def run_together(engine: Engine, trajectories: list[Trajectory]) -> list[Generation]:
@@ -91,25 +88,10 @@ def generate(engine: Engine, pairs: list[Pair], seeds: int, ks: list[int], steps
     return {k: np.array(rows) for k, rows in images.items()}
 
 
-def per_pair(judge: evaluation.Evaluator, images: np.ndarray,
-             asked: list[frozenset[str]]) -> dict[str, np.ndarray]:
-    pairs, seeds = images.shape[:2]
-    flat = evaluation.to_tensor(images.reshape(-1, *images.shape[2:]))
-    features = judge.embed(flat).numpy().reshape(pairs, seeds, -1)
-    scores = np.array([adherence(asked[i // seeds], seen)
-                       for i, seen in enumerate(judge.read(flat))])
-    return {"adherence": scores.reshape(pairs, seeds).mean(1),
-            "diversity_features": mean_pairwise(features, feature_distance),
-            "diversity_pixels": mean_pairwise(images, pixel_distance)}
-
-
-def keeps(ratios: dict[str, dict], lower_bounds: bool = True) -> bool:
-    def pick(name: str) -> float:
-        cell = ratios[name]
-        value = (cell["ci95"] or [None])[0] if lower_bounds else cell["value"]
-        return float("-inf") if value is None else value
-    return (pick("adherence") >= ADHERENCE_TARGET and pick("diversity_features") >= DIVERSITY_TARGET
-            and pick("diversity_pixels") >= DIVERSITY_TARGET)
+def keeps(ratios: dict[str, dict]) -> bool:
+    """The target at the intervals' lower ends."""
+    return keeps_target(ratios["adherence"], [ratios["diversity_features"],
+                                              ratios["diversity_pixels"]], lower_bounds=True)
 
 
 def pick(rows: list[dict]) -> str:
@@ -185,9 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         images = generate(engine, pairs, args.seeds, ks, args.steps, args.guidance, args.size,
                           cache.spec)
         for k, array in images.items():
-            measured[(cache.spec, k)] = per_pair(judge, array, asked)
-    resamples = np.random.default_rng(args.seed).integers(0, len(pairs),
-                                                          (args.bootstrap, len(pairs)))
+            measured[(cache.spec, k)] = seed_measures(judge, array, asked)[0]
+    draws = resamples(len(pairs), args.bootstrap, args.seed)
     rows = []
     for cache, k in itertools.product(caches, [0, *ks]):
         mine, same_k, scratch = (measured[(cache.spec, k)], measured[(OFF, k)],
@@ -195,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"step_cache": cache.spec, "k": k, "unet_steps": args.steps - k,
                "whole_unet_steps": cache.full_steps(k, args.steps),
                **{m: round(float(mine[m].mean()), 4) for m in MEASURES},
-               "vs_same_k": {m: ratio(mine[m], same_k[m], resamples) for m in MEASURES},
-               "vs_scratch": {m: ratio(mine[m], scratch[m], resamples) for m in MEASURES}}
+               "vs_same_k": {m: ratio(mine[m], same_k[m], draws) for m in MEASURES},
+               "vs_scratch": {m: ratio(mine[m], scratch[m], draws) for m in MEASURES}}
         row["keeps_vs_same_k"] = keeps(row["vs_same_k"])
         row["keeps_vs_scratch"] = keeps(row["vs_scratch"])
         rows.append(row)
