@@ -1,15 +1,18 @@
 """Cache partitions and object keys. Pure.
 
 A latent is reusable only by a job that would have computed it the same way: same model,
-scheduler, step cache, step count, image size and guidance scale, and (unless the cache is
-shared) by the same tenant. Those make the partition; a lookup never leaves its partition, so a latent
-from another model, size or tenant is never offered.
+scheduler, step cache, step count, image size, guidance scale and adapters (LoRA content and
+scale), and (unless the cache is shared) by the same tenant. Those make the partition; a
+lookup never leaves its partition, so a latent from another model, size, adapter or tenant
+is never offered.
 """
 
 from __future__ import annotations
 
 import hashlib
 from typing import TYPE_CHECKING
+
+from core.addons import partition_spec
 
 if TYPE_CHECKING:
     from core.jobs import JobRequest
@@ -25,8 +28,11 @@ def cache_scope(tenant: str, shared: bool) -> str:
 
 
 def partition_key(model: str, scheduler: str, step_cache: str, steps: int, width: int,
-                  height: int, guidance: float, scope: str) -> str:
+                  height: int, guidance: float, scope: str, adapters: str = "") -> str:
+    """``adapters``: core.addons.partition_spec of the request's LoRAs ("" for none)."""
     spec = f"{model}|{scheduler}|{step_cache}|n={steps}|{width}x{height}|g={guidance:g}|{scope}"
+    if adapters:
+        spec += f"|lora={adapters}"
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -34,7 +40,8 @@ def request_partition(model: str, scheduler: str, step_cache: str, request: JobR
                       tenant: str, shared: bool) -> str:
     """The partition a job's latents belong to (triage looks up, GPU workers write here)."""
     return partition_key(model, scheduler, step_cache, request.steps, request.width,
-                         request.height, request.guidance, cache_scope(tenant, shared))
+                         request.height, request.guidance, cache_scope(tenant, shared),
+                         partition_spec(request.loras))
 
 
 def identical_key(partition: str, request: JobRequest) -> str:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from core.addons import LoraRef, parse_loras
 from core.errors import InvalidRequest, InvalidTransition
 from core.plan import CachePlan, Reason, Route
 from core.webhooks import DEFAULT_EVENTS, Event
@@ -17,7 +18,8 @@ from core.webhooks import DEFAULT_EVENTS, Event
 if TYPE_CHECKING:
     from core.settings import Settings
 
-REQUEST_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height")
+REQUEST_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height",
+                  "loras")
 # What a submission may carry: the request, and where to POST the job's events and which
 # (checked by the producer, which hands parse_request the rest).
 SUBMISSION_FIELDS = (*REQUEST_FIELDS, "webhook_url", "webhook_events_filter")
@@ -58,13 +60,16 @@ class JobRequest:
     seed: int
     width: int
     height: int
+    loras: tuple[LoraRef, ...] = ()   # adapters applied, in order (core.addons)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> JobRequest:
-        return cls(**json.loads(text))
+        values = json.loads(text)
+        values["loras"] = tuple(LoraRef(**ref) for ref in values.get("loras", ()))
+        return cls(**values)
 
 
 def _shown(value: Any) -> str:
@@ -155,6 +160,7 @@ def parse_request(payload: Any, limits: RequestLimits, random_seed: int) -> JobR
         seed=_check_int("seed", given("seed", random_seed), 0, MAX_SEED),
         width=_check_size("width", given("width", limits.default_size), limits),
         height=_check_size("height", given("height", limits.default_size), limits),
+        loras=parse_loras(given("loras", [])),
     )
 
 

@@ -10,9 +10,11 @@ features of an earlier step of the same job (the step cache, ``core.stepcache``)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,11 +27,13 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from core.addons import active_from
 from core.errors import ModelLoadError
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
 from core.stepcache import NO_STEP_CACHE, OFF, StepCache
 from workers.builtin_models import resolve_model
+from workers.lora import Adapter, AdapterCache, AdapterConfig, LoraLayer, RowAdapters, wait_for
 from workers.step_cache import SplitUNet
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ class Generation:
     batch_peak: int = 1     # the most jobs that shared one of its UNet calls
     shallow_unet_calls: int = 0   # of unet_calls, those that reused cached deep features
     step_cache: str = OFF         # the step cache it ran with (core.stepcache spec)
+    adapter_wait_s: float = 0.0   # time its steps waited for its LoRAs to load
 
 
 @dataclass
@@ -84,6 +89,9 @@ class Trajectory:
     batch_peak: int = 1
     deep: torch.Tensor | None = None  # its deep features of its last whole-UNet step
     shallow_steps: int = 0
+    loras: tuple[tuple[Future[Adapter], float], ...] = ()   # loading or loaded, with scales
+    lora_from: int = 0                # the first step (of the N-step grid) they act at
+    adapter_wait_s: float = 0.0
 
     @property
     def guided(self) -> bool:
@@ -125,7 +133,8 @@ def pick_device(name: str) -> torch.device:
 
 class Engine:
     def __init__(self, pipe: StableDiffusionPipeline, scheduler: str, device: torch.device,
-                 label: str, step_cache: StepCache = NO_STEP_CACHE) -> None:
+                 label: str, step_cache: StepCache = NO_STEP_CACHE,
+                 adapters: AdapterConfig | None = None) -> None:
         if scheduler not in SCHEDULERS:
             raise ModelLoadError(f"scheduler {scheduler!r} unknown (choose from {sorted(SCHEDULERS)})")
         self.pipe = pipe.to(device)
@@ -134,11 +143,17 @@ class Engine:
         self.device = device
         self.label = label
         self.step_cache = step_cache
-        self.split = SplitUNet(pipe.unet) if step_cache.on else None
+        self.lora = LoraLayer(pipe.unet) if adapters else None
+        self.adapters = AdapterCache(adapters.fetch, device, pipe.unet.dtype,
+                                     adapters.budget_bytes) if adapters else None
+        self.lora_from = adapters.active_from if adapters else 0.0
+        self.split = SplitUNet(pipe.unet, self.lora.narrowed if self.lora else None) \
+            if step_cache.on else None
 
     @classmethod
     def load(cls, model: str, scheduler: str, device: str, models_dir: Path,
-             offline: bool, step_cache: StepCache = NO_STEP_CACHE) -> Engine:
+             offline: bool, step_cache: StepCache = NO_STEP_CACHE,
+             adapters: AdapterConfig | None = None) -> Engine:
         """Load ``model``: a built-in name (see builtin_models), a local directory, or a hub id."""
         torch_device = pick_device(device)
         dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
@@ -151,7 +166,7 @@ class Engine:
             raise ModelLoadError(f"cannot load model {model!r}: {exc}") from exc
         log.info("loaded model %s on %s (%s, scheduler %s, step cache %s)", label, torch_device,
                  dtype, scheduler, step_cache.spec)
-        return cls(pipe, scheduler, torch_device, label, step_cache)
+        return cls(pipe, scheduler, torch_device, label, step_cache, adapters)
 
     @property
     def latent_channels(self) -> int:
@@ -272,16 +287,49 @@ class Engine:
                                                negative_prompt=request.negative_prompt or None)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start_step)
+        loras: tuple[tuple[Future[Adapter], float], ...] = ()
+        if request.loras:
+            if self.adapters is None:
+                raise ModelLoadError("this engine serves no LoRAs")
+            loras = tuple((self.adapters.load(ref.digest), ref.scale) for ref in request.loras)
         return Trajectory(request, scheduler, step_kwargs, latents,
                           torch.cat([uncond, cond]) if guided else cond,
-                          scheduler.timesteps[start_step:], start_step, on_step, capture_steps)
+                          scheduler.timesteps[start_step:], start_step, on_step, capture_steps,
+                          loras=loras, lora_from=active_from(request.steps, self.lora_from))
+
+    def _row_adapters(self, batch: list[Trajectory]
+                      ) -> tuple[list[RowAdapters], dict[int, BaseException]]:
+        """Each row's adapters this step (a job waits here for a LoRA still loading once its
+        step reaches ``lora_from``), and, by position, the jobs whose LoRA failed to load."""
+        rows: list[RowAdapters] = []
+        failed: dict[int, BaseException] = {}
+        for position, trajectory in enumerate(batch):
+            adapters: RowAdapters = ()
+            if trajectory.loras and trajectory.start_step + trajectory.done >= trajectory.lora_from:
+                try:
+                    adapters, waited = wait_for(trajectory.loras)
+                except Exception as exc:  # the object store lost it: that job fails alone
+                    failed[position] = exc
+                    continue
+                trajectory.adapter_wait_s += waited
+            rows += [adapters] * trajectory.rows
+        return rows, failed
 
     @torch.inference_mode()
     def advance(self, batch: list[Trajectory]) -> dict[int, BaseException]:
         """One denoising step for every trajectory of ``batch``, each at its own timestep,
         in one UNet call (their latents must have one shape). Returns, by position in
-        ``batch``, the exceptions their step callbacks raised (a cancelled job): those stop;
-        the others go on."""
+        ``batch``, the exceptions their step callbacks raised (a cancelled job) or their
+        adapters' loads did: those stop; the others go on."""
+        rows, stopped = self._row_adapters(batch)
+        running = [position for position in range(len(batch)) if position not in stopped]
+        if running:
+            with self.lora.applied(rows) if self.lora else contextlib.nullcontext():
+                stepped = self._step([batch[position] for position in running])
+            stopped |= {running[index]: exc for index, exc in stepped.items()}
+        return stopped
+
+    def _step(self, batch: list[Trajectory]) -> dict[int, BaseException]:
         inputs, timesteps = [], []
         for trajectory in batch:
             t = trajectory.timesteps[trajectory.done]
@@ -342,7 +390,8 @@ class Engine:
                           unet_calls=len(trajectory.timesteps), captured=trajectory.captured,
                           batch_peak=trajectory.batch_peak,
                           shallow_unet_calls=trajectory.shallow_steps,
-                          step_cache=self.step_cache.spec)
+                          step_cache=self.step_cache.spec,
+                          adapter_wait_s=trajectory.adapter_wait_s)
 
     def run_alone(self, trajectory: Trajectory) -> Generation:
         while not trajectory.finished:

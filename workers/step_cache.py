@@ -13,6 +13,9 @@ runs it (for the plain text-to-image configuration, checked on load).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -29,13 +32,18 @@ class SplitUNet:
     """``unet`` run with rows either whole (their deep features are returned) or shallow
     (their deep features are given)."""
 
-    def __init__(self, unet: UNet2DConditionModel) -> None:
+    def __init__(self, unet: UNet2DConditionModel,
+                 narrow: Callable[[torch.Tensor], AbstractContextManager[None]] | None = None
+                 ) -> None:
+        """``narrow``: entered around the deep part, which runs the whole rows only (how
+        per-row LoRAs, workers.lora, follow the rows)."""
         odd = {name: unet.config[name] for name, plain in _PLAIN.items()
                if unet.config.get(name, plain) != plain}
         if odd or len(unet.down_blocks) < 2:
             raise ModelLoadError(f"the step cache runs plain text-to-image UNets only "
                                  f"(this one has {odd or 'one down block'})")
         self.unet = unet
+        self.narrow = narrow or (lambda _: contextlib.nullcontext())
         # the skip connections the last up block takes: conv_in's and the first block's
         self.skips = len(unet.up_blocks[-1].resnets)
 
@@ -61,8 +69,9 @@ class SplitUNet:
         skips += res
         features = torch.empty((0,), device=sample.device)
         if bool(whole.any()):
-            features = self._deep(hidden[whole], tuple(s[whole] for s in skips), emb[whole],
-                                  text[whole], sample.shape[-2:])
+            with self.narrow(whole):
+                features = self._deep(hidden[whole], tuple(s[whole] for s in skips),
+                                      emb[whole], text[whole], sample.shape[-2:])
         if deep is not None:
             merged = torch.empty((len(whole), *deep.shape[1:]), dtype=deep.dtype,
                                  device=deep.device)

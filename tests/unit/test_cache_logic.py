@@ -92,7 +92,8 @@ def test_partitions_separate_everything_that_changes_a_latent():
     for field, other in [("model", "m2"), ("scheduler", "euler"),
                          ("step_cache", "deepcache:3"), ("steps", 30),
                          ("width", 256), ("height", 768), ("guidance", 7.0),
-                         ("scope", cache_scope("globex", shared=False))]:
+                         ("scope", cache_scope("globex", shared=False)),
+                         ("adapters", "ab12@1"), ("adapters", "ab12@0.5")]:
         assert partition_key(**{**base, field: other}) != key, field
     assert cache_scope("acme", shared=True) == cache_scope("globex", shared=True)
     assert latent_key(key, "e1", 5) == f"cache/{key}/e1/k005.safetensors"
