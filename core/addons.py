@@ -28,6 +28,7 @@ _TENSOR = re.compile(r"unet\.(?P<module>[\w.]+)\.lora_(?P<part>[AB])\.weight")
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
 TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
 ADDON_PREFIX = "addons"
+TENANTS_PREFIX = f"{ADDON_PREFIX}/tenants/"   # every tenant's registry entries
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def parse_loras(value: Any) -> tuple[LoraRef, ...]:
 
 
 def lora_prefix(tenant: str) -> str:
-    return f"{ADDON_PREFIX}/tenants/{tenant}/loras/"
+    return f"{TENANTS_PREFIX}{tenant}/loras/"
 
 
 def lora_key(tenant: str, name: str, digest: str) -> str:

@@ -101,3 +101,18 @@ class ApiUnavailable(TransientError):
 
 class BatcherStopped(T2IError):
     """The GPU worker's batcher thread is gone (closed, or it crashed): the job was not run."""
+
+
+class AddonNotFound(T2IError, KeyError):
+    """No add-on of this name in the tenant's registry."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"no LoRA named {self.name!r}"
+
+
+class ModelNotReady(TransientError):
+    """What the served model is like is not known yet (no GPU worker has published it)."""

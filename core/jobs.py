@@ -339,7 +339,8 @@ class JobRecord:
 # What the stages put in ``extra``, besides the generation's ``unet_calls``,
 # ``shallow_unet_calls``, ``step_cache``, ``batch_peak``, ``resumed_from_k`` and ``fallback``
 # and the webhook's outcome: the time each part took.
-TIMING_FACTS = ("embed_ms", "lookup_ms", "latent_fetch_ms", "waited_for_object_store_s")
+TIMING_FACTS = ("embed_ms", "lookup_ms", "latent_fetch_ms", "waited_for_object_store_s",
+                "adapter_wait_ms")
 
 
 def _plan_of_older_record(raw: Mapping[str, str], extra: dict[str, Any]) -> CachePlan | None:

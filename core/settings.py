@@ -240,6 +240,21 @@ class Settings:
                                "K table names: off for the reference table)",
                                check=_parses(lambda v: v == "auto" or StepCache.parse(v)))
 
+    lora_from: float = _setting("T2I_LORA_FROM", 0.2,
+                                "fraction of a LoRA job's steps that run on the base model "
+                                "while a missing adapter loads; from there on the adapter "
+                                "acts (0: from the first step; part of the cache partition's "
+                                "meaning, so change it with triage and GPU workers together)",
+                                check=_between(0.0, 0.5))
+    lora_cache_mb: int = _setting("T2I_LORA_CACHE_MB", 512,
+                                  "LoRA weights a GPU worker keeps resident (MiB; least "
+                                  "recently used out first)", check=_positive)
+    lora_max_bytes: int = _setting("T2I_LORA_MAX_BYTES", 128 * 2**20,
+                                   "largest LoRA file an upload may be (bytes)",
+                                   check=_positive)
+    lora_max_rank: int = _setting("T2I_LORA_MAX_RANK", 128, "highest LoRA rank an upload may "
+                                                            "have", check=_positive)
+
     cache_admit_resumed: bool = _setting("T2I_CACHE_ADMIT_RESUMED", True,
                                          "a job resumed from K keeps its own latents at the K "
                                          "set above K, so its repeats resume later (0 = only "

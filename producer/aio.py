@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from core.errors import (
+    AddonNotFound,
     ApiUnavailable,
     IdempotencyConflict,
     InvalidRequest,
@@ -33,7 +34,7 @@ from core.jobs import JobState
 LONG_POLL_S = 30.0
 
 
-def _raise_for(response: httpx.Response, job_id: str = "") -> None:
+def _raise_for(response: httpx.Response, job_id: str = "", lora: str = "") -> None:
     """Turn an error answer into the project's error."""
     if response.status_code < 400:
         return
@@ -45,7 +46,9 @@ def _raise_for(response: httpx.Response, job_id: str = "") -> None:
     if response.status_code == 401:
         raise Unauthorized(message)
     if response.status_code == 404:
-        raise JobNotFound(job_id)
+        raise AddonNotFound(lora) if lora else JobNotFound(job_id)
+    if response.status_code == 413:
+        raise InvalidRequest("body", message)
     if response.status_code == 409:
         if error.get("code") == "idempotency_conflict":
             raise IdempotencyConflict(message)
@@ -71,13 +74,13 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method: str, path: str, job_id: str = "",
+    async def _call(self, method: str, path: str, job_id: str = "", lora: str = "",
                     **kwargs: Any) -> httpx.Response:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ApiUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
-        _raise_for(response, job_id)
+        _raise_for(response, job_id, lora)
         return response
 
     async def submit(self, prompt: str, *, idempotency_key: str | None = None,
@@ -127,3 +130,13 @@ class AsyncClient:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return (await self._call("DELETE", f"/v1/jobs/{job_id}", job_id)).json()
+
+    async def upload_lora(self, name: str, data: bytes) -> dict[str, Any]:
+        return (await self._call("PUT", f"/v1/loras/{name}", lora=name, content=data, headers={
+            "Content-Type": "application/octet-stream"})).json()
+
+    async def list_loras(self) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/v1/loras")).json()["loras"]
+
+    async def delete_lora(self, name: str) -> None:
+        await self._call("DELETE", f"/v1/loras/{name}", lora=name)

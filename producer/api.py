@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import logs
 from core.errors import (
+    AddonNotFound,
     IdempotencyConflict,
     InvalidRequest,
     JobNotFinished,
@@ -50,6 +51,11 @@ MAX_IMAGES = 4           # images one OpenAI-style request may ask for
 RECONNECT_MS = 2000      # the event stream's `retry:`: how soon a dropped client reconnects
 
 
+class LoraUse(BaseModel):
+    name: str = Field(description="an uploaded LoRA of this tenant")
+    scale: float = Field(1.0, description="-2 to 2; 1 applies it as trained")
+
+
 class JobSubmission(BaseModel):
     """The body of POST /v1/jobs (documentation: the API validates with core.jobs, which
     names the bad field and value in its 422)."""
@@ -66,6 +72,23 @@ class JobSubmission(BaseModel):
     webhook_events_filter: list[Literal["started", "progress", "completed"]] | None = Field(
         None, description="which events to POST (as cog's filter): started, progress (at "
                           "most one pending at a time), completed; default [completed]")
+    loras: list[LoraUse] | None = Field(None, description="LoRAs to apply, in order (at most "
+                                        "3), by the names uploaded to /v1/loras")
+
+
+class LoraView(BaseModel):
+    """A LoRA in the tenant's registry."""
+
+    name: str
+    digest: str = Field(description="sha256 of the file; jobs record it")
+    rank: int
+    modules: int = Field(description="layers it adapts")
+    bytes: int
+    uploaded_at: float
+
+
+class LoraList(BaseModel):
+    loras: list[LoraView]
 
 
 SECURED: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]}
@@ -166,12 +189,13 @@ class Health(BaseModel):
 ERROR_MEANINGS = {
     400: "the body is not JSON (or repeats a key, or nests too deep)",
     401: "no API key, or an unknown one",
-    404: "no such job for this tenant",
+    404: "no such job (or LoRA) for this tenant",
     409: "the job has no image yet, or the Idempotency-Key was used for another request",
-    413: "the body is over 64 KiB",
+    413: "the body is over 64 KiB (a LoRA upload: over T2I_LORA_MAX_BYTES)",
     415: "the body is not application/json",
     422: "a field is invalid: the error names it and its value",
-    503: "Redis or S3 is unavailable: retry later",
+    503: "Redis or S3 is unavailable (or, for a LoRA upload, no GPU worker has started): "
+         "retry later",
 }
 
 
@@ -296,16 +320,16 @@ def _decode_body(body: bytes) -> Any:
         raise InvalidRequest("body", f"is not valid JSON: {exc}") from None
 
 
-async def _capped_body(request: Request) -> bytes | None:
-    """The body, or None when it is larger than MAX_BODY_BYTES: refused by its declared
-    length before any of it is read, or as soon as a chunked one grows past the cap."""
+async def _capped_body(request: Request, cap: int = MAX_BODY_BYTES) -> bytes | None:
+    """The body, or None when it is larger than ``cap``: refused by its declared length
+    before any of it is read, or as soon as a chunked one grows past the cap."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared.isdigit() and int(declared) > cap:
         return None
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        if size > cap:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
@@ -410,7 +434,7 @@ def create_app(client: Client | None = None) -> FastAPI:
             return response
         if isinstance(exc, InvalidRequest):
             return _error(422, "invalid_request", str(exc), exc.field)
-        if isinstance(exc, JobNotFound):
+        if isinstance(exc, (JobNotFound, AddonNotFound)):
             return _error(404, "not_found", str(exc))
         if isinstance(exc, (JobNotFinished, ObjectMissing)):
             return _error(409, "no_image", str(exc))
@@ -596,6 +620,35 @@ def create_app(client: Client | None = None) -> FastAPI:
         return {"tenant": acting.tenant,
                 "secret": tenant_secret(require_secret(acting.settings, "webhook_secret"),
                                         acting.tenant)}
+
+    @api.put("/v1/loras/{name}", status_code=201, responses={
+        201: {"model": LoraView}, **_errors(401, 413, 422, 503)}, openapi_extra={
+        **SECURED, "requestBody": {"required": True, "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def upload_lora(name: str, request: Request) -> JSONResponse:
+        """Upload a LoRA (the safetensors file as the body). It is checked against the
+        served model before it is kept: UNet attention LoRA pairs of the right shapes, within
+        the size and rank limits. The same name again replaces it."""
+        acting = tenant_client(request)
+        cap = acting.settings.lora_max_bytes
+        data = await _capped_body(request, cap)
+        if data is None:
+            return _error(413, "too_large", f"body over {cap} bytes (T2I_LORA_MAX_BYTES)")
+        entry = await asyncio.to_thread(acting.loras.upload, name, data)
+        return JSONResponse(entry, status_code=201)
+
+    @api.get("/v1/loras", responses={200: {"model": LoraList}, **_errors(401, 503)},
+             openapi_extra=SECURED)
+    def list_loras(request: Request) -> dict[str, Any]:
+        """This tenant's LoRAs."""
+        return {"loras": tenant_client(request).loras.list()}
+
+    @api.delete("/v1/loras/{name}", responses=_errors(401, 404, 422, 503),
+                openapi_extra=SECURED)
+    def delete_lora(name: str, request: Request) -> dict[str, str]:
+        """Delete a LoRA (jobs already accepted with it then fail, naming it)."""
+        tenant_client(request).loras.delete(name)
+        return {"deleted": name}
 
     @api.get("/metrics", response_class=Response,
              responses={"200": {"content": {CONTENT_TYPE_LATEST: {}}}})

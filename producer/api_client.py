@@ -53,3 +53,12 @@ class ApiClient:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._run(lambda t2i: t2i.cancel(job_id))
+
+    def upload_lora(self, name: str, data: bytes) -> dict[str, Any]:
+        return self._run(lambda t2i: t2i.upload_lora(name, data))
+
+    def list_loras(self) -> list[dict[str, Any]]:
+        return self._run(lambda t2i: t2i.list_loras())
+
+    def delete_lora(self, name: str) -> None:
+        self._run(lambda t2i: t2i.delete_lora(name))

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from core import settings
-from core.errors import T2IError
+from core.errors import InvalidRequest, T2IError
 from core.trace import DEFAULT_TRACE, read_trace
 from producer.api_client import ApiClient
 from producer.client import Client
@@ -28,7 +28,19 @@ from quality.toy_trace import Behaviour, toy_trace
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
     names = ("negative_prompt", "steps", "guidance", "seed", "width", "height")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.lora:
+        params["loras"] = [_lora_use(text) for text in args.lora]
+    return params
+
+
+def _lora_use(text: str) -> dict[str, Any]:
+    """NAME or NAME:SCALE (the scale is checked with the rest of the request)."""
+    name, _, scale = text.partition(":")
+    try:
+        return {"name": name, "scale": float(scale)} if scale else {"name": name}
+    except ValueError:
+        raise InvalidRequest("--lora", f"{text!r}: the scale is not a number") from None
 
 
 class Jobs(Protocol):
@@ -41,6 +53,9 @@ class Jobs(Protocol):
              watch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]: ...
     def result(self, job_id: str) -> bytes: ...
     def cancel(self, job_id: str) -> dict[str, Any]: ...
+    def upload_lora(self, name: str, data: bytes) -> dict[str, Any]: ...
+    def list_loras(self) -> list[dict[str, Any]]: ...
+    def delete_lora(self, name: str) -> None: ...
 
 
 def _print_json(value: Any) -> None:
@@ -118,6 +133,23 @@ def cmd_result(client: Jobs, args: argparse.Namespace) -> int:
 
 def cmd_cancel(client: Jobs, args: argparse.Namespace) -> int:
     _print_json(client.cancel(args.job_id))
+    return 0
+
+
+def cmd_loras(client: Jobs, args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.name:
+        raise InvalidRequest("name", f"loras {args.action} needs the LoRA's name")
+    if args.action == "upload":
+        if not args.file:
+            raise InvalidRequest("file", "loras upload NAME FILE: give the .safetensors file")
+        _print_json(client.upload_lora(args.name, Path(args.file).read_bytes()))
+    elif args.action == "delete":
+        client.delete_lora(args.name)
+        print(f"deleted {args.name}")
+    else:
+        for entry in client.list_loras():
+            print(f"{entry['name']}\trank {entry['rank']}\t{entry['bytes']} bytes\t"
+                  f"{entry['digest'][:12]}")
     return 0
 
 
@@ -218,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=int, help="seed (random when omitted)")
     submit.add_argument("--width", type=int, help="multiple of 8")
     submit.add_argument("--height", type=int, help="multiple of 8")
+    submit.add_argument("--lora", action="append", metavar="NAME[:SCALE]",
+                        help="apply an uploaded LoRA (repeat for several; scale -2..2, "
+                             "default 1)")
     submit.add_argument("--wait", action="store_true",
                         help="wait with a progress bar (steps, route, K), then print a summary")
     submit.add_argument("--json", action="store_true",
@@ -239,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="print the final record as JSON, not a summary")
         if name == "result":
             command.add_argument("-o", "--output", help="file to write (default JOB_ID.png)")
+
+    loras = sub.add_parser("loras", help="this tenant's LoRAs: list, upload NAME FILE, "
+                                         "delete NAME")
+    loras.add_argument("action", choices=("list", "upload", "delete"), nargs="?",
+                       default="list")
+    loras.add_argument("name", nargs="?", help="the LoRA's name (upload, delete)")
+    loras.add_argument("file", nargs="?", help="upload: the .safetensors file (UNet "
+                                               "attention LoRA, diffusers' tensor names)")
+    loras.set_defaults(run=cmd_loras)
 
     demo = sub.add_parser("demo", help="run a short session of prompts and report")
     demo.add_argument("--trace", default="scene",

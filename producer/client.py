@@ -4,6 +4,7 @@ for images); never imports torch."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,6 +29,7 @@ from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from core.settings import Settings, load_settings
 from core.webhooks import AddressPolicy, parse_allowlist, parse_events, parse_target
+from producer.addons import LoraRegistry
 from workers.app import TRIAGE_TASK, WEBHOOK_TASK, enqueue, make_app
 from workers.webhooks import resolve_host
 
@@ -74,6 +76,22 @@ class Client:
             self._objects = ObjectStore.from_settings(self.settings)
         return self._objects
 
+    @property
+    def loras(self) -> LoraRegistry:
+        """This tenant's LoRAs: upload, list, delete (producer.addons)."""
+        return LoraRegistry(self.objects, self.tenant, self.settings.model,
+                            self.settings.lora_max_bytes, self.settings.lora_max_rank)
+
+    def upload_lora(self, name: str, data: bytes) -> dict[str, Any]:
+        """Check a LoRA file against the served model and keep it as ``name``."""
+        return self.loras.upload(name, data)
+
+    def list_loras(self) -> list[dict[str, Any]]:
+        return self.loras.list()
+
+    def delete_lora(self, name: str) -> None:
+        self.loras.delete(name)
+
     def submit(self, prompt: str, *, idempotency_key: str | None = None,
                webhook_url: str | None = None, webhook_events_filter: list[str] | None = None,
                **params: Any) -> str:
@@ -97,6 +115,8 @@ class Client:
         webhook_url = params.pop("webhook_url", None)
         events_filter = params.pop("webhook_events_filter", None)
         request = parse_request(params, self.limits, random_seed=secrets.randbelow(2**32))
+        if request.loras:
+            request = dataclasses.replace(request, loras=self.loras.resolve(request.loras))
         hook = "" if webhook_url is None else self._allowed_webhook(webhook_url)
         events = "" if events_filter is None else ",".join(parse_events(events_filter))
         if events and not hook:

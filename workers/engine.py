@@ -28,7 +28,7 @@ from diffusers import (
 )
 
 from core.addons import active_from
-from core.errors import ModelLoadError
+from core.errors import ModelLoadError, ObjectMissing
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
 from core.stepcache import NO_STEP_CACHE, OFF, StepCache
@@ -308,7 +308,13 @@ class Engine:
             if trajectory.loras and trajectory.start_step + trajectory.done >= trajectory.lora_from:
                 try:
                     adapters, waited = wait_for(trajectory.loras)
-                except Exception as exc:  # the object store lost it: that job fails alone
+                except ObjectMissing:   # that job fails alone, naming what it asked for
+                    names = ", ".join(ref.name for ref in trajectory.request.loras)
+                    failed[position] = ObjectMissing(
+                        f"LoRA {names}: the file the job was accepted with is gone (deleted "
+                        "or replaced since)")
+                    continue
+                except Exception as exc:  # noqa: BLE001 - the store is down: retried as such
                     failed[position] = exc
                     continue
                 trajectory.adapter_wait_s += waited

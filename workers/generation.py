@@ -267,7 +267,8 @@ def made_by(result: Generation) -> dict[str, Any]:
     """What the job record keeps of how its image was computed (the lineage of its cached
     latents takes the step cache from here)."""
     return {"unet_calls": result.unet_calls, "shallow_unet_calls": result.shallow_unet_calls,
-            "step_cache": result.step_cache, "batch_peak": result.batch_peak}
+            "step_cache": result.step_cache, "batch_peak": result.batch_peak,
+            "adapter_wait_ms": round(result.adapter_wait_s * 1000, 1)}
 
 
 def _run_full(record: JobRecord, jobs: JobStore, objects: ObjectStore,

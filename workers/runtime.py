@@ -4,18 +4,23 @@ and network clients are never shared across a fork."""
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import threading
 import time
 
 from cachemgr.catalog import Catalog
 from cachemgr.identical import IdenticalRequests
 from cachemgr.ktable import KTable
+from core.addons import targets_key
+from core.errors import T2IError
 from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, load_settings
 from core.stepcache import StepCache
 from workers.builtin_models import cache_embedder, cache_k_table, cache_step_cache
 
+log = logging.getLogger(__name__)
 clock = time.time
 
 
@@ -100,16 +105,32 @@ def engine():
 @functools.cache
 def _load_engine():
     from workers.engine import Engine  # torch is imported by GPU workers only
+    from workers.lora import AdapterConfig
 
     config = settings()
     _limit_torch_threads()
+    adapters = AdapterConfig(lambda key: object_store().get(key), config.lora_cache_mb * 2**20,
+                             config.lora_from)
     loaded = Engine.load(config.model, config.scheduler, config.device,
-                         config.state_path / "models", config.hf_hub_offline, step_cache())
+                         config.state_path / "models", config.hf_hub_offline, step_cache(),
+                         adapters)
+    _publish_lora_targets(loaded.lora.targets if loaded.lora else {})
     if config.gpu_batch == 1:
         return loaded
     from workers.batcher import BatchingEngine
 
     return BatchingEngine(loaded, config.gpu_batch)
+
+
+def _publish_lora_targets(targets: dict[str, tuple[int, int]]) -> None:
+    """The layers (and shapes) a LoRA may adapt on the served model, for the API's upload
+    check (core.addons.targets_key)."""
+    try:
+        object_store().put(targets_key(settings().model),
+                           json.dumps({name: list(shape) for name, shape in targets.items()},
+                                      sort_keys=True).encode(), content_type="application/json")
+    except T2IError as exc:
+        log.warning("LoRA targets not published (uploads wait for a worker that can): %s", exc)
 
 
 @functools.cache
