@@ -65,6 +65,12 @@ class JobRequest:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    def payload(self) -> dict[str, Any]:
+        """The request as a submission gives it (what ``parse_request`` checks again):
+        adapters by name and scale, the digests being resolved at submission."""
+        return {**asdict(self), "loras": [{"name": ref.name, "scale": ref.scale}
+                                          for ref in self.loras]}
+
     @classmethod
     def from_json(cls, text: str) -> JobRequest:
         values = json.loads(text)

@@ -7,7 +7,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -177,7 +177,7 @@ def triage_job(job_id: str, jobs: JobStore, limits: RequestLimits, decide: Decid
     try:
         jobs.update(job_id, lambda r: r.transition(JobState.TRIAGE, triage_started_at=now()))
         try:
-            parse_request(asdict(record.request), limits, random_seed=record.request.seed)
+            parse_request(record.request.payload(), limits, random_seed=record.request.seed)
         except InvalidRequest as exc:
             reason = f"invalid request: {exc}"
             jobs.update(job_id, lambda r: r.transition(JobState.FAILED, error=reason,

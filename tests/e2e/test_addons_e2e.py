@@ -1,0 +1,134 @@
+"""LoRAs through the whole stack: upload over the API (checked), a job naming one makes the
+image the engine makes with that file, bad uses are refused before anything is enqueued,
+tenants never see or use each other's adapters, and the CLI manages them over the API."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save as save_safetensors
+
+from core.addons import targets_key
+from core.jobs import JobRequest
+from core.objectstore import ObjectStore
+from core.settings import Settings
+from producer.cli import main as cli
+from tests.conftest import OTHER_KEY, TENANT_KEY, job_count
+from workers.builtin_models import build_tiny_pipeline
+from workers.engine import Engine
+from workers.lora import AdapterConfig, lora_targets
+
+PROMPT = "a lighthouse on a cliff at dusk"
+
+
+def lora(seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    return save_safetensors({
+        f"unet.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.5
+        for name, (out_features, in_features) in
+        lora_targets(build_tiny_pipeline().unet).items()
+        for part, shape in (("A", (4, in_features)), ("B", (out_features, 4)))})
+
+
+@pytest.fixture(scope="module")
+def objects(stack: Settings) -> ObjectStore:
+    """The stack's store, once its GPU worker has published the model's LoRA targets."""
+    store, deadline = ObjectStore.from_settings(stack), time.monotonic() + 120
+    while not store.exists(targets_key(stack.model)):
+        assert time.monotonic() < deadline, "the GPU worker published no LoRA targets"
+        time.sleep(0.5)
+    return store
+
+
+def finished(api: httpx.Client, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = api.get(f"/v1/jobs/{job_id}").json()
+        if view["state"] in ("succeeded", "failed", "cancelled"):
+            return view
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not finished")
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
+def test_a_lora_job_makes_the_image_the_engine_makes_with_that_file(stack, api, objects):
+    uploaded = api.put("/v1/loras/ink-wash", content=lora(1),
+                       headers={"Content-Type": "application/octet-stream"})
+    assert uploaded.status_code == 201, uploaded.text
+    digest = uploaded.json()["digest"]
+    assert "ink-wash" in [entry["name"] for entry in api.get("/v1/loras").json()["loras"]]
+    body = {"prompt": PROMPT, "seed": 11, "steps": 10, "width": 64, "height": 64}
+    styled_id = api.post("/v1/jobs", json={**body, "loras": [{"name": "ink-wash",
+                                                               "scale": 1.5}]}).json()["id"]
+    plain_id = api.post("/v1/jobs", json=body).json()["id"]
+    styled, plain = finished(api, styled_id), finished(api, plain_id)
+    assert styled["state"] == plain["state"] == "succeeded", styled["error"]
+    assert styled["request"]["loras"] == [{"name": "ink-wash", "scale": 1.5, "digest": digest}]
+    assert styled["timings"]["adapter_wait_ms"] is not None
+    styled_png = api.get(f"/v1/jobs/{styled_id}/image").content
+    assert np.abs(pixels(styled_png) - pixels(api.get(f"/v1/jobs/{plain_id}/image").content)
+                  ).max() > 10     # the adapter changed the picture, not only its rounding
+    engine = Engine.load(stack.model, stack.scheduler, "cpu", stack.state_path / "models",
+                         True, adapters=AdapterConfig(objects.get, 2**30, stack.lora_from))
+    request = JobRequest.from_json(json.dumps(styled["request"]))
+    expected = engine.generate(request, lambda step, total: None)
+    assert np.abs(pixels(styled_png) - pixels(expected.image_png)).max() <= 1
+
+
+def test_bad_lora_uses_are_refused_and_enqueue_nothing(stack, api, objects):
+    api.put("/v1/loras/sketch", content=lora(2), headers={
+        "Content-Type": "application/octet-stream"}).raise_for_status()
+    before = job_count(stack)
+    for loras, field in (([{"name": "never-uploaded"}], "loras[0].name"),
+                         ([{"name": "sketch", "scale": 5}], "loras[0].scale"),
+                         ("sketch", "loras")):
+        refused = api.post("/v1/jobs", json={"prompt": PROMPT, "loras": loras})
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == field
+    for name, data, says in (("bad", b"<html>not a model</html>", "not a safetensors file"),
+                             ("Bad Name", lora(2), "not an add-on name"),
+                             ("text", save_safetensors({"text_encoder.x.lora_A.weight":
+                                                        torch.zeros(2, 2)}), "UNet LoRAs only")):
+        refused = api.put(f"/v1/loras/{name}", content=data,
+                          headers={"Content-Type": "application/octet-stream"})
+        assert refused.status_code == 422 and says in refused.json()["error"]["message"], name
+    assert job_count(stack) == before
+    assert "bad" not in [entry["name"] for entry in api.get("/v1/loras").json()["loras"]]
+
+
+def test_tenants_never_see_use_or_delete_each_others_loras(stack, api, objects):
+    api.put("/v1/loras/private-style", content=lora(3), headers={
+        "Content-Type": "application/octet-stream"}).raise_for_status()
+    with httpx.Client(base_url=str(api.base_url), timeout=30,
+                      headers={"Authorization": f"Bearer {OTHER_KEY}"}) as other:
+        assert "private-style" not in [e["name"] for e in other.get("/v1/loras").json()["loras"]]
+        used = other.post("/v1/jobs", json={"prompt": PROMPT,
+                                            "loras": [{"name": "private-style"}]})
+        assert used.status_code == 422 and "not an uploaded LoRA" in used.text
+        assert other.delete("/v1/loras/private-style").status_code == 404
+    assert api.delete("/v1/loras/private-style").json() == {"deleted": "private-style"}
+    assert api.delete("/v1/loras/private-style").status_code == 404
+
+
+def test_the_cli_manages_loras_over_the_api(stack, api, objects, tmp_path: Path, capsys):
+    path = tmp_path / "cli-style.safetensors"
+    path.write_bytes(lora(4))
+    url = str(api.base_url)
+    assert cli(["--api-url", url, "--api-key", TENANT_KEY, "loras", "upload", "cli-style",
+                str(path)]) == 0
+    assert '"rank": 4' in capsys.readouterr().out
+    assert cli(["--api-url", url, "--api-key", TENANT_KEY, "loras"]) == 0
+    assert "cli-style\trank 4" in capsys.readouterr().out
+    assert cli(["--api-url", url, "--api-key", TENANT_KEY, "loras", "delete", "cli-style"]) == 0
+    assert cli(["--api-url", url, "--api-key", TENANT_KEY, "loras", "delete", "cli-style"]) == 2
+    assert "no LoRA named 'cli-style'" in capsys.readouterr().err
