@@ -135,14 +135,14 @@ def write_latency_cdf(result: dict[str, Any], path: Path) -> None:
 
 def write_ratio_panels(series: dict[str, list[tuple[float, dict[str, Any]]]],
                        panels: tuple[tuple[str, str, float], ...], xlabel: str, title: str,
-                       path: Path) -> None:
+                       path: Path, nudge: float = 0.12) -> None:
     """One panel per (key, label, target): each series' ratio cells ({"value", "ci95"} under
-    ``key``) at their x, the 95% intervals as error bars (series nudged apart so they do not
-    hide each other), the target dashed."""
+    ``key``) at their x, the 95% intervals as error bars (series nudged apart by ``nudge``
+    on x so they do not hide each other), the target dashed."""
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
     for axis, (key, label, target) in zip(axes, panels):
         for offset, (name, points) in enumerate(series.items()):
-            xs = np.array([x for x, _ in points]) + 0.12 * (offset - len(series) / 2)
+            xs = np.array([x for x, _ in points]) + nudge * (offset - len(series) / 2)
             cells = [point[key] for _, point in points]
             values = np.array([cell["value"] for cell in cells])
             spans = np.array([[value - cell["ci95"][0], cell["ci95"][1] - value]

@@ -1,0 +1,383 @@
+"""LoRA serving measured in process: naive against this design, on one mixed trace, side by
+side in alternating rounds; and what an adapter costs cold, warm and swapped.
+
+    python -m bench.addons --jobs 48 --rounds 2
+
+Arms (the same jobs and arrival times for each):
+
+- naive: what loading an adapter per request does (diffusers' load_lora_weights then
+  fuse_lora): per LoRA job, fetch the file, parse it, merge it into the UNet's weights, run,
+  take it out again; one job at a time (merged weights serve one adapter);
+- resident: GPU workers' way (workers.lora): adapters kept resident (LRU), applied per row
+  by hooks, a missing one fetched in the background while the job's first T2I_LORA_FROM of
+  steps run; batch 1;
+- resident, batch B: the same behind the step-level batcher, jobs with different adapters
+  (or none) in one UNet call.
+
+The trace: the toy trace's prompts, --lora-share of jobs carrying one LoRA drawn from
+--adapters adapters with Zipf(--zipf) popularity (random weights of --rank on the served
+model's attention layers: cost depends on size, not on what was learnt; quality.addons
+measures the trained ones). Adapter files live on a real S3 server (SeaweedFS, started here
+on free ports in a temporary directory) and each arm starts with none resident. Arrivals
+are Poisson at each of --loads times the naive arm's measured capacity. Equal images: at
+T2I_LORA_FROM=0 the resident arm's images are compared with the naive arm's.
+
+Adapter costs (--cost-models: 'scene', and 'sd15' for SD 1.5's UNet architecture with a
+rank-64 adapter, the common size): cold load (S3 fetch and parse), warm (resident), the
+naive swap (merge one adapter out and another in), and a UNet call (2 rows) with the hooks
+idle, with one adapter on both rows, with two adapters (one per row) and with the adapter
+merged, each over the call before any hook was installed.
+Writes OUT.json and OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save as save_safetensors
+from tqdm import tqdm
+
+from core.addons import LoraRef, blob_key
+from core.jobs import JobRequest
+from core.objectstore import ObjectStore
+from core.settings import Settings, ensure_secrets, load_settings
+from infra import servers
+from quality.toy_trace import Behaviour, toy_trace
+from workers.batcher import BatchingEngine
+from workers.builtin_models import SCENE_MODEL_DIR, SD15_UNET
+from workers.engine import Engine
+from workers.lora import AdapterCache, AdapterConfig, LoraLayer, lora_targets, merged, parse_adapter
+
+
+def quiet(step: int, total: int) -> None:
+    pass
+
+
+def adapter_file(targets: dict[str, tuple[int, int]], rank: int, seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    return save_safetensors({
+        f"unet.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.05
+        for name, (out_features, in_features) in targets.items()
+        for part, shape in (("A", (rank, in_features)), ("B", (out_features, rank)))})
+
+
+def workload(count: int, steps: int, size: int, refs: list[LoraRef], share: float,
+             zipf: float, seed: int) -> list[JobRequest]:
+    rows = toy_trace(count, users=4, behaviour=Behaviour(), guidance=4.0, seed=seed)
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, len(refs) + 1) ** zipf
+    weights /= weights.sum()
+    jobs = []
+    for row in rows:
+        loras = (refs[rng.choice(len(refs), p=weights)],) if rng.random() < share else ()
+        jobs.append(JobRequest(str(row["prompt"]), "", steps, 4.0, int(str(row["seed"])), size,
+                               size, loras))
+    return jobs
+
+
+def naive_job(engine: Engine, objects: ObjectStore, request: JobRequest) -> bytes:
+    """Fetch, parse and merge the job's adapters, run it, take them out."""
+    adapters = tuple((parse_adapter(ref.digest, objects.get(blob_key(ref.digest)),
+                                    engine.device, engine.pipe.unet.dtype), ref.scale)
+                     for ref in request.loras)
+    with merged(engine.pipe.unet, adapters):
+        return engine.generate(dataclasses.replace(request, loras=()), quiet).image_png
+
+
+def run_arm(arm: str, plain: Engine, design: Engine, objects: ObjectStore, batch: int,
+            jobs: list[JobRequest], arrivals: list[float]) -> dict[str, Any]:
+    latencies = [0.0] * len(jobs)
+    waits = [0.0] * len(jobs)
+    images: list[bytes] = [b""] * len(jobs)
+    origin = time.perf_counter() + 0.05
+    if arm == "naive":
+        for index, request in enumerate(jobs):
+            time.sleep(max(0.0, origin + arrivals[index] - time.perf_counter()))
+            images[index] = naive_job(plain, objects, request)
+            latencies[index] = time.perf_counter() - origin - arrivals[index]
+    else:
+        assert design.adapters is not None
+        design.adapters.close()
+        design.adapters = AdapterCache(objects.get, design.device, design.pipe.unet.dtype,
+                                       design.adapters.budget_bytes)   # none resident
+        batching = BatchingEngine(design, batch)
+
+        def one(index: int) -> None:
+            time.sleep(max(0.0, origin + arrivals[index] - time.perf_counter()))
+            result = batching.generate(jobs[index], quiet)
+            latencies[index] = time.perf_counter() - origin - arrivals[index]
+            waits[index] = result.adapter_wait_s
+            images[index] = result.image_png
+
+        with ThreadPoolExecutor(len(jobs)) as threads:
+            list(threads.map(one, range(len(jobs))))
+        batching.close()
+    finished = max(arrivals[i] + latencies[i] for i in range(len(jobs)))
+    values = np.array(latencies)
+    return {"arm": arm, "batch": batch, "jobs": len(jobs),
+            "throughput_jobs_s": len(jobs) / finished,
+            "latency_mean_s": float(values.mean()),
+            "latency_p50_s": float(np.percentile(values, 50)),
+            "latency_p99_s": float(np.percentile(values, 99)),
+            "adapter_wait_mean_ms": 1e3 * float(np.mean(waits)),
+            "images": images}
+
+
+def median_s(call: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def adapter_costs(model: str, objects: ObjectStore, repeats: int) -> dict[str, Any]:
+    from diffusers import UNet2DConditionModel
+
+    if model == "scene":
+        unet, side, rank = UNet2DConditionModel.from_pretrained(SCENE_MODEL_DIR / "unet"), 16, 8
+    else:
+        torch.manual_seed(0)
+        unet, side, rank = UNet2DConditionModel(in_channels=4, out_channels=4, **SD15_UNET), 64, 64
+    unet = unet.eval().float()
+    files = [adapter_file(lora_targets(unet), rank, seed) for seed in (1, 2)]
+    digests = [hashlib.sha256(data).hexdigest() for data in files]
+    for digest, data in zip(digests, files):
+        objects.put(blob_key(digest), data)
+
+    def cold() -> Any:
+        cache = AdapterCache(objects.get, torch.device("cpu"), torch.float32, 2**34)
+        adapter = cache.load(digests[0]).result()
+        cache.close()
+        return adapter
+
+    first = cold()
+    second = parse_adapter(digests[1], files[1], torch.device("cpu"), torch.float32)
+    warm_cache = AdapterCache(objects.get, torch.device("cpu"), torch.float32, 2**34)
+    warm_cache.load(digests[0]).result()
+
+    def swap() -> None:
+        with merged(unet, ((first, 1.0),)):
+            pass
+        with merged(unet, ((second, 1.0),)):
+            pass
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, side, side, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    timesteps = torch.tensor([500.0, 500.0])
+
+    def call() -> Any:
+        return unet(sample, timesteps, encoder_hidden_states=text).sample
+
+    call()   # warm up
+    plain_s = median_s(call, repeats)
+    with merged(unet, ((first, 1.0),)):
+        merged_s = median_s(call, repeats)
+    row = {"model": model, "rank": rank, "adapted_layers": len(first.pairs),
+           "file_mb": round(len(files[0]) / 2**20, 3), "latent": [side, side], "rows": 2,
+           "cold_load_ms": round(1e3 * median_s(cold, repeats), 2),
+           "warm_load_ms": round(1e3 * median_s(lambda: warm_cache.load(digests[0]).result(),
+                                                repeats), 4),
+           "naive_swap_ms": round(1e3 * median_s(swap, repeats), 2),
+           "unet_call_ms": round(1e3 * plain_s, 2),
+           "merged_call_over_plain": round(merged_s / plain_s, 4)}
+    layer = LoraLayer(unet)     # from here on every call passes the hooks
+
+    def hooked(rows: list[Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with layer.applied(rows):
+                return call()
+        return run
+
+    row.update({
+        "idle_hooks_over_plain": round(median_s(call, repeats) / plain_s, 4),
+        "hooked_call_over_plain": round(median_s(hooked([((first, 1.0),)] * 2), repeats)
+                                        / plain_s, 4),
+        "hooked_two_adapters_over_plain": round(median_s(hooked([((first, 1.0),),
+                                                                 ((second, 1.0),)]), repeats)
+                                                / plain_s, 4)})
+    warm_cache.close()
+    return row
+
+
+def s3_settings(state_dir: Path) -> Settings:
+    return ensure_secrets(dataclasses.replace(
+        load_settings({}, read_secrets=False), state_dir=str(state_dir), s3_bucket="bench-addons",
+        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port()))
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
+def main(argv: list[str] | None = None) -> int:
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    parser.add_argument("--model", default="scene", help="a T2I_MODEL value")
+    parser.add_argument("--jobs", type=int, default=48, help="jobs per configuration")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--adapters", type=int, default=8, help="distinct LoRAs in the trace")
+    parser.add_argument("--rank", type=int, default=8, help="their rank")
+    parser.add_argument("--lora-share", type=float, default=0.7, help="jobs with a LoRA")
+    parser.add_argument("--zipf", type=float, default=1.1, help="popularity skew")
+    parser.add_argument("--lora-from", type=float, default=load_settings({}).lora_from,
+                        help="T2I_LORA_FROM of the resident arms")
+    parser.add_argument("--batch", type=int, default=8, help="the batching arm's batch")
+    parser.add_argument("--loads", default="0.8,2.0",
+                        help="arrival rates, in multiples of the naive arm's capacity")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--cost-models", default="scene,sd15", help="scene, sd15 ('' for none)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per adapter cost")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/addons-cpu",
+                        help="output path without suffix (.json and .png)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-addons-") as temp:
+        config = s3_settings(Path(temp))
+        s3 = servers.start(servers.s3(config, Path(temp) / "s3"), Path(temp) / "s3.log")
+        try:
+            servers.wait_ready(servers.s3(config, Path(temp) / "s3"), s3, Path(temp) / "s3.log")
+            result = measure(args, ObjectStore.from_settings(config))
+        finally:
+            servers.stop_pid(s3.pid)
+    result["command"] = "python -m bench.addons " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    for load, arms in result["by_load"].items():
+        for arm, cell in arms.items():
+            print(f"load {load}x {arm:20s}: {cell['throughput_jobs_s']:.2f} jobs/s, latency "
+                  f"mean {cell['latency_mean_s']:.2f} p50 {cell['latency_p50_s']:.2f} "
+                  f"p99 {cell['latency_p99_s']:.2f} s")
+    for row in result["adapter_costs"]:
+        print(json.dumps(row))
+    print(f"images, resident at T2I_LORA_FROM=0 vs naive: max pixel difference "
+          f"{result['equal_images']['max_pixel_difference']}; written {out.with_suffix('.json')}")
+    return 0
+
+
+def measure(args: argparse.Namespace, objects: ObjectStore) -> dict[str, Any]:
+    objects.ensure_bucket()
+    costs = [adapter_costs(model, objects, args.repeats)
+             for model in tqdm([m for m in args.cost_models.split(",") if m],
+                               desc="adapter costs")]
+    models = load_settings().state_path / "models"
+    plain = Engine.load(args.model, "ddim", "cpu", models, True)
+    design = Engine(plain.pipe, "ddim", plain.device, plain.label,
+                    adapters=AdapterConfig(objects.get, 2**30, args.lora_from))
+    refs = []
+    for index in range(args.adapters):
+        data = adapter_file(lora_targets(plain.pipe.unet), args.rank, 100 + index)
+        digest = hashlib.sha256(data).hexdigest()
+        objects.put(blob_key(digest), data)
+        refs.append(LoraRef(f"style-{index}", 1.0, digest))
+    jobs = workload(args.jobs, args.steps, args.size, refs, args.lora_share, args.zipf,
+                    args.seed)
+    probe = jobs[:8]
+    begun = time.perf_counter()
+    naive_images = [naive_job(plain, objects, request) for request in probe]
+    capacity = len(probe) / (time.perf_counter() - begun)
+    design.lora_from = 0.0
+    same = [design.generate(request, quiet).image_png for request in probe]
+    design.lora_from = args.lora_from
+    difference = max(int(np.abs(pixels(a) - pixels(b)).max()) for a, b in zip(naive_images, same))
+    arms = [("naive", 1), ("resident", 1), (f"resident, batch {args.batch}", args.batch)]
+    loads = [float(x) for x in args.loads.split(",")]
+    rows = []
+    with tqdm(total=args.rounds * len(loads) * len(arms), desc="configurations") as bar:
+        for round_number in range(args.rounds):
+            for load in loads:
+                gaps = np.random.default_rng(args.seed + round_number).exponential(
+                    1.0 / (load * capacity), size=len(jobs))
+                arrivals = list(np.cumsum(gaps) - gaps[0])
+                for arm, batch in arms:
+                    row = run_arm(arm, plain, design, objects, batch, jobs, arrivals)
+                    row.pop("images")
+                    rows.append({"round": round_number, "load": load, **row})
+                    bar.update()
+    by_load: dict[str, dict[str, dict[str, float]]] = {}
+    for load in loads:
+        by_load[str(load)] = {}
+        for arm, _ in arms:
+            mine = [r for r in rows if r["load"] == load and r["arm"] == arm]
+            by_load[str(load)][arm] = {key: float(np.mean([r[key] for r in mine])) for key in (
+                "throughput_jobs_s", "latency_mean_s", "latency_p50_s", "latency_p99_s",
+                "adapter_wait_mean_ms")}
+    ratios = {str(load): {arm: {
+        "throughput_over_naive": float(np.mean([
+            r["throughput_jobs_s"] / n["throughput_jobs_s"] for r, n in zip(
+                [r for r in rows if r["load"] == load and r["arm"] == arm],
+                [r for r in rows if r["load"] == load and r["arm"] == "naive"])])),
+        "mean_latency_over_naive": float(np.mean([
+            r["latency_mean_s"] / n["latency_mean_s"] for r, n in zip(
+                [r for r in rows if r["load"] == load and r["arm"] == arm],
+                [r for r in rows if r["load"] == load and r["arm"] == "naive"])]))}
+        for arm, _ in arms[1:]} for load in loads}
+    return {"machine": f"{platform.node()}: {platform.machine()}, CPU, "
+                       f"{torch.get_num_threads()} torch threads",
+            "model": plain.label, "steps": args.steps, "size": args.size, "jobs": args.jobs,
+            "lora_jobs": sum(bool(j.loras) for j in jobs), "adapters": args.adapters,
+            "rank": args.rank, "zipf": args.zipf, "lora_from": args.lora_from,
+            "naive_capacity_jobs_s": capacity, "loads": loads, "rounds": args.rounds,
+            "equal_images": {"jobs": len(probe), "max_pixel_difference": difference},
+            "adapter_costs": costs, "by_load": by_load, "ratios_by_load": ratios, "rows": rows}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = list(result["by_load"])
+    arms = list(result["by_load"][loads[0]])
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(arms)
+    for offset, arm in enumerate(arms):
+        xs = np.arange(len(loads)) + width * (offset - (len(arms) - 1) / 2)
+        axes[0].bar(xs, [result["by_load"][load][arm]["throughput_jobs_s"] for load in loads],
+                    width, label=arm)
+        axes[1].bar(xs, [result["by_load"][load][arm]["latency_mean_s"] for load in loads],
+                    width, label=arm)
+    for axis, label in zip(axes, ("throughput (jobs/s)", "mean latency (s)")):
+        axis.set_xticks(range(len(loads)), [f"{load}x naive capacity" for load in loads])
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{result['model']}: {result['jobs']} jobs, {result['lora_jobs']} with a "
+                    f"LoRA of {result['adapters']}; {result['machine']}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
