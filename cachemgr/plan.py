@@ -9,7 +9,7 @@ structures in the simulator and the tests.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -85,6 +85,10 @@ class Query:
     partition: str
     steps: int
     seed: int
+    # A LoRA job: the base model's partition and the step its LoRA starts acting at. Its
+    # steps before that run the base model, so a base-model latent up to there is as good
+    # for it as for a job without the LoRA (looked up when its own partition has no hit).
+    base: tuple[str, int] | None = None
 
 
 def plan_exact(source: str | None, steps: int, partition: str) -> CachePlan | None:
@@ -117,7 +121,17 @@ def plan_reuse(query: Query, index: NearestIndex, entries: EntryInfo,
     seed_cap = policy.cap(query.steps) if policy is not None else None
     bounds = Bounds(table, query.steps, query.seed, seed_cap, rules.lineage,
                     ancestor_similarity)
-    return _from_decision(decide(matches, entries, bounds), query.seed, policy, common)
+    plan = _from_decision(decide(matches, entries, bounds), query.seed, policy, common)
+    if plan.route is Route.RESUME or query.base is None or query.base[1] < 1:
+        return plan
+    base_partition, lora_from = query.base
+    try:
+        matches = index.nearest(query.embedding, base_partition, LOOKUP_CANDIDATES)
+    except VectorIndexUnavailable:
+        return plan
+    base = _from_decision(decide(matches, entries, replace(bounds, k_cap=lora_from)),
+                          query.seed, policy, {**common, "partition": base_partition})
+    return base if base.route is Route.RESUME else plan
 
 
 def _from_decision(decision: CacheDecision, seed: int, policy: SeedPolicy | None,

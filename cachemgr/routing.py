@@ -1,8 +1,9 @@
 """Triage's cache decision: resume from (entry, K) or generate in full, and why. Pure.
 
 Three rules bound K, in this order: the table (the similarity to the entry's prompt earns
-a K), the seed (a hit from another seed's latent may be capped, by the seed policy), and
-the lineage (a latent that was itself resumed carries steps of earlier prompts: no prompt
+a K), the seed (a hit from another seed's latent may be capped, by the seed policy; a LoRA
+job's hit on a base-model latent is capped at the step its LoRA starts acting), and the
+lineage (a latent that was itself resumed carries steps of earlier prompts: no prompt
 may supply more steps than the table grants for its own similarity to the new prompt).
 The hole rule then takes the largest stored K within all three.
 """
@@ -63,6 +64,7 @@ class Bounds:
     seed_cap: int | None            # K cap (of the request's steps) for another seed's latent
     lineage: bool                   # apply the lineage rule (off only to measure the old rule)
     ancestor_similarity: AncestorSimilarity
+    k_cap: int | None = None        # K cap for every entry (a LoRA job's base-model hits)
 
 
 def decide(matches: Sequence[tuple[str, float]], entries: EntryInfo,
@@ -100,6 +102,8 @@ def _decide_one(entry: str, similarity: float, entries: EntryInfo,
     if bounds.seed_cap is not None and lineage.noise_seed != bounds.seed:
         if bounds.seed_cap < limit:
             limit, limit_reason = bounds.seed_cap, Reason.SEED_CAP
+    if bounds.k_cap is not None and bounds.k_cap < limit:
+        limit, limit_reason = bounds.k_cap, Reason.ADAPTER_CAP
     grants: dict[str, int] = {}
 
     def grant(segment: Segment) -> int:
@@ -116,6 +120,6 @@ def _decide_one(entry: str, similarity: float, entries: EntryInfo,
                       Reason.LINEAGE_CAP if capped_by_lineage else limit_reason)
             return CacheDecision(reason, similarity, entry, wanted, k, lineage)
         capped_by_lineage = True
-    reason = (Reason.LINEAGE_CAP if capped_by_lineage else
-              Reason.SEED_CAP if limit_reason is Reason.SEED_CAP else Reason.NO_STORED_K)
+    reason = (Reason.LINEAGE_CAP if capped_by_lineage else limit_reason
+              if limit_reason in (Reason.SEED_CAP, Reason.ADAPTER_CAP) else Reason.NO_STORED_K)
     return CacheDecision(reason, similarity, entry, wanted)

@@ -31,6 +31,8 @@ class Reason(StrEnum):
     SEED_CAP = "seed-change cap"         # K capped: the latent carries another seed's noise
     LINEAGE_CAP = "lineage cap"          # K lowered: an earlier prompt in the latent's lineage
                                          # is farther from this one than the entry's own
+    ADAPTER_CAP = "adapter cap"          # a LoRA job from a base-model latent: K at most the
+                                         # step its LoRA starts acting at (T2I_LORA_FROM)
 
 
 class SeedRule(StrEnum):

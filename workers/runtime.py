@@ -173,7 +173,8 @@ def router():
                     "audit_fraction": config.predictor_audit_fraction}
     return CacheRouter(embedder(), vectors(), catalog(), identical_requests(), object_store(),
                        job_store(), k_table(), predictor, config.model, config.scheduler,
-                       config.cache_scope == "shared", step_cache().spec, **training)
+                       config.cache_scope == "shared", step_cache().spec, config.lora_from,
+                       **training)
 
 
 @functools.cache

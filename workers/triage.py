@@ -7,7 +7,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from cachemgr.ktable import KTable
 from cachemgr.plan import Query, lineage_after, plan_exact, plan_reuse, teaches_predictor
 from cachemgr.predictor import MatchPredictor
 from cachemgr.vectors import VectorIndex
+from core.addons import active_from
 from core.errors import (
     InvalidRequest,
     InvalidTransition,
@@ -81,6 +82,7 @@ class CacheRouter:
     scheduler: str
     shared: bool                   # one cache for all tenants (T2I_CACHE_SCOPE=shared)
     step_cache: str = OFF          # the GPU workers' (core.stepcache spec): part of the partition
+    lora_from: float = 0.0         # T2I_LORA_FROM: LoRA jobs may resume base-model latents to there
     add_sample: Callable[[np.ndarray], None] = lambda embedding: None
     audit_fraction: float = 0.0
     draw: Callable[[], float] = random.random
@@ -97,7 +99,12 @@ class CacheRouter:
         started = time.perf_counter()
         embedding = self.embedder.embed([request.prompt])[0]
         embedded = time.perf_counter()
-        plan = plan_reuse(Query(embedding, partition, request.steps, request.seed),
+        base = None
+        if request.loras:
+            base = (request_partition(self.model, self.scheduler, self.step_cache,
+                                      replace(request, loras=()), record.tenant, self.shared),
+                    active_from(request.steps, self.lora_from))
+        plan = plan_reuse(Query(embedding, partition, request.steps, request.seed, base),
                           self.vectors, self.catalog.entry,
                           lambda segment: float(self._embedding(segment) @ embedding),
                           self.table, self.predictor, self.audit_fraction, self.draw)

@@ -132,3 +132,20 @@ def test_the_cli_manages_loras_over_the_api(stack, api, objects, tmp_path: Path,
     assert cli(["--api-url", url, "--api-key", TENANT_KEY, "loras", "delete", "cli-style"]) == 0
     assert cli(["--api-url", url, "--api-key", TENANT_KEY, "loras", "delete", "cli-style"]) == 2
     assert "no LoRA named 'cli-style'" in capsys.readouterr().err
+
+
+def test_a_lora_job_resumes_the_base_models_latent_up_to_where_its_lora_starts(stack, api,
+                                                                               objects):
+    api.put("/v1/loras/late-style", content=lora(5), headers={
+        "Content-Type": "application/octet-stream"}).raise_for_status()
+    body = {"prompt": "a red barn under a full moon", "seed": 21, "steps": 10, "width": 64,
+            "height": 64}
+    base = finished(api, api.post("/v1/jobs", json=body).json()["id"])
+    assert base["state"] == "succeeded"
+    styled = finished(api, api.post("/v1/jobs", json={
+        **body, "loras": [{"name": "late-style"}]}).json()["id"])
+    lora_from = round(stack.lora_from * 10)
+    assert styled["state"] == "succeeded", styled["error"]
+    assert styled["cache"]["route"] == "resume" and styled["cache"]["k"] == lora_from
+    assert styled["cache"]["reason"] in ("adapter cap", "hit")
+    assert styled["unet_calls"] == 10 - lora_from

@@ -97,3 +97,46 @@ def test_a_lineage_says_which_step_cache_made_its_latents():
     assert Lineage.from_dict(made.to_dict()) == made
     before = {key: value for key, value in made.to_dict().items() if key != "step_cache"}
     assert Lineage.from_dict(before).step_cache == "off"   # kept before step caches
+
+
+class PartitionIndex:
+    """Entries by partition: the LoRA job's own partition is empty, the base model's not."""
+
+    def __init__(self, by_partition: dict[str, list[tuple[str, float]]]) -> None:
+        self.by_partition, self.asked = by_partition, []
+
+    def nearest(self, embedding: np.ndarray, partition: str, n: int) -> list[tuple[str, float]]:
+        self.asked.append(partition)
+        return self.by_partition.get(partition, [])
+
+
+def lora_reuse(index: PartitionIndex, lora_from: int, seed: int = ENTRY_SEED) -> CachePlan:
+    entry = CachedEntry(frozenset({2, 5, 10, 15, 20, 25}), Lineage.own("e", "a fox", 50,
+                                                                        ENTRY_SEED))
+    return plan_reuse(Query(np.ones(3), "lora", 50, seed, base=("base", lora_from)), index,
+                      lambda _: entry, lambda _: 0.0, REFERENCE_TABLE, AlwaysLookUp(), 0.0,
+                      lambda: 1.0)
+
+
+def test_a_lora_job_resumes_a_base_model_latent_up_to_where_its_lora_starts():
+    index = PartitionIndex({"base": [("e", 0.97)]})       # K 25 earned
+    plan = lora_reuse(index, lora_from=10)
+    assert (plan.route, plan.partition, plan.k, plan.reason) == (
+        Route.RESUME, "base", 10, Reason.ADAPTER_CAP)
+    assert index.asked == ["lora", "base"]
+    assert lora_reuse(PartitionIndex({"base": [("e", 0.97)]}), lora_from=12).k == 10  # stored
+    reroll = lora_reuse(PartitionIndex({"base": [("e", 0.97)]}), lora_from=10,
+                        seed=ENTRY_SEED + 1)                # the seed cap still applies
+    assert (reroll.k, reroll.reason) == (2, Reason.SEED_CAP)
+
+
+def test_a_lora_jobs_own_partition_comes_first_and_no_lora_from_means_no_base_hit():
+    own = PartitionIndex({"lora": [("e", 0.97)], "base": [("e", 0.99)]})
+    plan = lora_reuse(own, lora_from=10)
+    assert (plan.partition, plan.k, plan.reason) == ("lora", 25, Reason.HIT)
+    assert own.asked == ["lora"]
+    index = PartitionIndex({"base": [("e", 0.97)]})
+    plan = lora_reuse(index, lora_from=0)
+    assert (plan.route, plan.partition) == (Route.FULL, "lora") and index.asked == ["lora"]
+    far = lora_reuse(PartitionIndex({"base": [("e", 0.5)]}), lora_from=10)
+    assert (far.route, far.partition, far.reason) == (Route.FULL, "lora", Reason.MISS)
