@@ -37,11 +37,12 @@ def partition_key(model: str, scheduler: str, step_cache: str, steps: int, width
 
 
 def request_partition(model: str, scheduler: str, step_cache: str, request: JobRequest,
-                      tenant: str, shared: bool) -> str:
-    """The partition a job's latents belong to (triage looks up, GPU workers write here)."""
+                      tenant: str, shared: bool, lora_from: float = 0.0) -> str:
+    """The partition a job's latents belong to (triage looks up, GPU workers write here);
+    a LoRA job's also names T2I_LORA_FROM, which changes its latents."""
     return partition_key(model, scheduler, step_cache, request.steps, request.width,
                          request.height, request.guidance, cache_scope(tenant, shared),
-                         partition_spec(request.loras))
+                         partition_spec(request.loras, lora_from))
 
 
 def identical_key(partition: str, request: JobRequest) -> str:

@@ -108,10 +108,13 @@ def targets_key(model: str) -> str:
     return f"{ADDON_PREFIX}/targets/{re.sub(r'[^A-Za-z0-9._-]', '_', model)}.json"
 
 
-def partition_spec(loras: tuple[LoraRef, ...]) -> str:
-    """The adapters' part of a cache partition: content and scale, order kept (empty
-    without adapters, so partitions of plain requests are unchanged)."""
-    return ",".join(f"{ref.digest}@{ref.scale:g}" for ref in loras)
+def partition_spec(loras: tuple[LoraRef, ...], lora_from: float = 0.0) -> str:
+    """The adapters' part of a cache partition: content and scale, order kept, and the
+    fraction of steps run before they act (empty without adapters, so partitions of plain
+    requests are unchanged)."""
+    if not loras:
+        return ""
+    return ",".join(f"{ref.digest}@{ref.scale:g}" for ref in loras) + f"|from={lora_from:g}"
 
 
 def active_from(steps: int, fraction: float) -> int:

@@ -67,10 +67,11 @@ class CacheConfig:
     retriage: Callable[[str], None]  # sends a job (a follower) back to triage
     admit_resumed: bool = True     # T2I_CACHE_ADMIT_RESUMED
     step_cache: str = OFF          # the engine's (core.stepcache spec): part of the partition
+    lora_from: float = 0.0         # T2I_LORA_FROM: part of a LoRA job's partition
 
     def partition(self, record: JobRecord) -> str:
         return request_partition(self.model, self.scheduler, self.step_cache, record.request,
-                                 record.tenant, self.shared)
+                                 record.tenant, self.shared, self.lora_from)
 
     def land(self, record: JobRecord, succeeded: bool) -> None:
         """The job ended: if it succeeded, identical requests get its image from now on;

@@ -201,7 +201,7 @@ def cache_config():
     return CacheConfig(config.model, config.scheduler, config.cache_scope == "shared", k_table(),
                        catalog(), register, identical_requests(),
                        functools.partial(enqueue, app, TRIAGE_TASK), config.cache_admit_resumed,
-                       step_cache().spec)
+                       step_cache().spec, config.lora_from)
 
 
 @functools.cache

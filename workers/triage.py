@@ -91,7 +91,7 @@ class CacheRouter:
     def __call__(self, record: JobRecord) -> Triaged:
         request = record.request
         partition = request_partition(self.model, self.scheduler, self.step_cache, request,
-                                      record.tenant, self.shared)
+                                      record.tenant, self.shared, self.lora_from)
         digest = identical_key(partition, request)
         shortcut = self._identical(record.id, digest, partition, request.steps)
         if shortcut is not None:

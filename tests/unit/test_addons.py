@@ -130,5 +130,21 @@ def test_registry_keys_round_trip_and_the_partition_names_content_and_scale():
     assert parse_lora_key(key.replace(".json", ".txt")) is None
     assert parse_lora_key("addons/tenants/acme/loras/Bad!/" + "a" * 64 + ".json") is None
     assert partition_spec(()) == ""
-    assert partition_spec((LoraRef("ink", 0.5, "d1"), LoraRef("noir", 1.0, "d2"))) == \
-        "d1@0.5,d2@1"
+    assert partition_spec((LoraRef("ink", 0.5, "d1"), LoraRef("noir", 1.0, "d2")), 0.2) == \
+        "d1@0.5,d2@1|from=0.2"
+
+
+def test_a_lora_jobs_partition_names_when_its_lora_starts_and_a_plain_jobs_does_not():
+    from dataclasses import replace
+
+    from cachemgr.keys import request_partition
+
+    styled = JobRequest("a cat", "", 50, 7.5, 1, 512, 512, (LoraRef("ink", 1.0, "d" * 64),))
+    plain = replace(styled, loras=())
+
+    def partition(request: JobRequest, lora_from: float) -> str:
+        return request_partition("m", "ddim", "off", request, "acme", False, lora_from)
+
+    assert partition(styled, 0.2) != partition(styled, 0.3)
+    assert partition(styled, 0.2) != partition(plain, 0.2)
+    assert partition(plain, 0.2) == partition(plain, 0.3)
