@@ -54,7 +54,7 @@ class LoraRegistry:
         digest = hashlib.sha256(data).hexdigest()
         entry = {"name": name, "digest": digest, "rank": checked.rank,
                  "modules": len(checked.modules), "bytes": checked.size,
-                 "uploaded_at": time.time()}
+                 "uploaded_at": time.time(), "model": self.model}
         self.objects.put(blob_key(digest), data)
         self.objects.put(lora_key(self.tenant, name, digest), json.dumps(entry).encode(),
                          content_type="application/json")
@@ -85,12 +85,20 @@ class LoraRegistry:
         return bool(dropped)
 
     def resolve(self, loras: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
-        """The request's adapters with the digests their names hold now."""
+        """The request's adapters with the digests their names hold now (each checked on
+        upload against the model served now: a new model needs its LoRAs uploaded again)."""
         resolved = []
         for index, ref in enumerate(loras):
+            field = f"loras[{index}].name"
             entries = self._entries(f"{lora_prefix(self.tenant)}{ref.name}/")
             if not entries:
-                raise InvalidRequest(f"loras[{index}].name", f"{ref.name!r} is not an uploaded "
-                                                             "LoRA of this tenant")
-            resolved.append(LoraRef(ref.name, ref.scale, entries[-1][3]))
+                raise InvalidRequest(field, f"{ref.name!r} is not an uploaded LoRA of this "
+                                            "tenant")
+            digest = entries[-1][3]
+            checked_for = json.loads(self.objects.get(lora_key(self.tenant, ref.name, digest)))
+            if checked_for.get("model") != self.model:
+                raise InvalidRequest(field, f"{ref.name!r} was uploaded for model "
+                                            f"{checked_for.get('model')!r}, not the one served "
+                                            f"now ({self.model!r}): upload it again")
+            resolved.append(LoraRef(ref.name, ref.scale, digest))
         return tuple(resolved)

@@ -85,6 +85,7 @@ class LoraView(BaseModel):
     modules: int = Field(description="layers it adapts")
     bytes: int
     uploaded_at: float
+    model: str = Field(description="the served model it was checked against")
 
 
 class LoraList(BaseModel):

@@ -86,3 +86,10 @@ def test_a_file_for_another_model_is_refused_and_not_kept(objects, targets):
     with pytest.raises(InvalidRequest, match="not an add-on name"):
         registry(objects, "acme").upload("../etc", lora(targets, 3))
     assert objects.keys("addons/blobs/") == before
+
+
+def test_a_lora_checked_for_another_model_is_refused_by_name(objects, targets):
+    registry(objects, "acme").upload("old-model-style", lora(targets, 4))
+    objects.put(targets_key("next-model"), objects.get(targets_key(MODEL)))
+    with pytest.raises(InvalidRequest, match="was uploaded for model 'registry-test-model'"):
+        registry(objects, "acme", model="next-model").resolve((LoraRef("old-model-style", 1),))
