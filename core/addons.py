@@ -1,5 +1,6 @@
-"""Add-on modules (LoRAs): what a request may name, where uploads are kept, and the checks an
-uploaded file passes before any worker loads it. Pure: no torch, no network.
+"""Add-on modules (LoRAs, ControlNets): what a request may name, where uploads are kept, and
+the checks an uploaded file or control image passes before any worker loads it. Pure: no
+torch, no network.
 
 A LoRA file is safetensors with, for each adapted linear layer of the served UNet,
 ``unet.<module>.lora_A.weight`` (rank x in) and ``unet.<module>.lora_B.weight`` (out x rank),
@@ -11,6 +12,10 @@ their shapes for the model it serves (``targets_key``) and uploads are checked a
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import io
 import json
 import math
 import re
@@ -18,6 +23,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from PIL import Image, UnidentifiedImageError
 
 from core.errors import InvalidRequest
 
@@ -108,13 +115,17 @@ def targets_key(model: str) -> str:
     return f"{ADDON_PREFIX}/targets/{re.sub(r'[^A-Za-z0-9._-]', '_', model)}.json"
 
 
-def partition_spec(loras: tuple[LoraRef, ...], lora_from: float = 0.0) -> str:
-    """The adapters' part of a cache partition: content and scale, order kept, and the
-    fraction of steps run before they act (empty without adapters, so partitions of plain
-    requests are unchanged)."""
-    if not loras:
-        return ""
-    return ",".join(f"{ref.digest}@{ref.scale:g}" for ref in loras) + f"|from={lora_from:g}"
+def partition_spec(loras: tuple[LoraRef, ...], lora_from: float = 0.0,
+                   control: ControlRef | None = None) -> str:
+    """The add-ons' part of a cache partition: each LoRA's content and scale, order kept, the
+    fraction of steps run before they act, and the ControlNet with its control image and
+    scale (empty without add-ons, so partitions of plain requests are unchanged)."""
+    spec = ""
+    if loras:
+        spec = ",".join(f"{ref.digest}@{ref.scale:g}" for ref in loras) + f"|from={lora_from:g}"
+    if control is not None:
+        spec += f"|control={control.name}:{control.digest}@{control.scale:g}"
+    return spec
 
 
 def active_from(steps: int, fraction: float) -> int:
@@ -203,3 +214,74 @@ def check_lora_file(data: bytes, targets: Mapping[str, tuple[int, int]], max_byt
     if not 1 <= rank <= max_rank:
         raise InvalidRequest("file", f"rank {rank} is out of range [1, {max_rank}]")
     return LoraFile(tuple(sorted(pairs)), rank, len(data))
+
+
+MIN_CONTROL_SCALE, MAX_CONTROL_SCALE = 0.0, 2.0
+
+
+@dataclass(frozen=True)
+class ControlRef:
+    """A request's ControlNet: a name the GPU workers serve (T2I_CONTROLNETS), its scale,
+    and the digest of its control image (kept in the object store, ``control_key``)."""
+
+    name: str
+    scale: float
+    digest: str = ""
+
+
+def control_key(digest: str) -> str:
+    return f"controls/{digest}.png"
+
+
+def parse_controlnets(spec: str) -> dict[str, str]:
+    """T2I_CONTROLNETS: ``name=path,...`` (names as add-on names; "" for none)."""
+    served: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"{item!r} is not name=path")
+        served[check_name(name.strip(), "T2I_CONTROLNETS")] = path.strip()
+    return served
+
+
+def parse_control(value: Any, width: int, height: int,
+                  served: Mapping[str, str]) -> tuple[ControlRef, bytes]:
+    """A request's ``controlnet``: ``{"name", "image", "scale"}`` with the control image as
+    base64 (a ``data:image/png;base64,`` URL or bare) of the job's own size. Returns the
+    reference and the decoded image's bytes (to store under ``control_key``)."""
+    if not isinstance(value, Mapping):
+        raise InvalidRequest("controlnet", f"must be an object {{name, image, scale}}, got "
+                                           f"{type(value).__name__}")
+    unknown = sorted(str(key) for key in value if key not in ("name", "image", "scale"))
+    if unknown:
+        raise InvalidRequest(f"controlnet.{unknown[0]}", "unknown field (allowed: name, image, "
+                                                         "scale)")
+    name = value.get("name")
+    if name not in served:
+        raise InvalidRequest("controlnet.name", f"{name!r} is not a ControlNet served here "
+                                                f"(served: {', '.join(sorted(served)) or 'none'})")
+    scale = value.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
+            isinstance(scale, int) or math.isfinite(scale)) or \
+            not MIN_CONTROL_SCALE <= scale <= MAX_CONTROL_SCALE:
+        raise InvalidRequest("controlnet.scale", f"{scale!r} is not a number in "
+                                                 f"[{MIN_CONTROL_SCALE:g}, {MAX_CONTROL_SCALE:g}]")
+    image = value.get("image")
+    if not isinstance(image, str):
+        raise InvalidRequest("controlnet.image", "must be a base64 image (PNG or JPEG)")
+    encoded = image.split(",", 1)[1] if image.startswith("data:") else image
+    try:
+        data = base64.b64decode(encoded, validate=True)
+        with Image.open(io.BytesIO(data)) as picture:
+            size, kind = picture.size, picture.format
+            picture.load()
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("controlnet.image", "is not base64") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise InvalidRequest("controlnet.image", "is not a PNG or JPEG image") from None
+    if kind not in ("PNG", "JPEG"):
+        raise InvalidRequest("controlnet.image", f"is {kind}, not PNG or JPEG")
+    if size != (width, height):
+        raise InvalidRequest("controlnet.image", f"is {size[0]}x{size[1]}, the job is "
+                                                 f"{width}x{height}")
+    return ControlRef(str(name), float(scale), hashlib.sha256(data).hexdigest()), data

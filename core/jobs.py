@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from core.addons import LoraRef, parse_loras
+from core.addons import ControlRef, LoraRef, parse_loras
 from core.errors import InvalidRequest, InvalidTransition
 from core.plan import CachePlan, Reason, Route
 from core.webhooks import DEFAULT_EVENTS, Event
@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height",
                   "loras")
-# What a submission may carry: the request, and where to POST the job's events and which
-# (checked by the producer, which hands parse_request the rest).
-SUBMISSION_FIELDS = (*REQUEST_FIELDS, "webhook_url", "webhook_events_filter")
+# What a submission may carry: the request, its ControlNet and control image, and where to
+# POST the job's events and which (checked by the producer, which hands parse_request the
+# rest).
+SUBMISSION_FIELDS = (*REQUEST_FIELDS, "controlnet", "webhook_url", "webhook_events_filter")
 MIN_SIZE = 64
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 50.0
@@ -61,20 +62,26 @@ class JobRequest:
     width: int
     height: int
     loras: tuple[LoraRef, ...] = ()   # adapters applied, in order (core.addons)
+    controlnet: ControlRef | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     def payload(self) -> dict[str, Any]:
         """The request as a submission gives it (what ``parse_request`` checks again):
-        adapters by name and scale, the digests being resolved at submission."""
-        return {**asdict(self), "loras": [{"name": ref.name, "scale": ref.scale}
-                                          for ref in self.loras]}
+        adapters by name and scale, the digests being resolved at submission; its control
+        image was checked then and is not part of it."""
+        values = {**asdict(self), "loras": [{"name": ref.name, "scale": ref.scale}
+                                            for ref in self.loras]}
+        del values["controlnet"]
+        return values
 
     @classmethod
     def from_json(cls, text: str) -> JobRequest:
         values = json.loads(text)
         values["loras"] = tuple(LoraRef(**ref) for ref in values.get("loras", ()))
+        control = values.get("controlnet")
+        values["controlnet"] = ControlRef(**control) if control else None
         return cls(**values)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from core.addons import parse_controlnets
 from core.errors import SettingError
 from core.stepcache import StepCache
 from core.webhooks import parse_allowlist
@@ -254,6 +255,15 @@ class Settings:
                                    check=_positive)
     lora_max_rank: int = _setting("T2I_LORA_MAX_RANK", 128, "highest LoRA rank an upload may "
                                                             "have", check=_positive)
+
+    controlnets: str = _setting("T2I_CONTROLNETS", "auto",
+                                "ControlNets GPU workers serve: name=path,... (diffusers "
+                                "ControlNet directories for the served model), or auto (the "
+                                "scene model's layout ControlNet for scene, else none)",
+                                check=_parses(lambda v: v == "auto" or parse_controlnets(v)))
+    controlnet_parallel: bool = _setting("T2I_CONTROLNET_PARALLEL", True,
+                                         "run a ControlNet on its own thread beside the UNet's "
+                                         "down blocks (1) or before the UNet call (0)")
 
     cache_admit_resumed: bool = _setting("T2I_CACHE_ADMIT_RESUMED", True,
                                          "a job resumed from K keeps its own latents at the K "

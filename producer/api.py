@@ -56,6 +56,14 @@ class LoraUse(BaseModel):
     scale: float = Field(1.0, description="-2 to 2; 1 applies it as trained")
 
 
+class ControlUse(BaseModel):
+    name: str = Field(description="a ControlNet served here (the scene model's: layout)")
+    image: str = Field(description="the control image, PNG or JPEG, base64 (bare or as a "
+                                   "data: URL), of the job's width x height; the body's "
+                                   "64 KiB limit applies")
+    scale: float = Field(1.0, description="0 to 2")
+
+
 class JobSubmission(BaseModel):
     """The body of POST /v1/jobs (documentation: the API validates with core.jobs, which
     names the bad field and value in its 422)."""
@@ -74,6 +82,8 @@ class JobSubmission(BaseModel):
                           "most one pending at a time), completed; default [completed]")
     loras: list[LoraUse] | None = Field(None, description="LoRAs to apply, in order (at most "
                                         "3), by the names uploaded to /v1/loras")
+    controlnet: ControlUse | None = Field(None, description="a ControlNet the workers serve "
+                                          "(T2I_CONTROLNETS) and its control image")
 
 
 class LoraView(BaseModel):

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from core.addons import control_key, parse_control
 from core.errors import (
     BrokerUnavailable,
     DeliveryFailed,
@@ -31,6 +32,7 @@ from core.settings import Settings, load_settings
 from core.webhooks import AddressPolicy, parse_allowlist, parse_events, parse_target
 from producer.addons import LoraRegistry
 from workers.app import TRIAGE_TASK, WEBHOOK_TASK, enqueue, make_app
+from workers.builtin_models import served_controlnets
 from workers.webhooks import resolve_host
 
 DEFAULT_TENANT = "default"
@@ -114,9 +116,16 @@ class Client:
         params = dict(payload)
         webhook_url = params.pop("webhook_url", None)
         events_filter = params.pop("webhook_events_filter", None)
+        control = params.pop("controlnet", None)
         request = parse_request(params, self.limits, random_seed=secrets.randbelow(2**32))
         if request.loras:
             request = dataclasses.replace(request, loras=self.loras.resolve(request.loras))
+        if control is not None:
+            ref, image = parse_control(control, request.width, request.height,
+                                       served_controlnets(self.settings.controlnets,
+                                                          self.settings.model))
+            self.objects.put(control_key(ref.digest), image)
+            request = dataclasses.replace(request, controlnet=ref)
         hook = "" if webhook_url is None else self._allowed_webhook(webhook_url)
         events = "" if events_filter is None else ",".join(parse_events(events_filter))
         if events and not hook:
@@ -128,7 +137,7 @@ class Client:
                 raise InvalidRequest("Idempotency-Key", f"{idempotency_key!r} must be 1 to 128 "
                                      "printable ASCII characters without spaces")
             idempotency = (f"{self.tenant}:{idempotency_key}",
-                           _fingerprint({"webhook_url": webhook_url,
+                           _fingerprint({"webhook_url": webhook_url, "controlnet": control,
                                          "webhook_events_filter": events_filter, **params}))
         job_id = uuid.uuid4().hex
         holder = self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,

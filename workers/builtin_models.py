@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cachemgr.ktable import KTable
+from core.addons import parse_controlnets
 from core.stepcache import StepCache
 
 # The scene-world model, trained here by quality.world_model and committed (fp16, ~4 MB).
@@ -181,6 +182,16 @@ def cache_step_cache(setting: str, table: KTable) -> StepCache:
     scene model's tables name deepcache:3:0.2, bench/results/step-cache-profile-scene.json;
     the reference table names none)."""
     return StepCache.parse(table.step_cache if setting == "auto" else setting)
+
+
+def served_controlnets(setting: str, model: str) -> dict[str, str]:
+    """T2I_CONTROLNETS resolved: 'auto' is the layout ControlNet trained for the scene model
+    (quality.controlnet) when serving it, else none."""
+    if setting != "auto":
+        return parse_controlnets(setting)
+    layout = SCENE_MODEL_DIR.parent / "controlnet-layout"
+    return {"layout": str(layout)} if model == "scene" and (layout / "config.json").is_file() \
+        else {}
 
 
 def resolve_model(model: str, models_dir: Path) -> tuple[str, str]:

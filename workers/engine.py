@@ -27,12 +27,20 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from core.addons import active_from
+from core.addons import active_from, control_key
 from core.errors import ModelLoadError, ObjectMissing
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
 from core.stepcache import NO_STEP_CACHE, OFF, StepCache
 from workers.builtin_models import resolve_model
+from workers.controlnet import (
+    ControlBranch,
+    ControlConfig,
+    ControlledRows,
+    Residuals,
+    control_image,
+    load_controlnets,
+)
 from workers.lora import Adapter, AdapterCache, AdapterConfig, LoraLayer, RowAdapters, wait_for
 from workers.step_cache import SplitUNet
 
@@ -92,6 +100,7 @@ class Trajectory:
     loras: tuple[tuple[Future[Adapter], float], ...] = ()   # loading or loaded, with scales
     lora_from: int = 0                # the first step (of the N-step grid) they act at
     adapter_wait_s: float = 0.0
+    control: tuple[str, torch.Tensor, float] | None = None  # ControlNet, image, scale
 
     @property
     def guided(self) -> bool:
@@ -134,7 +143,8 @@ def pick_device(name: str) -> torch.device:
 class Engine:
     def __init__(self, pipe: StableDiffusionPipeline, scheduler: str, device: torch.device,
                  label: str, step_cache: StepCache = NO_STEP_CACHE,
-                 adapters: AdapterConfig | None = None) -> None:
+                 adapters: AdapterConfig | None = None,
+                 controls: ControlConfig | None = None) -> None:
         if scheduler not in SCHEDULERS:
             raise ModelLoadError(f"scheduler {scheduler!r} unknown (choose from {sorted(SCHEDULERS)})")
         self.pipe = pipe.to(device)
@@ -147,13 +157,17 @@ class Engine:
         self.adapters = AdapterCache(adapters.fetch, device, pipe.unet.dtype,
                                      adapters.budget_bytes) if adapters else None
         self.lora_from = adapters.active_from if adapters else 0.0
+        self.controls = controls
+        self.control = ControlBranch(load_controlnets(controls.paths, device, pipe.unet.dtype),
+                                     controls.parallel) if controls else None
         self.split = SplitUNet(pipe.unet, self.lora.narrowed if self.lora else None) \
-            if step_cache.on else None
+            if step_cache.on or self.control else None
 
     @classmethod
     def load(cls, model: str, scheduler: str, device: str, models_dir: Path,
              offline: bool, step_cache: StepCache = NO_STEP_CACHE,
-             adapters: AdapterConfig | None = None) -> Engine:
+             adapters: AdapterConfig | None = None,
+             controls: ControlConfig | None = None) -> Engine:
         """Load ``model``: a built-in name (see builtin_models), a local directory, or a hub id."""
         torch_device = pick_device(device)
         dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
@@ -166,7 +180,7 @@ class Engine:
             raise ModelLoadError(f"cannot load model {model!r}: {exc}") from exc
         log.info("loaded model %s on %s (%s, scheduler %s, step cache %s)", label, torch_device,
                  dtype, scheduler, step_cache.spec)
-        return cls(pipe, scheduler, torch_device, label, step_cache, adapters)
+        return cls(pipe, scheduler, torch_device, label, step_cache, adapters, controls)
 
     @property
     def latent_channels(self) -> int:
@@ -295,7 +309,18 @@ class Engine:
         return Trajectory(request, scheduler, step_kwargs, latents,
                           torch.cat([uncond, cond]) if guided else cond,
                           scheduler.timesteps[start_step:], start_step, on_step, capture_steps,
-                          loras=loras, lora_from=active_from(request.steps, self.lora_from))
+                          loras=loras, lora_from=active_from(request.steps, self.lora_from),
+                          control=self._control(request))
+
+    def _control(self, request: JobRequest) -> tuple[str, torch.Tensor, float] | None:
+        ref = request.controlnet
+        if ref is None:
+            return None
+        if self.controls is None or ref.name not in self.controls.paths:
+            raise ModelLoadError(f"this engine serves no ControlNet {ref.name!r}")
+        image = control_image(self.controls.fetch(control_key(ref.digest)), self.device,
+                              self.pipe.unet.dtype)
+        return ref.name, image, ref.scale
 
     def _row_adapters(self, batch: list[Trajectory]
                       ) -> tuple[list[RowAdapters], dict[int, BaseException]]:
@@ -343,11 +368,12 @@ class Engine:
             inputs.append(trajectory.scheduler.scale_model_input(rows, t))
             timesteps.append(t.reshape(1).to(torch.float32).expand(trajectory.rows))
         text = torch.cat([trajectory.embeddings for trajectory in batch])
-        if self.split is None:
-            noise_pred = self.pipe.unet(torch.cat(inputs), torch.cat(timesteps),
-                                        encoder_hidden_states=text).sample
+        sample, times = torch.cat(inputs), torch.cat(timesteps)
+        residuals = self._residuals(batch, sample, times, text)
+        if self.split is None or (residuals is None and not self.step_cache.on):
+            noise_pred = self.pipe.unet(sample, times, encoder_hidden_states=text).sample
         else:
-            noise_pred = self._cached_step(batch, torch.cat(inputs), torch.cat(timesteps), text)
+            noise_pred = self._cached_step(batch, sample, times, text, residuals)
         stopped: dict[int, BaseException] = {}
         predictions = noise_pred.split([trajectory.rows for trajectory in batch])
         for position, (trajectory, predicted) in enumerate(zip(batch, predictions)):
@@ -369,10 +395,26 @@ class Engine:
                 stopped[position] = exc
         return stopped
 
+    def _residuals(self, batch: list[Trajectory], sample: torch.Tensor, timesteps: torch.Tensor,
+                   text: torch.Tensor) -> Callable[[], Residuals] | None:
+        """The controlled rows' ControlNet residuals, started (None when no row has one)."""
+        controlled: ControlledRows = []
+        row = 0
+        for trajectory in batch:
+            if trajectory.control is not None:
+                name, image, scale = trajectory.control
+                controlled.append((list(range(row, row + trajectory.rows)), name, image, scale))
+            row += trajectory.rows
+        if not controlled or self.control is None:
+            return None
+        return self.control.start(sample, timesteps, text, controlled)
+
     def _cached_step(self, batch: list[Trajectory], sample: torch.Tensor,
-                     timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+                     timesteps: torch.Tensor, text: torch.Tensor,
+                     residuals: Callable[[], Residuals] | None = None) -> torch.Tensor:
         """The UNet call with the step cache: a trajectory at a whole step of its schedule
-        (or without features yet) refreshes its deep features, the others reuse theirs."""
+        (or without features yet) refreshes its deep features, the others reuse theirs;
+        with ControlNet residuals joined (without the step cache every row is whole)."""
         assert self.split is not None
         whole = [t.deep is None or self.step_cache.full(t.start_step + t.done, t.start_step,
                                                         t.request.steps) for t in batch]
@@ -380,7 +422,9 @@ class Engine:
                             device=sample.device)
         cached = [t.deep for t, w in zip(batch, whole) if not w and t.deep is not None]
         noise_pred, deep = self.split(sample, timesteps, text, rows,
-                                      torch.cat(cached) if cached else None)
+                                      torch.cat(cached) if cached else None, residuals)
+        if not self.step_cache.on:
+            return noise_pred
         for trajectory, refreshed, features in zip(batch, whole,
                                                    deep.split([t.rows for t in batch])):
             if refreshed:

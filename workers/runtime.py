@@ -18,7 +18,12 @@ from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, load_settings
 from core.stepcache import StepCache
-from workers.builtin_models import cache_embedder, cache_k_table, cache_step_cache
+from workers.builtin_models import (
+    cache_embedder,
+    cache_k_table,
+    cache_step_cache,
+    served_controlnets,
+)
 
 log = logging.getLogger(__name__)
 clock = time.time
@@ -104,6 +109,7 @@ def engine():
 
 @functools.cache
 def _load_engine():
+    from workers.controlnet import ControlConfig
     from workers.engine import Engine  # torch is imported by GPU workers only
     from workers.lora import AdapterConfig
 
@@ -111,9 +117,12 @@ def _load_engine():
     _limit_torch_threads()
     adapters = AdapterConfig(lambda key: object_store().get(key), config.lora_cache_mb * 2**20,
                              config.lora_from)
+    controlnets = served_controlnets(config.controlnets, config.model)
+    controls = ControlConfig(lambda key: object_store().get(key), controlnets,
+                             config.controlnet_parallel) if controlnets else None
     loaded = Engine.load(config.model, config.scheduler, config.device,
                          config.state_path / "models", config.hf_hub_offline, step_cache(),
-                         adapters)
+                         adapters, controls)
     _publish_lora_targets(loaded.lora.targets if loaded.lora else {})
     if config.gpu_batch == 1:
         return loaded

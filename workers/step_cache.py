@@ -22,6 +22,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from core.errors import ModelLoadError
+from workers.controlnet import Residuals
 
 # Configuration fields whose non-default value adds inputs our forward does not pass.
 _PLAIN = {"class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim_type": None,
@@ -54,11 +55,14 @@ class SplitUNet:
         return block(**inputs)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
-                 whole: torch.Tensor, deep: torch.Tensor | None
+                 whole: torch.Tensor, deep: torch.Tensor | None,
+                 residuals: Callable[[], Residuals] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(noise prediction, deep features) for every row. ``whole`` (bool per row): the
         rows that run the whole UNet; ``deep``: the cached features of the others, in order
-        (None when every row is whole)."""
+        (None when every row is whole). ``residuals``: ControlNet residuals for every row,
+        added to the skip connections and the mid block as diffusers' UNet adds them; asked
+        for only once the down blocks have run, so a ControlNet can run meanwhile."""
         unet = self.unet
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timesteps))
         if unet.time_embed_act is not None:
@@ -71,7 +75,8 @@ class SplitUNet:
         if bool(whole.any()):
             with self.narrow(whole):
                 features = self._deep(hidden[whole], tuple(s[whole] for s in skips),
-                                      emb[whole], text[whole], sample.shape[-2:])
+                                      emb[whole], text[whole], sample.shape[-2:],
+                                      residuals and (lambda: _rows(residuals(), whole)))
         if deep is not None:
             merged = torch.empty((len(whole), *deep.shape[1:]), dtype=deep.dtype,
                                  device=deep.device)
@@ -79,6 +84,8 @@ class SplitUNet:
             if bool(whole.any()):
                 merged[whole] = features
             features = merged
+        if residuals is not None:
+            skips = tuple(s + r for s, r in zip(skips, residuals()[0]))
         hidden = self._block(unet.up_blocks[-1], text, hidden_states=features, temb=emb,
                              res_hidden_states_tuple=skips[:self.skips])
         if unet.conv_norm_out is not None:
@@ -86,18 +93,24 @@ class SplitUNet:
         return unet.conv_out(hidden), features
 
     def _deep(self, hidden: torch.Tensor, skips: tuple[torch.Tensor, ...], emb: torch.Tensor,
-              text: torch.Tensor, size: torch.Size) -> torch.Tensor:
+              text: torch.Tensor, size: torch.Size,
+              residuals: Callable[[], Residuals] | None) -> torch.Tensor:
         """The deep part: down blocks 1.., mid, up blocks ..-2; its output is the last up
         block's input."""
         unet = self.unet
         for block in unet.down_blocks[1:]:
             hidden, res = self._block(block, text, hidden_states=hidden, temb=emb)
             skips += res
+        added = residuals() if residuals is not None else None
+        if added is not None:
+            skips = tuple(s + r for s, r in zip(skips, added[0]))
         if unet.mid_block is not None:
             if getattr(unet.mid_block, "has_cross_attention", False):
                 hidden = unet.mid_block(hidden, emb, encoder_hidden_states=text)
             else:
                 hidden = unet.mid_block(hidden, emb)
+        if added is not None:
+            hidden = hidden + added[1]
         odd_size = any(dim % 2 ** unet.num_upsamplers for dim in size)
         for block in unet.up_blocks[:-1]:
             skips, res = skips[:-len(block.resnets)], skips[-len(block.resnets):]
@@ -105,3 +118,8 @@ class SplitUNet:
                                  res_hidden_states_tuple=res,
                                  upsample_size=skips[-1].shape[2:] if odd_size else None)
         return hidden
+
+
+def _rows(residuals: Residuals, keep: torch.Tensor) -> Residuals:
+    down, mid = residuals
+    return [r[keep] for r in down], mid[keep]

@@ -1,0 +1,137 @@
+"""ControlNets in the engine (the tiny pipeline, in process, CPU): the residuals join the UNet
+exactly as diffusers' UNet joins them, a controlled job shares a batch with plain and other
+controlled jobs without cross-talk, the branch beside the UNet gives the inline result, and
+the step cache runs with it. (The ControlNet is made from the tiny UNet with its zero
+convolutions and control-image encoder randomised, so the image has an effect;
+quality.addons measures the trained one.)"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel
+from PIL import Image
+
+from core.addons import ControlRef, control_key
+from core.jobs import JobRequest
+from core.objectstore import InMemoryObjectStore
+from core.stepcache import NO_STEP_CACHE, StepCache
+from workers.builtin_models import build_tiny_pipeline
+from workers.controlnet import ControlConfig
+from workers.engine import Engine, Generation
+from workers.step_cache import SplitUNet
+
+STEPS = 8
+
+
+def no_op(step: int, total: int) -> None:
+    pass
+
+
+def pixels(generation: Generation) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(generation.image_png)), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(pipe, tmp_path_factory) -> Path:
+    torch.manual_seed(3)
+    controlnet = ControlNetModel.from_unet(pipe.unet,
+                                           conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with torch.no_grad():
+        for zero_conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            zero_conv.weight.normal_(0, 0.5)
+        for conv in controlnet.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("controlnet")
+    controlnet.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store() -> InMemoryObjectStore:
+    return InMemoryObjectStore()
+
+
+def control(store: InMemoryObjectStore, x: int, scale: float = 1.0) -> ControlRef:
+    """A control image: a white square at column ``x`` on black."""
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[20:44, x:x + 24] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    store.put(control_key(digest), buffer.getvalue())
+    return ControlRef("edges", scale, digest)
+
+
+def request(ref: ControlRef | None = None, seed: int = 5) -> JobRequest:
+    return JobRequest("a red fox in the snow", "", STEPS, 7.5, seed, 64, 64, controlnet=ref)
+
+
+def engine(pipe, store, controlnet_dir, parallel: bool = True,
+           step_cache: StepCache = NO_STEP_CACHE) -> Engine:
+    return Engine(pipe, "ddim", torch.device("cpu"), "tiny (test)", step_cache,
+                  controls=ControlConfig(store.get, {"edges": str(controlnet_dir)}, parallel))
+
+
+@torch.inference_mode()
+def test_residuals_join_the_unet_as_diffusers_joins_them(pipe, controlnet_dir):
+    unet = pipe.unet
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    timesteps = torch.tensor([700.0, 300.0])
+    image = torch.rand(2, 3, 64, 64, generator=generator)
+    down, mid = controlnet(sample, timesteps, text, controlnet_cond=image, return_dict=False)
+    expected = unet(sample, timesteps, text, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample
+    got, _ = SplitUNet(unet)(sample, timesteps, text, torch.ones(2, dtype=torch.bool), None,
+                             lambda: (list(down), mid))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, unet(sample, timesteps, text).sample, atol=1e-3)
+
+
+def test_a_controlled_job_follows_its_image(pipe, store, controlnet_dir):
+    served = engine(pipe, store, controlnet_dir)
+    plain = served.generate(request(), no_op)
+    left = served.generate(request(control(store, 4)), no_op)
+    right = served.generate(request(control(store, 36)), no_op)
+    assert np.abs(pixels(left) - pixels(plain)).mean() > 3
+    assert np.abs(pixels(left) - pixels(right)).mean() > 3
+    assert served.generate(request(control(store, 4)), no_op).image_png == left.image_png
+    assert served.generate(request(control(store, 4, scale=0.0)), no_op).image_png == \
+        plain.image_png
+
+
+def test_the_branch_beside_the_unet_gives_the_inline_result(pipe, store, controlnet_dir):
+    inline = engine(pipe, store, controlnet_dir, parallel=False)
+    beside = engine(pipe, store, controlnet_dir, parallel=True)
+    ref = control(store, 20)
+    assert np.abs(pixels(inline.generate(request(ref), no_op))
+                  - pixels(beside.generate(request(ref), no_op))).max() <= 1
+
+
+@pytest.mark.parametrize("step_cache", [NO_STEP_CACHE, StepCache(3)],
+                         ids=["plain", "deepcache:3"])
+def test_controlled_and_plain_jobs_share_a_batch_without_cross_talk(pipe, store, controlnet_dir,
+                                                                    step_cache):
+    served = engine(pipe, store, controlnet_dir, step_cache=step_cache)
+    jobs = [request(control(store, 4)), request(), request(control(store, 36), seed=6),
+            request(control(store, 36, scale=0.5), seed=7)]
+    alone = [served.generate(job, no_op) for job in jobs]
+    batch = [served.begin(job, no_op) for job in jobs]
+    while not batch[0].finished:
+        assert served.advance(batch) == {}
+    for trajectory, single in zip(batch, alone):
+        assert np.abs(pixels(served.finish(trajectory)) - pixels(single)).max() <= 1
