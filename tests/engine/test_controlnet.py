@@ -17,6 +17,7 @@ import torch
 from diffusers import ControlNetModel
 from PIL import Image
 
+from conftest import tiny_controlnet
 from core.addons import ControlRef, control_key
 from core.jobs import JobRequest
 from core.objectstore import InMemoryObjectStore
@@ -44,18 +45,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def controlnet_dir(pipe, tmp_path_factory) -> Path:
-    torch.manual_seed(3)
-    controlnet = ControlNetModel.from_unet(pipe.unet,
-                                           conditioning_embedding_out_channels=(8, 16, 16, 32))
-    with torch.no_grad():
-        for zero_conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-            zero_conv.weight.normal_(0, 0.5)
-        for conv in controlnet.controlnet_cond_embedding.modules():
-            if isinstance(conv, torch.nn.Conv2d):
-                conv.weight.normal_(0, 0.3)
-    path = tmp_path_factory.mktemp("controlnet")
-    controlnet.save_pretrained(path)
-    return path
+    return tiny_controlnet(pipe.unet, tmp_path_factory.mktemp("controlnet"))
 
 
 @pytest.fixture(scope="module")

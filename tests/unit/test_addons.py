@@ -1,18 +1,25 @@
 """Add-on requests and upload checks (core.addons): pure, no torch (the files are built by
-hand in safetensors' layout, as an attacker or a wrong exporter would)."""
+hand in safetensors' layout, as an attacker or a wrong exporter would); control images."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import struct
+from dataclasses import replace
 
 import pytest
+from PIL import Image
 
+from cachemgr.keys import request_partition
 from core.addons import (
     LoraRef,
     active_from,
     check_lora_file,
     lora_key,
+    parse_control,
+    parse_controlnets,
     parse_lora_key,
     parse_loras,
     partition_spec,
@@ -135,10 +142,6 @@ def test_registry_keys_round_trip_and_the_partition_names_content_and_scale():
 
 
 def test_a_lora_jobs_partition_names_when_its_lora_starts_and_a_plain_jobs_does_not():
-    from dataclasses import replace
-
-    from cachemgr.keys import request_partition
-
     styled = JobRequest("a cat", "", 50, 7.5, 1, 512, 512, (LoraRef("ink", 1.0, "d" * 64),))
     plain = replace(styled, loras=())
 
@@ -148,3 +151,47 @@ def test_a_lora_jobs_partition_names_when_its_lora_starts_and_a_plain_jobs_does_
     assert partition(styled, 0.2) != partition(styled, 0.3)
     assert partition(styled, 0.2) != partition(plain, 0.2)
     assert partition(plain, 0.2) == partition(plain, 0.3)
+
+
+def png_base64(width: int, height: int, kind: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buffer, format=kind)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+SERVED = {"layout": "/models/layout"}
+
+
+def test_a_control_image_of_the_jobs_size_is_accepted_with_its_digest():
+    image = png_base64(64, 48)
+    ref, data = parse_control({"name": "layout", "image": f"data:image/png;base64,{image}",
+                               "scale": 0.5}, 64, 48, SERVED)
+    assert (ref.name, ref.scale, len(ref.digest)) == ("layout", 0.5, 64)
+    assert data.startswith(b"\x89PNG")
+    assert parse_control({"name": "layout", "image": png_base64(64, 48, "JPEG")}, 64, 48,
+                         SERVED)[0].scale == 1.0
+
+
+@pytest.mark.parametrize("control, field, says", [
+    ("layout", "controlnet", "must be an object"),
+    ({"name": "depth", "image": png_base64(64, 48)}, "controlnet.name", "served: layout"),
+    ({"name": "layout", "image": png_base64(64, 48), "scale": 3}, "controlnet.scale", "[0, 2]"),
+    ({"name": "layout", "image": png_base64(48, 64)}, "controlnet.image",
+     "is 48x64, the job is 64x48"),
+    ({"name": "layout", "image": "not base64!"}, "controlnet.image", "is not base64"),
+    ({"name": "layout", "image": "aGVsbG8="}, "controlnet.image", "not a PNG or JPEG"),
+    ({"name": "layout", "image": png_base64(64, 48, "GIF")}, "controlnet.image", "is GIF"),
+    ({"name": "layout", "image": 7}, "controlnet.image", "must be a base64 image"),
+    ({"name": "layout", "image": png_base64(64, 48), "mask": 1}, "controlnet.mask", "unknown"),
+])
+def test_bad_controlnet_uses_are_refused_naming_the_field(control, field, says):
+    with pytest.raises(InvalidRequest) as refused:
+        parse_control(control, 64, 48, SERVED)
+    assert refused.value.field == field and says in refused.value.message
+
+
+def test_served_controlnets_parse_as_names_and_paths():
+    assert parse_controlnets("layout=/m/a, depth=/m/b") == {"layout": "/m/a", "depth": "/m/b"}
+    assert parse_controlnets("") == {}
+    with pytest.raises(ValueError, match="not name=path"):
+        parse_controlnets("layout")
