@@ -1,5 +1,5 @@
-"""LoRA serving measured in process: naive against this design, on one mixed trace, side by
-side in alternating rounds; and what an adapter costs cold, warm and swapped.
+"""Add-on serving measured in process: naive against this design, on one mixed trace, side
+by side in alternating rounds; and what an adapter and a ControlNet cost.
 
     python -m bench.addons --jobs 48 --rounds 2
 
@@ -7,26 +7,32 @@ Arms (the same jobs and arrival times for each):
 
 - naive: what loading an adapter per request does (diffusers' load_lora_weights then
   fuse_lora): per LoRA job, fetch the file, parse it, merge it into the UNet's weights, run,
-  take it out again; one job at a time (merged weights serve one adapter);
-- resident: GPU workers' way (workers.lora): adapters kept resident (LRU), applied per row
-  by hooks, a missing one fetched in the background while the job's first T2I_LORA_FROM of
-  steps run; batch 1;
-- resident, batch B: the same behind the step-level batcher, jobs with different adapters
-  (or none) in one UNet call.
+  take it out again; one job at a time (merged weights serve one adapter); a ControlNet runs
+  inline, before each UNet call;
+- resident: GPU workers' way (workers.lora, workers.controlnet): adapters kept resident
+  (LRU), applied per row by hooks, a missing one fetched in the background while the job's
+  first T2I_LORA_FROM of steps run; the ControlNet on its own thread beside the UNet's down
+  blocks; batch 1;
+- resident, batch B: the same behind the step-level batcher, jobs with different adapters,
+  control images (or none) in one UNet call.
 
 The trace: the toy trace's prompts, --lora-share of jobs carrying one LoRA drawn from
 --adapters adapters with Zipf(--zipf) popularity (random weights of --rank on the served
 model's attention layers: cost depends on size, not on what was learnt; quality.addons
-measures the trained ones). Adapter files live on a real S3 server (SeaweedFS, started here
-on free ports in a temporary directory) and each arm starts with none resident. Arrivals
-are Poisson at each of --loads times the naive arm's measured capacity. Equal images: at
-T2I_LORA_FROM=0 the resident arm's images are compared with the naive arm's.
+measures the trained ones), and, drawn independently, --control-share with the scene
+model's layout ControlNet and one of 8 layout maps. Adapter files and control images live
+on a real S3 server (SeaweedFS, started here on free ports in a temporary directory) and
+each arm starts with no adapter resident. Arrivals are Poisson at each of --loads times the
+naive arm's measured capacity. Equal images: at T2I_LORA_FROM=0 the resident arm's images
+are compared with the naive arm's.
 
 Adapter costs (--cost-models: 'scene', and 'sd15' for SD 1.5's UNet architecture with a
 rank-64 adapter, the common size): cold load (S3 fetch and parse), warm (resident), the
 naive swap (merge one adapter out and another in), and a UNet call (2 rows) with the hooks
 idle, with one adapter on both rows, with two adapters (one per row) and with the adapter
-merged, each over the call before any hook was installed.
+merged, each over the call before any hook was installed; and a UNet call with a ControlNet
+(the scene model's trained one; SD 1.5's shape with random weights) inline and beside the
+UNet, over the call without, with inline also given twice the torch threads.
 Writes OUT.json and OUT.png.
 """
 
@@ -38,6 +44,7 @@ import hashlib
 import io
 import json
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -53,16 +60,21 @@ from PIL import Image
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
-from core.addons import LoraRef, blob_key
+from core.addons import ControlRef, LoraRef, blob_key, control_key
 from core.jobs import JobRequest
 from core.objectstore import ObjectStore
 from core.settings import Settings, ensure_secrets, load_settings
 from infra import servers
+from quality.controlnet import SCENE_CONTROLNET_DIR, layout_map
+from quality.placement import png
+from quality.scenes import sample_scene
 from quality.toy_trace import Behaviour, toy_trace
 from workers.batcher import BatchingEngine
 from workers.builtin_models import SCENE_MODEL_DIR, SD15_UNET
+from workers.controlnet import ControlBranch, ControlConfig, ControlledRows
 from workers.engine import Engine
 from workers.lora import AdapterCache, AdapterConfig, LoraLayer, lora_targets, merged, parse_adapter
+from workers.step_cache import SplitUNet
 
 
 def quiet(step: int, total: int) -> None:
@@ -78,7 +90,10 @@ def adapter_file(targets: dict[str, tuple[int, int]], rank: int, seed: int) -> b
 
 
 def workload(count: int, steps: int, size: int, refs: list[LoraRef], share: float,
-             zipf: float, seed: int) -> list[JobRequest]:
+             zipf: float, controls: list[ControlRef], control_share: float,
+             seed: int) -> list[JobRequest]:
+    """The toy trace's prompts; a LoRA (Zipf popularity) on ``share`` of the jobs and, drawn
+    independently, a ControlNet image on ``control_share``."""
     rows = toy_trace(count, users=4, behaviour=Behaviour(), guidance=4.0, seed=seed)
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, len(refs) + 1) ** zipf
@@ -86,13 +101,16 @@ def workload(count: int, steps: int, size: int, refs: list[LoraRef], share: floa
     jobs = []
     for row in rows:
         loras = (refs[rng.choice(len(refs), p=weights)],) if rng.random() < share else ()
+        control = controls[rng.integers(len(controls))] if rng.random() < control_share \
+            else None
         jobs.append(JobRequest(str(row["prompt"]), "", steps, 4.0, int(str(row["seed"])), size,
-                               size, loras))
+                               size, loras, control))
     return jobs
 
 
 def naive_job(engine: Engine, objects: ObjectStore, request: JobRequest) -> bytes:
-    """Fetch, parse and merge the job's adapters, run it, take them out."""
+    """Fetch, parse and merge the job's adapters, run it (its ControlNet inline, as the
+    engine given runs it), take them out."""
     adapters = tuple((parse_adapter(ref.digest, objects.get(blob_key(ref.digest)),
                                     engine.device, engine.pipe.unet.dtype), ref.scale)
                      for ref in request.loras)
@@ -148,16 +166,27 @@ def median_s(call: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
-def adapter_costs(model: str, objects: ObjectStore, repeats: int) -> dict[str, Any]:
+def cost_unet(model: str) -> tuple[Any, int, int]:
+    """(the UNet, its latent side, the pixel side) of a --cost-models name."""
     from diffusers import UNet2DConditionModel
 
     if model == "scene":
-        unet, side, rank = UNet2DConditionModel.from_pretrained(SCENE_MODEL_DIR / "unet"), 16, 8
-    else:
-        torch.manual_seed(0)
-        unet, side, rank = UNet2DConditionModel(in_channels=4, out_channels=4, **SD15_UNET), 64, 64
-    unet = unet.eval().float()
+        return UNet2DConditionModel.from_pretrained(SCENE_MODEL_DIR / "unet").eval().float(), 16, 64
+    torch.manual_seed(0)
+    return UNet2DConditionModel(in_channels=4, out_channels=4, **SD15_UNET).eval(), 64, 512
+
+
+def probe(unet: Any, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A guided job's two rows at mid schedule: (sample, timesteps, text)."""
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 4, side, side, generator=generator), torch.tensor([500.0, 500.0]),
+            torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator))
+
+
+@torch.inference_mode()
+def adapter_costs(model: str, objects: ObjectStore, repeats: int) -> dict[str, Any]:
+    unet, side, _ = cost_unet(model)
+    rank = 8 if model == "scene" else 64
     files = [adapter_file(lora_targets(unet), rank, seed) for seed in (1, 2)]
     digests = [hashlib.sha256(data).hexdigest() for data in files]
     for digest, data in zip(digests, files):
@@ -180,10 +209,7 @@ def adapter_costs(model: str, objects: ObjectStore, repeats: int) -> dict[str, A
         with merged(unet, ((second, 1.0),)):
             pass
 
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, side, side, generator=generator)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
-    timesteps = torch.tensor([500.0, 500.0])
+    sample, timesteps, text = probe(unet, side)
 
     def call() -> Any:
         return unet(sample, timesteps, encoder_hidden_states=text).sample
@@ -219,6 +245,51 @@ def adapter_costs(model: str, objects: ObjectStore, repeats: int) -> dict[str, A
     return row
 
 
+@torch.inference_mode()
+def control_costs(model: str, repeats: int) -> dict[str, Any]:
+    """A UNet call (2 rows) with a ControlNet inline and beside the UNet, over the call
+    without; inline also with twice the torch threads (what the beside thread adds)."""
+    from diffusers import ControlNetModel
+
+    unet, side, pixels_side = cost_unet(model)
+    controlnet = ControlNetModel.from_pretrained(SCENE_CONTROLNET_DIR) if model == "scene" \
+        else ControlNetModel.from_unet(unet)   # SD 1.5's shape, random weights: its cost
+    controlnet = controlnet.eval().float()
+    split = SplitUNet(unet)
+    sample, timesteps, text = probe(unet, side)
+    image = torch.rand(1, 3, pixels_side, pixels_side, generator=torch.Generator().manual_seed(1))
+    controlled: ControlledRows = [([0, 1], "c", image, 1.0)]
+    whole = torch.ones(2, dtype=torch.bool)
+    inline, beside = ControlBranch({"c": controlnet}, False), ControlBranch({"c": controlnet}, True)
+
+    def plain() -> Any:
+        return split(sample, timesteps, text, whole, None)
+
+    def run(branch: ControlBranch) -> Callable[[], Any]:
+        return lambda: split(sample, timesteps, text, whole, None,
+                             branch.start(sample, timesteps, text, controlled))
+
+    plain()
+    plain_s = median_s(plain, repeats)
+    threads = torch.get_num_threads()
+    row = {"model": model, "latent": [side, side], "rows": 2, "torch_threads": threads,
+           "controlnet_parameters_m": round(sum(p.numel() for p in controlnet.parameters()) / 1e6,
+                                            1),
+           "unet_call_ms": round(1e3 * plain_s, 2),
+           "inline_over_plain": round(median_s(run(inline), repeats) / plain_s, 4),
+           "beside_over_plain": round(median_s(run(beside), repeats) / plain_s, 4)}
+    torch.set_num_threads(2 * threads)
+    try:
+        plain_wide_s = median_s(plain, repeats)
+        row["inline_with_twice_the_threads_over_plain"] = round(
+            median_s(run(inline), repeats) / plain_s, 4)
+        row["plain_with_twice_the_threads_over_plain"] = round(plain_wide_s / plain_s, 4)
+    finally:
+        torch.set_num_threads(threads)
+    beside.close()
+    return row
+
+
 def s3_settings(state_dir: Path) -> Settings:
     return ensure_secrets(dataclasses.replace(
         load_settings({}, read_secrets=False), state_dir=str(state_dir), s3_bucket="bench-addons",
@@ -242,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8, help="their rank")
     parser.add_argument("--lora-share", type=float, default=0.7, help="jobs with a LoRA")
     parser.add_argument("--zipf", type=float, default=1.1, help="popularity skew")
+    parser.add_argument("--control-share", type=float, default=0.2,
+                        help="jobs with a ControlNet (layout maps of scene-world scenes)")
+    parser.add_argument("--controlnet", default=str(SCENE_CONTROLNET_DIR),
+                        help="the ControlNet the trace uses (the scene model's layout one)")
     parser.add_argument("--lora-from", type=float, default=load_settings({}).lora_from,
                         help="T2I_LORA_FROM of the resident arms")
     parser.add_argument("--batch", type=int, default=8, help="the batching arm's batch")
@@ -278,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"load {load}x {arm:20s}: {cell['throughput_jobs_s']:.2f} jobs/s, latency "
                   f"mean {cell['latency_mean_s']:.2f} p50 {cell['latency_p50_s']:.2f} "
                   f"p99 {cell['latency_p99_s']:.2f} s")
-    for row in result["adapter_costs"]:
+    for row in result["adapter_costs"] + result["controlnet_costs"]:
         print(json.dumps(row))
     print(f"images, resident at T2I_LORA_FROM=0 vs naive: max pixel difference "
           f"{result['equal_images']['max_pixel_difference']}; written {out.with_suffix('.json')}")
@@ -287,13 +362,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(args: argparse.Namespace, objects: ObjectStore) -> dict[str, Any]:
     objects.ensure_bucket()
+    cost_models = [m for m in args.cost_models.split(",") if m]
     costs = [adapter_costs(model, objects, args.repeats)
-             for model in tqdm([m for m in args.cost_models.split(",") if m],
-                               desc="adapter costs")]
+             for model in tqdm(cost_models, desc="adapter costs")]
+    control = [control_costs(model, args.repeats)
+               for model in tqdm(cost_models, desc="ControlNet costs")]
     models = load_settings().state_path / "models"
-    plain = Engine.load(args.model, "ddim", "cpu", models, True)
+    served = {"layout": args.controlnet}
+    plain = Engine.load(args.model, "ddim", "cpu", models, True,
+                        controls=ControlConfig(objects.get, served, parallel=False))
     design = Engine(plain.pipe, "ddim", plain.device, plain.label,
-                    adapters=AdapterConfig(objects.get, 2**30, args.lora_from))
+                    adapters=AdapterConfig(objects.get, 2**30, args.lora_from),
+                    controls=ControlConfig(objects.get, served, parallel=True))
+    controls = []
+    for index in range(8):
+        scene = sample_scene(random.Random(index))
+        layout = png(layout_map(scene, index))
+        digest = hashlib.sha256(layout).hexdigest()
+        objects.put(control_key(digest), layout)
+        controls.append(ControlRef("layout", 1.0, digest))
     refs = []
     for index in range(args.adapters):
         data = adapter_file(lora_targets(plain.pipe.unet), args.rank, 100 + index)
@@ -301,13 +388,13 @@ def measure(args: argparse.Namespace, objects: ObjectStore) -> dict[str, Any]:
         objects.put(blob_key(digest), data)
         refs.append(LoraRef(f"style-{index}", 1.0, digest))
     jobs = workload(args.jobs, args.steps, args.size, refs, args.lora_share, args.zipf,
-                    args.seed)
-    probe = jobs[:8]
+                    controls, args.control_share, args.seed)
+    probes = jobs[:8]
     begun = time.perf_counter()
-    naive_images = [naive_job(plain, objects, request) for request in probe]
-    capacity = len(probe) / (time.perf_counter() - begun)
+    naive_images = [naive_job(plain, objects, request) for request in probes]
+    capacity = len(probes) / (time.perf_counter() - begun)
     design.lora_from = 0.0
-    same = [design.generate(request, quiet).image_png for request in probe]
+    same = [design.generate(request, quiet).image_png for request in probes]
     design.lora_from = args.lora_from
     difference = max(int(np.abs(pixels(a) - pixels(b)).max()) for a, b in zip(naive_images, same))
     arms = [("naive", 1), ("resident", 1), (f"resident, batch {args.batch}", args.batch)]
@@ -348,8 +435,10 @@ def measure(args: argparse.Namespace, objects: ObjectStore) -> dict[str, Any]:
             "lora_jobs": sum(bool(j.loras) for j in jobs), "adapters": args.adapters,
             "rank": args.rank, "zipf": args.zipf, "lora_from": args.lora_from,
             "naive_capacity_jobs_s": capacity, "loads": loads, "rounds": args.rounds,
-            "equal_images": {"jobs": len(probe), "max_pixel_difference": difference},
-            "adapter_costs": costs, "by_load": by_load, "ratios_by_load": ratios, "rows": rows}
+            "equal_images": {"jobs": len(probes), "max_pixel_difference": difference},
+            "control_jobs": sum(j.controlnet is not None for j in jobs),
+            "adapter_costs": costs, "controlnet_costs": control, "by_load": by_load,
+            "ratios_by_load": ratios, "rows": rows}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -373,7 +462,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axis.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
     figure.suptitle(f"{result['model']}: {result['jobs']} jobs, {result['lora_jobs']} with a "
-                    f"LoRA of {result['adapters']}; {result['machine']}", fontsize=8)
+                    f"LoRA of {result['adapters']}, {result['control_jobs']} with a ControlNet; "
+                    f"{result['machine']}", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
