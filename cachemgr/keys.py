@@ -42,7 +42,7 @@ def request_partition(model: str, scheduler: str, step_cache: str, request: JobR
     a LoRA job's also names T2I_LORA_FROM, which changes its latents."""
     return partition_key(model, scheduler, step_cache, request.steps, request.width,
                          request.height, request.guidance, cache_scope(tenant, shared),
-                         partition_spec(request.loras, lora_from))
+                         partition_spec(request.loras, lora_from, request.controlnet))
 
 
 def identical_key(partition: str, request: JobRequest) -> str:
