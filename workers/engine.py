@@ -4,8 +4,10 @@ We run the loop ourselves (prompt encoding, UNet, scheduler step, VAE decode all
 diffusers) because approximate caching needs control the stock pipeline call does not give:
 capture the latent after chosen steps, resume from step K on the original N-step grid, count
 UNet calls, stop at the next step when a job is cancelled, give a resumed job whose seed
-differs from the cached latent's its own picture (``Reseed``), and let steps reuse the deep
-features of an earlier step of the same job (the step cache, ``core.stepcache``).
+differs from the cached latent's its own picture (``Reseed``), let steps reuse the deep
+features of an earlier step of the same job (the step cache, ``core.stepcache``), and give
+each job of a batched UNet call its own LoRAs and ControlNet (``workers.lora``,
+``workers.controlnet``).
 """
 
 from __future__ import annotations
