@@ -28,17 +28,20 @@ are compared with the naive arm's.
 
 Adapter costs (--cost-models: 'scene', and 'sd15' for SD 1.5's UNet architecture with a
 rank-64 adapter, the common size): cold load (S3 fetch and parse), warm (resident), the
-naive swap (merge one adapter out and another in), and a UNet call (2 rows) with the hooks
-idle, with one adapter on both rows, with two adapters (one per row) and with the adapter
-merged, each over the call before any hook was installed; and a UNet call with a ControlNet
+naive swap (merge one adapter out and another in; a merged call does the plain call's
+arithmetic), and a UNet call (2 rows) with the hooks idle, with one adapter on both rows and
+with two adapters (one per row), over the same call on an unhooked copy of the UNet; and a
+UNet call with a ControlNet
 (the scene model's trained one; SD 1.5's shape with random weights) inline and beside the
-UNet, over the call without, with inline also given twice the torch threads.
+UNet, over the call without, with inline also given twice the torch threads. Costs are timed
+round-robin (--repeats rounds), so drift falls on every variant alike.
 Writes OUT.json and OUT.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import io
@@ -157,15 +160,6 @@ def run_arm(arm: str, plain: Engine, design: Engine, objects: ObjectStore, batch
             "images": images}
 
 
-def median_s(call: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def cost_unet(model: str) -> tuple[Any, int, int]:
     """(the UNet, its latent side, the pixel side) of a --cost-models name."""
     from diffusers import UNet2DConditionModel
@@ -181,6 +175,19 @@ def probe(unet: Any, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     generator = torch.Generator().manual_seed(0)
     return (torch.randn(2, 4, side, side, generator=generator), torch.tensor([500.0, 500.0]),
             torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator))
+
+
+def interleaved_s(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """The median seconds of each call, timed round-robin (one of each per round, after one
+    untimed round), so the machine's drift falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_number in range(repeats + 1):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            if round_number:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 @torch.inference_mode()
@@ -209,46 +216,38 @@ def adapter_costs(model: str, objects: ObjectStore, repeats: int) -> dict[str, A
         with merged(unet, ((second, 1.0),)):
             pass
 
+    loads = interleaved_s({"cold": cold, "warm": lambda: warm_cache.load(digests[0]).result(),
+                           "swap": swap}, repeats)
+    warm_cache.close()
     sample, timesteps, text = probe(unet, side)
-
-    def call() -> Any:
-        return unet(sample, timesteps, encoder_hidden_states=text).sample
-
-    call()   # warm up
-    plain_s = median_s(call, repeats)
-    with merged(unet, ((first, 1.0),)):
-        merged_s = median_s(call, repeats)
-    row = {"model": model, "rank": rank, "adapted_layers": len(first.pairs),
-           "file_mb": round(len(files[0]) / 2**20, 3), "latent": [side, side], "rows": 2,
-           "cold_load_ms": round(1e3 * median_s(cold, repeats), 2),
-           "warm_load_ms": round(1e3 * median_s(lambda: warm_cache.load(digests[0]).result(),
-                                                repeats), 4),
-           "naive_swap_ms": round(1e3 * median_s(swap, repeats), 2),
-           "unet_call_ms": round(1e3 * plain_s, 2),
-           "merged_call_over_plain": round(merged_s / plain_s, 4)}
-    layer = LoraLayer(unet)     # from here on every call passes the hooks
+    unhooked = copy.deepcopy(unet)       # the same weights, never hooked: the baseline
+    layer = LoraLayer(unet)
 
     def hooked(rows: list[Any]) -> Callable[[], Any]:
         def run() -> Any:
             with layer.applied(rows):
-                return call()
+                return unet(sample, timesteps, encoder_hidden_states=text).sample
         return run
 
-    row.update({
-        "idle_hooks_over_plain": round(median_s(call, repeats) / plain_s, 4),
-        "hooked_call_over_plain": round(median_s(hooked([((first, 1.0),)] * 2), repeats)
-                                        / plain_s, 4),
-        "hooked_two_adapters_over_plain": round(median_s(hooked([((first, 1.0),),
-                                                                 ((second, 1.0),)]), repeats)
-                                                / plain_s, 4)})
-    warm_cache.close()
-    return row
+    calls = interleaved_s({
+        "plain": lambda: unhooked(sample, timesteps, encoder_hidden_states=text).sample,
+        "idle": hooked([]), "one": hooked([((first, 1.0),)] * 2),
+        "two": hooked([((first, 1.0),), ((second, 1.0),)])}, repeats)
+    return {"model": model, "rank": rank, "adapted_layers": len(first.pairs),
+            "file_mb": round(len(files[0]) / 2**20, 3), "latent": [side, side], "rows": 2,
+            "cold_load_ms": round(1e3 * loads["cold"], 2),
+            "warm_load_ms": round(1e3 * loads["warm"], 4),
+            "naive_swap_ms": round(1e3 * loads["swap"], 2),
+            "unet_call_ms": round(1e3 * calls["plain"], 2),
+            "idle_hooks_over_plain": round(calls["idle"] / calls["plain"], 4),
+            "hooked_call_over_plain": round(calls["one"] / calls["plain"], 4),
+            "hooked_two_adapters_over_plain": round(calls["two"] / calls["plain"], 4)}
 
 
 @torch.inference_mode()
 def control_costs(model: str, repeats: int) -> dict[str, Any]:
     """A UNet call (2 rows) with a ControlNet inline and beside the UNet, over the call
-    without; inline also with twice the torch threads (what the beside thread adds)."""
+    without; inline also with twice the torch threads (the cores the beside thread uses)."""
     from diffusers import ControlNetModel
 
     unet, side, pixels_side = cost_unet(model)
@@ -269,25 +268,24 @@ def control_costs(model: str, repeats: int) -> dict[str, Any]:
         return lambda: split(sample, timesteps, text, whole, None,
                              branch.start(sample, timesteps, text, controlled))
 
-    plain()
-    plain_s = median_s(plain, repeats)
     threads = torch.get_num_threads()
-    row = {"model": model, "latent": [side, side], "rows": 2, "torch_threads": threads,
-           "controlnet_parameters_m": round(sum(p.numel() for p in controlnet.parameters()) / 1e6,
-                                            1),
-           "unet_call_ms": round(1e3 * plain_s, 2),
-           "inline_over_plain": round(median_s(run(inline), repeats) / plain_s, 4),
-           "beside_over_plain": round(median_s(run(beside), repeats) / plain_s, 4)}
+    narrow = interleaved_s({"plain": plain, "inline": run(inline), "beside": run(beside)},
+                           repeats)
     torch.set_num_threads(2 * threads)
     try:
-        plain_wide_s = median_s(plain, repeats)
-        row["inline_with_twice_the_threads_over_plain"] = round(
-            median_s(run(inline), repeats) / plain_s, 4)
-        row["plain_with_twice_the_threads_over_plain"] = round(plain_wide_s / plain_s, 4)
+        wide = interleaved_s({"plain": plain, "inline": run(inline)}, repeats)
     finally:
         torch.set_num_threads(threads)
     beside.close()
-    return row
+    base = narrow["plain"]
+    return {"model": model, "latent": [side, side], "rows": 2, "torch_threads": threads,
+            "controlnet_parameters_m": round(sum(p.numel() for p in controlnet.parameters())
+                                             / 1e6, 1),
+            "unet_call_ms": round(1e3 * base, 2),
+            "inline_over_plain": round(narrow["inline"] / base, 4),
+            "beside_over_plain": round(narrow["beside"] / base, 4),
+            "plain_with_twice_the_threads_over_plain": round(wide["plain"] / base, 4),
+            "inline_with_twice_the_threads_over_plain": round(wide["inline"] / base, 4)}
 
 
 def s3_settings(state_dir: Path) -> Settings:

@@ -261,9 +261,11 @@ class Settings:
                                 "ControlNet directories for the served model), or auto (the "
                                 "scene model's layout ControlNet for scene, else none)",
                                 check=_parses(lambda v: v == "auto" or parse_controlnets(v)))
-    controlnet_parallel: bool = _setting("T2I_CONTROLNET_PARALLEL", True,
+    controlnet_parallel: bool = _setting("T2I_CONTROLNET_PARALLEL", False,
                                          "run a ControlNet on its own thread beside the UNet's "
-                                         "down blocks (1) or before the UNet call (0)")
+                                         "down blocks (1: pays off when the UNet call leaves "
+                                         "cores idle, e.g. T2I_TORCH_THREADS=1 on a CPU) or "
+                                         "before the UNet call (0)")
 
     cache_admit_resumed: bool = _setting("T2I_CACHE_ADMIT_RESUMED", True,
                                          "a job resumed from K keeps its own latents at the K "

@@ -3,10 +3,14 @@
 SwiftDiffusion (arXiv 2407.02031) runs the ControlNet in parallel with the base UNet rather
 than before it: the UNet's input convolution and down blocks do not need the residuals (they
 join the skip connections and the mid block), so both can run at once and meet before the
-mid block. Here the branch runs on a thread of its own (``parallel``; on a GPU, with one
-CUDA stream per thread, the two overlap on one device), or inline before the UNet call. Rows
-without a ControlNet get zero residuals, so controlled and plain jobs share a batch; each
-row's residuals are scaled by its job's scale.
+mid block. Here the branch runs inline before the UNet call, or (``parallel``) on a thread
+of its own beside the down blocks. Beside pays off only where the UNet leaves compute idle:
+on this 2-core CPU with one torch thread per call it cuts the ControlNet's added time by
+three quarters, while giving both cores to one inline call is faster still
+(bench/results/addons-cpu.json); on a GPU both threads queue on the device's default stream,
+so a stream or a device of its own for the branch (SwiftDiffusion's setting) is what would
+overlap them, and is not built. Rows without a ControlNet get zero residuals, so controlled
+and plain jobs share a batch; each row's residuals are scaled by its job's scale.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class ControlConfig:
 
     fetch: Callable[[str], bytes]
     paths: dict[str, str]
-    parallel: bool = True
+    parallel: bool = False
 
 
 def load_controlnets(paths: dict[str, str], device: torch.device,
