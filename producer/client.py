@@ -120,11 +120,11 @@ class Client:
         request = parse_request(params, self.limits, random_seed=secrets.randbelow(2**32))
         if request.loras:
             request = dataclasses.replace(request, loras=self.loras.resolve(request.loras))
+        image = b""
         if control is not None:
             ref, image = parse_control(control, request.width, request.height,
                                        served_controlnets(self.settings.controlnets,
                                                           self.settings.model))
-            self.objects.put(control_key(ref.digest), image)
             request = dataclasses.replace(request, controlnet=ref)
         hook = "" if webhook_url is None else self._allowed_webhook(webhook_url)
         events = "" if events_filter is None else ",".join(parse_events(events_filter))
@@ -139,6 +139,8 @@ class Client:
             idempotency = (f"{self.tenant}:{idempotency_key}",
                            _fingerprint({"webhook_url": webhook_url, "controlnet": control,
                                          "webhook_events_filter": events_filter, **params}))
+        if request.controlnet is not None:   # kept once the whole submission is valid
+            self.objects.put(control_key(request.controlnet.digest), image)
         job_id = uuid.uuid4().hex
         holder = self.jobs.create(JobRecord(id=job_id, state=JobState.QUEUED, request=request,
                                             model=self.settings.model, submitted_at=time.time(),

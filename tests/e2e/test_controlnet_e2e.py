@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import job_count, private_workers, tiny_controlnet
+from conftest import job_count, private_workers
 from core.errors import InvalidRequest
 from core.settings import Settings
 from producer.client import Client
+from tests.engine.shared import tiny_controlnet
 from workers.builtin_models import build_tiny_pipeline
 
 pytestmark = pytest.mark.e2e

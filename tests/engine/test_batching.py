@@ -4,17 +4,16 @@ UNet call per step, and each comes out as it would alone."""
 
 from __future__ import annotations
 
-import io
 import threading
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from core.errors import JobCancelled
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
+from tests.engine.shared import no_op, pixels
 from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine, Generation, Trajectory
 
@@ -30,14 +29,6 @@ def engine(request) -> Engine:
 def request(prompt: str, seed: int, guidance: float = 7.5) -> JobRequest:
     return JobRequest(prompt=prompt, negative_prompt="", steps=STEPS, guidance=guidance,
                       seed=seed, width=64, height=64)
-
-
-def no_op(step: int, total: int) -> None:
-    pass
-
-
-def pixels(generation: Generation) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(generation.image_png)), dtype=np.int16)
 
 
 def assert_same(batched: Generation, alone: Generation) -> None:

@@ -17,25 +17,17 @@ import torch
 from diffusers import ControlNetModel
 from PIL import Image
 
-from conftest import tiny_controlnet
 from core.addons import ControlRef, control_key
 from core.jobs import JobRequest
 from core.objectstore import InMemoryObjectStore
 from core.stepcache import NO_STEP_CACHE, StepCache
+from tests.engine.shared import no_op, pixels, tiny_controlnet
 from workers.builtin_models import build_tiny_pipeline
 from workers.controlnet import ControlConfig
-from workers.engine import Engine, Generation
+from workers.engine import Engine
 from workers.step_cache import SplitUNet
 
 STEPS = 8
-
-
-def no_op(step: int, total: int) -> None:
-    pass
-
-
-def pixels(generation: Generation) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(generation.image_png)), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

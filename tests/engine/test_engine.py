@@ -7,6 +7,7 @@ import torch
 
 from core.errors import CorruptLatent, JobCancelled
 from core.jobs import JobRequest
+from tests.engine.shared import no_op
 from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
 from workers.latents import decode_latent, encode_latent
@@ -17,10 +18,6 @@ STEPS = 10
 def request(prompt: str = "a red fox in the snow", seed: int = 5) -> JobRequest:
     return JobRequest(prompt=prompt, negative_prompt="", steps=STEPS, guidance=7.5, seed=seed,
                       width=64, height=64)
-
-
-def no_op(step: int, total: int) -> None:
-    pass
 
 
 @pytest.fixture(scope="module", params=["ddim", "euler"])

@@ -7,14 +7,12 @@ matters here is the arithmetic; quality.addons measures trained ones)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import threading
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save as save_safetensors
 
 from core.addons import LoraRef, blob_key, check_lora_file
@@ -22,6 +20,7 @@ from core.errors import ObjectMissing
 from core.jobs import JobRequest
 from core.objectstore import InMemoryObjectStore
 from core.stepcache import StepCache
+from tests.engine.shared import no_op, pixels
 from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine, Generation, Trajectory
 from workers.lora import AdapterConfig, lora_targets, merged, parse_adapter
@@ -47,14 +46,6 @@ def digest(data: bytes) -> str:
 def request(*loras: LoraRef, seed: int = 5) -> JobRequest:
     return JobRequest(prompt="a red fox in the snow", negative_prompt="", steps=STEPS,
                       guidance=7.5, seed=seed, width=64, height=64, loras=loras)
-
-
-def no_op(step: int, total: int) -> None:
-    pass
-
-
-def pixels(generation: Generation) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(generation.image_png)), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 
 from core.jobs import JobRequest
 from core.plan import Reseed, SeedRule
+from tests.engine.shared import no_op
 from workers.builtin_models import build_tiny_pipeline
 from workers.engine import SCHEDULERS, Engine
 
@@ -23,10 +24,6 @@ def request(seed: int) -> JobRequest:
 
 def reseed(rule: SeedRule) -> Reseed:
     return Reseed(rule, SOURCE_SEED, RUN_FROM[rule])
-
-
-def no_op(step: int, total: int) -> None:
-    pass
 
 
 @pytest.fixture(scope="module", params=["ddim", "euler"])

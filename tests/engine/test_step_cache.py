@@ -4,19 +4,18 @@ batched jobs at different steps each keep their own deep features."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from core.errors import JobCancelled, ModelLoadError
 from core.jobs import JobRequest
 from core.stepcache import StepCache
+from tests.engine.shared import no_op, pixels
 from workers.builtin_models import build_tiny_pipeline
-from workers.engine import Engine, Generation
+from workers.engine import Engine
 from workers.step_cache import SplitUNet
 
 STEPS = 10
@@ -26,14 +25,6 @@ def request(prompt: str = "a red fox in the snow", seed: int = 5,
             guidance: float = 7.5) -> JobRequest:
     return JobRequest(prompt=prompt, negative_prompt="", steps=STEPS, guidance=guidance,
                       seed=seed, width=64, height=64)
-
-
-def no_op(step: int, total: int) -> None:
-    pass
-
-
-def pixels(generation: Generation) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(generation.image_png)), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")
