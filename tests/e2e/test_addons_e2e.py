@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
+from cachemgr.catalog import Catalog
 from core.addons import targets_key
 from core.jobs import JobRequest
+from core.jobstore import connect
 from core.objectstore import ObjectStore
 from core.settings import Settings
 from producer.cli import main as cli
@@ -147,6 +149,10 @@ def test_a_lora_job_resumes_the_base_models_latent_up_to_where_its_lora_starts(s
             "height": 64}
     base = finished(api, api.post("/v1/jobs", json=body).json()["id"])
     assert base["state"] == "succeeded"
+    catalog, deadline = Catalog(connect(stack.redis_url)), time.monotonic() + 60
+    while catalog.entry(base["id"]) is None:   # registered by the cache queue's worker
+        assert time.monotonic() < deadline, "the base job's latents were never registered"
+        time.sleep(0.05)
     styled = finished(api, api.post("/v1/jobs", json={
         **body, "loras": [{"name": "late-style"}]}).json()["id"])
     lora_from = round(stack.lora_from * 10)
