@@ -66,23 +66,32 @@ def parse_loras(value: Any) -> tuple[LoraRef, ...]:
     refs: list[LoraRef] = []
     for index, item in enumerate(value):
         field = f"loras[{index}]"
-        if not isinstance(item, Mapping):
-            raise InvalidRequest(field, f"must be an object {{name, scale}}, got "
-                                        f"{type(item).__name__}")
-        unknown = sorted(str(key) for key in item if key not in ("name", "scale"))
-        if unknown:
-            raise InvalidRequest(f"{field}.{unknown[0]}", "unknown field (allowed: name, scale)")
+        item = _object(field, item, ("name", "scale"))
         name = check_name(item.get("name"), f"{field}.name")
-        scale = item.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
-                isinstance(scale, int) or math.isfinite(scale)) or \
-                not MIN_SCALE <= scale <= MAX_SCALE:
-            raise InvalidRequest(f"{field}.scale", f"{scale!r} is not a number in "
-                                                   f"[{MIN_SCALE:g}, {MAX_SCALE:g}]")
+        scale = _scale(f"{field}.scale", item.get("scale", 1.0), MIN_SCALE, MAX_SCALE)
         if any(ref.name == name for ref in refs):
             raise InvalidRequest(f"{field}.name", f"{name!r} is named twice")
-        refs.append(LoraRef(name, float(scale)))
+        refs.append(LoraRef(name, scale))
     return tuple(refs)
+
+
+def _object(field: str, value: Any, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+    """``value`` as an object with only the ``allowed`` keys."""
+    shape = ", ".join(allowed)
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(field, f"must be an object {{{shape}}}, got {type(value).__name__}")
+    unknown = sorted(str(key) for key in value if key not in allowed)
+    if unknown:
+        raise InvalidRequest(f"{field}.{unknown[0]}", f"unknown field (allowed: {shape})")
+    return value
+
+
+def _scale(field: str, value: Any, low: float, high: float) -> float:
+    """A finite number in [low, high] (not a bool), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+        raise InvalidRequest(field, f"{value!r} is not a number in [{low:g}, {high:g}]")
+    return float(value)
 
 
 def lora_prefix(tenant: str) -> str:
@@ -249,39 +258,30 @@ def parse_control(value: Any, width: int, height: int,
     """A request's ``controlnet``: ``{"name", "image", "scale"}`` with the control image as
     base64 (a ``data:image/png;base64,`` URL or bare) of the job's own size. Returns the
     reference and the decoded image's bytes (to store under ``control_key``)."""
-    if not isinstance(value, Mapping):
-        raise InvalidRequest("controlnet", f"must be an object {{name, image, scale}}, got "
-                                           f"{type(value).__name__}")
-    unknown = sorted(str(key) for key in value if key not in ("name", "image", "scale"))
-    if unknown:
-        raise InvalidRequest(f"controlnet.{unknown[0]}", "unknown field (allowed: name, image, "
-                                                         "scale)")
+    value = _object("controlnet", value, ("name", "image", "scale"))
     name = value.get("name")
     if name not in served:
         raise InvalidRequest("controlnet.name", f"{name!r} is not a ControlNet served here "
                                                 f"(served: {', '.join(sorted(served)) or 'none'})")
-    scale = value.get("scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
-            isinstance(scale, int) or math.isfinite(scale)) or \
-            not MIN_CONTROL_SCALE <= scale <= MAX_CONTROL_SCALE:
-        raise InvalidRequest("controlnet.scale", f"{scale!r} is not a number in "
-                                                 f"[{MIN_CONTROL_SCALE:g}, {MAX_CONTROL_SCALE:g}]")
+    scale = _scale("controlnet.scale", value.get("scale", 1.0), MIN_CONTROL_SCALE,
+                   MAX_CONTROL_SCALE)
     image = value.get("image")
     if not isinstance(image, str):
         raise InvalidRequest("controlnet.image", "must be a base64 image (PNG or JPEG)")
     encoded = image.split(",", 1)[1] if image.startswith("data:") else image
     try:
         data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("controlnet.image", "is not base64") from None
+    try:
         with Image.open(io.BytesIO(data)) as picture:
             size, kind = picture.size, picture.format
             picture.load()
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("controlnet.image", "is not base64") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise InvalidRequest("controlnet.image", "is not a PNG or JPEG image") from None
     if kind not in ("PNG", "JPEG"):
         raise InvalidRequest("controlnet.image", f"is {kind}, not PNG or JPEG")
     if size != (width, height):
         raise InvalidRequest("controlnet.image", f"is {size[0]}x{size[1]}, the job is "
                                                  f"{width}x{height}")
-    return ControlRef(str(name), float(scale), hashlib.sha256(data).hexdigest()), data
+    return ControlRef(str(name), scale, hashlib.sha256(data).hexdigest()), data
