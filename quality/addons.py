@@ -38,8 +38,8 @@ from core.settings import load_settings
 from quality import evaluator as evaluation
 from quality.evaluator import png_pixels
 from quality.lora import STYLES
-from quality.reroll import ADHERENCE_TARGET, quiet, ratio, resamples
-from quality.scenes import Scene, adherence, caption, sample_scene
+from quality.reroll import ADHERENCE_TARGET, quiet, ratio, resamples, seed_adherence, seed_reads
+from quality.scenes import Scene, caption, sample_scene
 from quality.step_cache import run_together
 from workers.engine import Engine
 from workers.lora import AdapterConfig
@@ -57,16 +57,6 @@ def images(engine: Engine, prompts: list[str], seeds: int, steps: int, guidance:
         len(prompts), seeds, size, size, 3)
 
 
-def read(judge: evaluation.Evaluator, pictures: np.ndarray,
-         wanted: list[frozenset[str]]) -> np.ndarray:
-    """Per prompt, the mean over seeds of adherence to ``wanted``."""
-    flat = pictures.reshape(-1, *pictures.shape[2:])
-    found = judge.read(evaluation.to_tensor(flat))
-    seeds = pictures.shape[1]
-    return np.array([np.mean([adherence(asked, found[p * seeds + s]) for s in range(seeds)])
-                     for p, asked in enumerate(wanted)])
-
-
 def main(argv: list[str] | None = None) -> int:
     class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
@@ -80,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--froms", default="0,0.1,0.2,0.3,0.4,0.5",
                         help="fractions of the steps run before the LoRA acts")
     parser.add_argument("--scale", type=float, default=1.0, help="LoRA scale")
-    parser.add_argument("--evaluator", default=str(Path.home() / ".cache/t2i/quality/evaluator.pt"),
+    parser.add_argument("--evaluator", default=str(evaluation.DEFAULT_EVALUATOR),
                         help="weights from python -m quality.evaluator")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -116,19 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     scenes: list[Scene] = [sample_scene(rng) for _ in range(args.prompts)]
     prompts = [caption(scene, rng) for scene in scenes]
     draws = resamples(len(prompts), args.bootstrap, args.seed)
-    base = images(engine, prompts, args.seeds, args.steps, args.guidance, args.size, ())
+    base_seen = seed_reads(judge, images(engine, prompts, args.seeds, args.steps,
+                                         args.guidance, args.size, ()))
+    asked_truth = [scene.attributes() for scene in scenes]
     report_rows = []
     for style, ref in refs.items():
         styled_truth = [STYLES[style](scene).attributes() for scene in scenes]
-        asked_truth = [scene.attributes() for scene in scenes]
-        without = {"styled": read(judge, base, styled_truth), "asked": read(judge, base, asked_truth)}
+        without = {"styled": seed_adherence(base_seen, styled_truth, args.seeds),
+                   "asked": seed_adherence(base_seen, asked_truth, args.seeds)}
         measured = {}
         for fraction in froms:
             engine.lora_from = fraction
-            pictures = images(engine, prompts, args.seeds, args.steps, args.guidance,
-                              args.size, (ref,))
-            measured[fraction] = {"styled": read(judge, pictures, styled_truth),
-                                  "asked": read(judge, pictures, asked_truth)}
+            seen = seed_reads(judge, images(engine, prompts, args.seeds, args.steps,
+                                            args.guidance, args.size, (ref,)))
+            measured[fraction] = {"styled": seed_adherence(seen, styled_truth, args.seeds),
+                                  "asked": seed_adherence(seen, asked_truth, args.seeds)}
         for fraction in froms:
             mine = measured[fraction]
             row = {"lora": style, "from": fraction,

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a diffusers model directory")
-    parser.add_argument("--evaluator", default=str(Path.home() / ".cache/t2i/quality/evaluator.pt"),
+    parser.add_argument("--evaluator", default=str(evaluation.DEFAULT_EVALUATOR),
                         help="weights from python -m quality.evaluator")
     parser.add_argument("-n", type=int, default=200, help="held-out scenes")
     parser.add_argument("--steps", type=int, default=25)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from quality.scenes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, render, sample_scene
 
+DEFAULT_EVALUATOR = Path.home() / ".cache/t2i/quality/evaluator.pt"  # where main() writes
 COLOUR_NAMES = list(COLOURS)
 SHAPE_CLASSES = ["none", *SHAPES]   # "none": no object at that position
 SIZE_NAMES = list(SIZES)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--held-out", type=int, default=2000, help="scenes to measure it on")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path.home() / ".cache/t2i/quality/evaluator.pt"),
+    parser.add_argument("--out", default=str(DEFAULT_EVALUATOR),
                         help="where the weights go")
     parser.add_argument("--report", default="", help="also write the accuracy as JSON here")
     args = parser.parse_args(argv)

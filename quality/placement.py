@@ -29,10 +29,9 @@ from core.addons import ControlRef, control_key
 from core.jobs import JobRequest
 from core.settings import load_settings
 from quality import evaluator as evaluation
-from quality.addons import read
 from quality.controlnet import SCENE_CONTROLNET_DIR, layout_map, placement
 from quality.evaluator import png_pixels
-from quality.reroll import quiet, ratio, resamples
+from quality.reroll import quiet, ratio, resamples, seed_adherence, seed_reads
 from quality.scenes import caption, sample_scene
 from quality.step_cache import run_together
 from workers.controlnet import ControlConfig
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--prompts", type=int, default=200, help="scene prompts")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     parser.add_argument("--scale", type=float, default=1.0, help="ControlNet scale")
-    parser.add_argument("--evaluator", default=str(Path.home() / ".cache/t2i/quality/evaluator.pt"),
+    parser.add_argument("--evaluator", default=str(evaluation.DEFAULT_EVALUATOR),
                         help="weights from python -m quality.evaluator")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -99,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         results[arm] = {
             "placement": np.array([np.mean([placement(picture, layout) for picture in row])
                                    for row, layout in zip(pictures, layouts)]),
-            "adherence": read(judge, pictures, [scene.attributes() for scene in scenes])}
+            "adherence": seed_adherence(seed_reads(judge, pictures),
+                                        [scene.attributes() for scene in scenes], args.seeds)}
     draws = resamples(len(prompts), args.bootstrap, args.seed)
     report = {
         "command": " ".join(["python -m quality.placement", *(sys.argv[1:] if argv is None

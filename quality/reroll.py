@@ -122,6 +122,21 @@ def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(axis=(-3, -2, -1)) / 255.0
 
 
+def seed_adherence(found: list[frozenset[str]], asked: list[frozenset[str]],
+                   seeds: int) -> np.ndarray:
+    """Per prompt, the adherence of what the evaluator ``found`` in its ``seeds`` images
+    (prompt-major, as images of prompts x seeds flatten) to its ``asked`` attributes, mean
+    over its seeds."""
+    scores = np.array([adherence(asked[i // seeds], seen) for i, seen in enumerate(found)])
+    return scores.reshape(-1, seeds).mean(1)
+
+
+def seed_reads(judge: evaluation.Evaluator, images: np.ndarray) -> list[frozenset[str]]:
+    """What the evaluator finds in each image of ``images`` (prompts x seeds x H x W x 3),
+    prompt-major."""
+    return judge.read(evaluation.to_tensor(images.reshape(-1, *images.shape[2:])))
+
+
 def seed_measures(judge: evaluation.Evaluator, images: np.ndarray, asked: list[frozenset[str]]
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Per prompt of ``images`` (prompts x seeds x H x W x 3): re-roll diversity (mean
@@ -130,11 +145,9 @@ def seed_measures(judge: evaluation.Evaluator, images: np.ndarray, asked: list[f
     prompts, seeds = images.shape[:2]
     flat = evaluation.to_tensor(images.reshape(-1, *images.shape[2:]))
     features = judge.embed(flat).numpy().reshape(prompts, seeds, -1)
-    found = judge.read(flat)
-    scores = np.array([adherence(asked[i // seeds], seen) for i, seen in enumerate(found)])
     return {"diversity_features": mean_pairwise(features, feature_distance),
             "diversity_pixels": mean_pairwise(images, pixel_distance),
-            "adherence": scores.reshape(prompts, seeds).mean(1)}, features
+            "adherence": seed_adherence(judge.read(flat), asked, seeds)}, features
 
 
 def per_prompt(judge: evaluation.Evaluator, images: np.ndarray, source: np.ndarray,
@@ -232,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="scene", help="a T2I_MODEL value (default: the "
                         "committed scene model)")
     parser.add_argument("--scheduler", default="ddim", choices=["ddim", "euler"])
-    parser.add_argument("--evaluator", default=str(Path.home() / ".cache/t2i/quality/evaluator.pt"),
+    parser.add_argument("--evaluator", default=str(evaluation.DEFAULT_EVALUATOR),
                         help="weights from python -m quality.evaluator")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)

@@ -20,9 +20,8 @@ import torch
 
 from core.errors import ModelLoadError
 from quality import evaluator as evaluation
+from quality.evaluator import DEFAULT_EVALUATOR
 from quality.scenes import adherence, parse_caption
-
-DEFAULT_EVALUATOR = Path.home() / ".cache/t2i/quality/evaluator.pt"
 
 
 class Scorer(Protocol):

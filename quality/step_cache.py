@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="T2I_STEP_CACHE values to profile (off is the baseline)")
     parser.add_argument("--ks", default="5,10,15,20", help="Ks B resumes from (of --steps)")
     parser.add_argument("--model", default="scene", help="a T2I_MODEL value")
-    parser.add_argument("--evaluator", default=str(Path.home() / ".cache/t2i/quality/evaluator.pt"),
+    parser.add_argument("--evaluator", default=str(evaluation.DEFAULT_EVALUATOR),
                         help="weights from python -m quality.evaluator")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
