@@ -44,7 +44,6 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import io
 import json
 import platform
 import random
@@ -59,7 +58,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
@@ -69,6 +67,7 @@ from core.objectstore import ObjectStore
 from core.settings import Settings, ensure_secrets, load_settings
 from infra import servers
 from quality.controlnet import SCENE_CONTROLNET_DIR, layout_map
+from quality.evaluator import png_pixels
 from quality.placement import png
 from quality.scenes import sample_scene
 from quality.toy_trace import Behaviour, toy_trace
@@ -294,10 +293,6 @@ def s3_settings(state_dir: Path) -> Settings:
         s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port()))
 
 
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
-
-
 def main(argv: list[str] | None = None) -> int:
     class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
@@ -394,7 +389,8 @@ def measure(args: argparse.Namespace, objects: ObjectStore) -> dict[str, Any]:
     design.lora_from = 0.0
     same = [design.generate(request, quiet).image_png for request in probes]
     design.lora_from = args.lora_from
-    difference = max(int(np.abs(pixels(a) - pixels(b)).max()) for a, b in zip(naive_images, same))
+    difference = max(int(np.abs(png_pixels(a).astype(np.int16) - png_pixels(b)).max())
+                     for a, b in zip(naive_images, same))
     arms = [("naive", 1), ("resident", 1), (f"resident, batch {args.batch}", args.batch)]
     loads = [float(x) for x in args.loads.split(",")]
     rows = []

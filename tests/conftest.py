@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +129,13 @@ def unet_calls(engine) -> Iterator[list[int]]:
     yield calls
     handle.remove()
 
+
+def finished(http: httpx.Client, job_id: str, timeout: float = 180) -> dict:
+    """Poll a job over the API until it succeeded, failed or was cancelled."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = http.get(f"/v1/jobs/{job_id}").json()
+        if view["state"] in ("succeeded", "failed", "cancelled"):
+            return view
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not finished")

@@ -4,7 +4,6 @@ tenants never see or use each other's adapters, and the CLI manages them over th
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -13,17 +12,17 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save as save_safetensors
 
 from cachemgr.catalog import Catalog
+from conftest import OTHER_KEY, TENANT_KEY, finished, job_count
 from core.addons import targets_key
 from core.jobs import JobRequest
 from core.jobstore import connect
 from core.objectstore import ObjectStore
 from core.settings import Settings
 from producer.cli import main as cli
-from tests.conftest import OTHER_KEY, TENANT_KEY, job_count
+from tests.engine.shared import signed_pixels
 from workers.builtin_models import build_tiny_pipeline
 from workers.engine import Engine
 from workers.lora import AdapterConfig, lora_targets
@@ -50,20 +49,6 @@ def objects(stack: Settings) -> ObjectStore:
     return store
 
 
-def finished(api: httpx.Client, job_id: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view = api.get(f"/v1/jobs/{job_id}").json()
-        if view["state"] in ("succeeded", "failed", "cancelled"):
-            return view
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not finished")
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
-
-
 def test_a_lora_job_makes_the_image_the_engine_makes_with_that_file(stack, api, objects):
     uploaded = api.put("/v1/loras/ink-wash", content=lora(1),
                        headers={"Content-Type": "application/octet-stream"})
@@ -84,13 +69,13 @@ def test_a_lora_job_makes_the_image_the_engine_makes_with_that_file(stack, api, 
     assert styled["request"]["loras"] == [{"name": "ink-wash", "scale": 1.5, "digest": digest}]
     assert styled["timings"]["adapter_wait_ms"] is not None
     styled_png = api.get(f"/v1/jobs/{styled_id}/image").content
-    assert np.abs(pixels(styled_png) - pixels(api.get(f"/v1/jobs/{plain_id}/image").content)
+    assert np.abs(signed_pixels(styled_png) - signed_pixels(api.get(f"/v1/jobs/{plain_id}/image").content)
                   ).max() > 10     # the adapter changed the picture, not only its rounding
     engine = Engine.load(stack.model, stack.scheduler, "cpu", stack.state_path / "models",
                          True, adapters=AdapterConfig(objects.get, 2**30, stack.lora_from))
     request = JobRequest.from_json(json.dumps(styled["request"]))
     expected = engine.generate(request, lambda step, total: None)
-    assert np.abs(pixels(styled_png) - pixels(expected.image_png)).max() <= 1
+    assert np.abs(signed_pixels(styled_png) - signed_pixels(expected.image_png)).max() <= 1
 
 
 def test_bad_lora_uses_are_refused_and_enqueue_nothing(stack, api, objects):

@@ -6,18 +6,16 @@ before anything is enqueued. Real Redis, S3, Chroma and Celery workers, the tiny
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import job_count, private_workers
 from core.errors import InvalidRequest
 from core.settings import Settings
 from producer.client import Client
-from tests.engine.shared import tiny_controlnet
+from tests.engine.shared import signed_pixels, square_png, tiny_controlnet
 from workers.builtin_models import build_tiny_pipeline
 
 pytestmark = pytest.mark.e2e
@@ -35,15 +33,7 @@ def controlled(s3_server: Settings, tmp_path_factory: pytest.TempPathFactory
 
 
 def square_at(x: int, size: int = 64) -> str:
-    image = np.zeros((size, size, 3), dtype=np.uint8)
-    image[20:44, x:x + 24] = 255
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+    return "data:image/png;base64," + base64.b64encode(square_png(x, size)).decode()
 
 
 def test_a_controlled_job_follows_its_image_and_repeats_are_served_from_it(controlled):
@@ -54,7 +44,7 @@ def test_a_controlled_job_follows_its_image_and_repeats_are_served_from_it(contr
     plain = client.wait(client.submit(PROMPT, **params), 180)
     assert left["state"] == plain["state"] == "succeeded", left["error"]
     assert left["request"]["controlnet"]["name"] == "edges"
-    assert np.abs(pixels(client.result(left["id"])) - pixels(client.result(plain["id"]))
+    assert np.abs(signed_pixels(client.result(left["id"])) - signed_pixels(client.result(plain["id"]))
                   ).mean() > 3
     again = client.wait(client.submit(PROMPT, controlnet={"name": "edges",
                                                           "image": square_at(4)}, **params), 180)

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from conftest import OTHER_KEY, TENANT_KEY, job_count
+from conftest import OTHER_KEY, TENANT_KEY, finished, job_count
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 
@@ -22,16 +22,6 @@ def base_url(stack) -> str:
 
 def as_tenant(base_url: str, key: str) -> httpx.Client:
     return httpx.Client(base_url=base_url, timeout=30, headers={"X-API-Key": key})
-
-
-def finished(http: httpx.Client, job_id: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view = http.get(f"/v1/jobs/{job_id}").json()
-        if view["state"] in ("succeeded", "failed", "cancelled"):
-            return view
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not finished")
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "not-a-key-of-anyone-at-all"},

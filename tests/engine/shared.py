@@ -1,14 +1,14 @@
-"""What the engine tests share: a step callback that does nothing, an image's pixels, and a
-ControlNet for the tiny model."""
+"""What the engine and add-on tests share: a step callback that does nothing, an image's
+pixels, a control image, and a ControlNet for the tiny model."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from quality.evaluator import png_pixels
+from quality.placement import png
 from workers.engine import Generation
 
 
@@ -16,9 +16,20 @@ def no_op(step: int, total: int) -> None:
     pass
 
 
+def signed_pixels(image_png: bytes) -> np.ndarray:
+    """A PNG's pixels as signed integers, so differences do not wrap."""
+    return png_pixels(image_png).astype(np.int16)
+
+
 def pixels(generation: Generation) -> np.ndarray:
-    """The image as signed integers, so differences do not wrap."""
-    return np.asarray(Image.open(io.BytesIO(generation.image_png)), dtype=np.int16)
+    return signed_pixels(generation.image_png)
+
+
+def square_png(x: int, size: int = 64) -> bytes:
+    """A control image: a white square at column ``x`` on black."""
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    image[20:44, x:x + 24] = 255
+    return png(image)
 
 
 def tiny_controlnet(unet: object, path: Path) -> Path:

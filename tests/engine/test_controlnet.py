@@ -8,20 +8,18 @@ quality.addons measures the trained one.)"""
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel
-from PIL import Image
 
 from core.addons import ControlRef, control_key
 from core.jobs import JobRequest
 from core.objectstore import InMemoryObjectStore
 from core.stepcache import NO_STEP_CACHE, StepCache
-from tests.engine.shared import no_op, pixels, tiny_controlnet
+from tests.engine.shared import no_op, pixels, square_png, tiny_controlnet
 from workers.builtin_models import build_tiny_pipeline
 from workers.controlnet import ControlConfig
 from workers.engine import Engine
@@ -46,13 +44,10 @@ def store() -> InMemoryObjectStore:
 
 
 def control(store: InMemoryObjectStore, x: int, scale: float = 1.0) -> ControlRef:
-    """A control image: a white square at column ``x`` on black."""
-    image = np.zeros((64, 64, 3), dtype=np.uint8)
-    image[20:44, x:x + 24] = 255
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
-    store.put(control_key(digest), buffer.getvalue())
+    """A white square at column ``x`` on black, stored as a job's control image."""
+    image = square_png(x)
+    digest = hashlib.sha256(image).hexdigest()
+    store.put(control_key(digest), image)
     return ControlRef("edges", scale, digest)
 
 
