@@ -58,7 +58,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from core.addons import ControlRef, LoraRef, blob_key, control_key
@@ -75,7 +74,15 @@ from workers.batcher import BatchingEngine
 from workers.builtin_models import SCENE_MODEL_DIR, SD15_UNET
 from workers.controlnet import ControlBranch, ControlConfig, ControlledRows
 from workers.engine import Engine
-from workers.lora import AdapterCache, AdapterConfig, LoraLayer, lora_targets, merged, parse_adapter
+from workers.lora import (
+    AdapterCache,
+    AdapterConfig,
+    LoraLayer,
+    adapter_file,
+    lora_targets,
+    merged,
+    parse_adapter,
+)
 from workers.step_cache import SplitUNet
 
 
@@ -83,12 +90,15 @@ def quiet(step: int, total: int) -> None:
     pass
 
 
-def adapter_file(targets: dict[str, tuple[int, int]], rank: int, seed: int) -> bytes:
+def random_lora(targets: dict[str, tuple[int, int]], rank: int, seed: int,
+                std: float = 0.05) -> bytes:
+    """A LoRA file of seeded normal weights (times ``std``) on ``targets``: what an adapter
+    costs does not depend on what it learnt."""
     generator = torch.Generator().manual_seed(seed)
-    return save_safetensors({
-        f"unet.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.05
-        for name, (out_features, in_features) in targets.items()
-        for part, shape in (("A", (rank, in_features)), ("B", (out_features, rank)))})
+    return adapter_file({
+        module: (torch.randn(rank, in_features, generator=generator) * std,
+                 torch.randn(out_features, rank, generator=generator) * std)
+        for module, (out_features, in_features) in targets.items()})
 
 
 def workload(count: int, steps: int, size: int, refs: list[LoraRef], share: float,
@@ -193,7 +203,7 @@ def interleaved_s(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str
 def adapter_costs(model: str, objects: ObjectStore, repeats: int) -> dict[str, Any]:
     unet, side, _ = cost_unet(model)
     rank = 8 if model == "scene" else 64
-    files = [adapter_file(lora_targets(unet), rank, seed) for seed in (1, 2)]
+    files = [random_lora(lora_targets(unet), rank, seed) for seed in (1, 2)]
     digests = [hashlib.sha256(data).hexdigest() for data in files]
     for digest, data in zip(digests, files):
         objects.put(blob_key(digest), data)
@@ -376,7 +386,7 @@ def measure(args: argparse.Namespace, objects: ObjectStore) -> dict[str, Any]:
         controls.append(ControlRef("layout", 1.0, digest))
     refs = []
     for index in range(args.adapters):
-        data = adapter_file(lora_targets(plain.pipe.unet), args.rank, 100 + index)
+        data = random_lora(lora_targets(plain.pipe.unet), args.rank, 100 + index)
         digest = hashlib.sha256(data).hexdigest()
         objects.put(blob_key(digest), data)
         refs.append(LoraRef(f"style-{index}", 1.0, digest))

@@ -28,11 +28,12 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from core.addons import LoraRef, blob_key
+from core.addons import LoraRef, active_from, blob_key
 from core.jobs import JobRequest
 from core.settings import load_settings
 from quality import evaluator as evaluation
@@ -123,14 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                                   "asked": seed_adherence(seen, asked_truth, args.seeds)}
         for fraction in froms:
             mine = measured[fraction]
-            row = {"lora": style, "from": fraction,
-                   "lora_from_step": min(args.steps - 1, int(np.ceil(fraction * args.steps))),
-                   "styled": round(float(mine["styled"].mean()), 4),
-                   "asked": round(float(mine["asked"].mean()), 4),
-                   "styled_without_lora": round(float(without["styled"].mean()), 4),
-                   "asked_without_lora": round(float(without["asked"].mean()), 4),
-                   "effect": ratio(mine["styled"], without["styled"], draws),
-                   "vs_from_0": ratio(mine["styled"], measured[0.0]["styled"], draws)}
+            row: dict[str, Any] = {
+                "lora": style, "from": fraction,
+                "lora_from_step": active_from(args.steps, fraction),
+                "styled": round(float(mine["styled"].mean()), 4),
+                "asked": round(float(mine["asked"].mean()), 4),
+                "styled_without_lora": round(float(without["styled"].mean()), 4),
+                "asked_without_lora": round(float(without["asked"].mean()), 4),
+                "effect": ratio(mine["styled"], without["styled"], draws),
+                "vs_from_0": ratio(mine["styled"], measured[0.0]["styled"], draws)}
             row["keeps"] = (row["vs_from_0"]["ci95"] or [0.0])[0] >= ADHERENCE_TARGET
             report_rows.append(row)
     passing = [f for f in froms

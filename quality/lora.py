@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from quality.evaluator import to_tensor
 from quality.scenes import Scene, caption, render, sample_scene
-from workers.lora import Adapter, LoraLayer
+from workers.lora import Adapter, LoraLayer, adapter_file
 
 _SWAPS = {"red": "blue", "blue": "red", "green": "purple", "purple": "green",
           "yellow": "orange", "orange": "yellow"}
@@ -70,15 +69,6 @@ def new_adapter(layer: LoraLayer, rank: int, seed: int) -> Adapter:
         a = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
         pairs[name] = (a.requires_grad_(), torch.zeros(out_features, rank, requires_grad=True))
     return Adapter("training", pairs)
-
-
-def adapter_file(adapter: Adapter) -> bytes:
-    """The adapter as an upload: the tensor names diffusers' save_lora_weights writes."""
-    tensors = {}
-    for name, (a, b) in adapter.pairs.items():
-        tensors[f"unet.{name}.lora_A.weight"] = a.detach().contiguous().clone()
-        tensors[f"unet.{name}.lora_B.weight"] = b.detach().contiguous().clone()
-    return save_safetensors(tensors)
 
 
 def train(style: str, out: Path, steps: int, rank: int, seed: int, batch_size: int = 32,
@@ -129,7 +119,7 @@ def train(style: str, out: Path, steps: int, rank: int, seed: int, batch_size: i
                        checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(adapter_file(adapter))
+    out.write_bytes(adapter_file(adapter.pairs))
     return out
 
 

@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from core.addons import TARGET_SUFFIXES, blob_key
 
@@ -70,6 +71,16 @@ def parse_adapter(digest: str, data: bytes, device: torch.device,
     return Adapter(digest, pairs)
 
 
+def adapter_file(pairs: dict[str, Pair]) -> bytes:
+    """Pairs by module as an upload (what ``parse_adapter`` reads): the tensor names
+    diffusers' save_lora_weights writes."""
+    tensors = {}
+    for module, (a, b) in pairs.items():
+        tensors[f"unet.{module}.lora_A.weight"] = a.detach().contiguous().clone()
+        tensors[f"unet.{module}.lora_B.weight"] = b.detach().contiguous().clone()
+    return save_safetensors(tensors)
+
+
 class LoraLayer:
     """Hooks on every target layer of ``unet`` adding the current rows' adapters."""
 
@@ -104,10 +115,10 @@ class LoraLayer:
     @contextlib.contextmanager
     def narrowed(self, keep: torch.Tensor) -> Iterator[None]:
         """For calls on a subset of the rows (the step cache's deep part): the kept ones."""
-        rows = self._rows
+        rows, groups = self._rows, self._groups
         with self.applied([r for r, kept in zip(rows, keep.tolist()) if kept]):
             yield
-        self._rows, self._groups = rows, self._runs(rows)
+        self._rows, self._groups = rows, groups
 
     def _hook(self, name: str, _: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
               output: torch.Tensor) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
+from bench.addons import random_lora
 from cachemgr.catalog import Catalog
 from conftest import OTHER_KEY, TENANT_KEY, finished, job_count
 from core.addons import targets_key
@@ -31,12 +32,7 @@ PROMPT = "a lighthouse on a cliff at dusk"
 
 
 def lora(seed: int) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    return save_safetensors({
-        f"unet.{name}.lora_{part}.weight": torch.randn(shape, generator=generator) * 0.5
-        for name, (out_features, in_features) in
-        lora_targets(build_tiny_pipeline().unet).items()
-        for part, shape in (("A", (4, in_features)), ("B", (out_features, 4)))})
+    return random_lora(lora_targets(build_tiny_pipeline().unet), rank=4, seed=seed, std=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save as save_safetensors
 
+from bench.addons import random_lora
 from core.addons import LoraRef, blob_key, check_lora_file
 from core.errors import ObjectMissing
 from core.jobs import JobRequest
@@ -28,15 +28,8 @@ from workers.lora import AdapterConfig, lora_targets, merged, parse_adapter
 STEPS = 10
 
 
-def lora_file(unet: torch.nn.Module, seed: int, rank: int = 4) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, (out_features, in_features) in lora_targets(unet).items():
-        tensors[f"unet.{name}.lora_A.weight"] = torch.randn(rank, in_features,
-                                                            generator=generator) * 0.3
-        tensors[f"unet.{name}.lora_B.weight"] = torch.randn(out_features, rank,
-                                                            generator=generator) * 0.3
-    return save_safetensors(tensors)
+def lora_file(unet: torch.nn.Module, seed: int) -> bytes:
+    return random_lora(lora_targets(unet), rank=4, seed=seed, std=0.3)
 
 
 def digest(data: bytes) -> str:

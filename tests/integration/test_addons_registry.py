@@ -9,9 +9,8 @@ import hashlib
 import json
 
 import pytest
-import torch
-from safetensors.torch import save as save_safetensors
 
+from bench.addons import random_lora
 from core.addons import LoraRef, blob_key, targets_key
 from core.errors import AddonNotFound, InvalidRequest, ModelNotReady
 from core.objectstore import ObjectStore
@@ -42,11 +41,7 @@ def registry(objects: ObjectStore, tenant: str, model: str = MODEL) -> LoraRegis
 
 
 def lora(targets: dict[str, tuple[int, int]], seed: int) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    return save_safetensors({
-        f"unet.{name}.lora_{part}.weight": torch.randn(shape, generator=generator)
-        for name, (out_features, in_features) in targets.items()
-        for part, shape in (("A", (2, in_features)), ("B", (out_features, 2)))})
+    return random_lora(targets, rank=2, seed=seed, std=1.0)
 
 
 def test_uploads_wait_for_the_served_models_targets(objects, targets):
