@@ -59,7 +59,13 @@ def train(out: Path, steps: int, seed: int, batch_size: int = 32, progress: bool
     from diffusers import ControlNetModel
 
     from quality.lora import load_scene_pipeline
-    from quality.world_model import encode_text, learning_rate, min_snr_weights, noise_schedule
+    from quality.world_model import (
+        encode_text,
+        learning_rate,
+        min_snr_weights,
+        noise_schedule,
+        save_checkpoint,
+    )
 
     pipe = load_scene_pipeline()
     unet, vae = pipe.unet.requires_grad_(False), pipe.vae.requires_grad_(False)
@@ -104,9 +110,8 @@ def train(out: Path, steps: int, seed: int, batch_size: int = 32, progress: bool
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
         optimiser.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            torch.save({"controlnet": controlnet.state_dict(), "optimiser": optimiser.state_dict(),
-                        "step": step + 1}, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
+            save_checkpoint({"controlnet": controlnet.state_dict(),
+                             "optimiser": optimiser.state_dict(), "step": step + 1}, checkpoint)
     controlnet.eval().to(torch.float16).save_pretrained(out)
     return out
 

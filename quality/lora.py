@@ -73,7 +73,7 @@ def new_adapter(layer: LoraLayer, rank: int, seed: int) -> Adapter:
 
 def train(style: str, out: Path, steps: int, rank: int, seed: int, batch_size: int = 32,
           progress: bool = True) -> Path:
-    from quality.world_model import encode_text, min_snr_weights, noise_schedule
+    from quality.world_model import encode_text, min_snr_weights, noise_schedule, save_checkpoint
 
     change = STYLES[style]
     pipe = load_scene_pipeline()
@@ -114,10 +114,8 @@ def train(style: str, out: Path, steps: int, rank: int, seed: int, batch_size: i
         loss.backward()
         optimiser.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            torch.save({"parameters": [p.detach() for p in parameters],
-                        "optimiser": optimiser.state_dict(), "step": step + 1},
-                       checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
+            save_checkpoint({"parameters": [p.detach() for p in parameters],
+                             "optimiser": optimiser.state_dict(), "step": step + 1}, checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(adapter_file(adapter.pairs))
     return out

@@ -168,6 +168,13 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> t
     return snr_plus_one.clamp(max=gamma + 1) / snr_plus_one
 
 
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write ``state`` beside ``path`` and move it in, so an interrupted save leaves the
+    previous checkpoint whole (every training command here resumes from its checkpoint)."""
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
 def learning_rate(step: int, steps: int, peak: float = 1e-3) -> float:
     """Linear warm-up, then a cosine down to 5% of the peak at the last step."""
     if step < WARMUP_STEPS:
@@ -249,9 +256,8 @@ def train(out: Path, autoencoder_steps: int, denoiser_steps: int, seed: int,
         rng = random.Random(seed + start)  # new scenes after a resume, not a replay
 
     def checkpoint(step: int) -> None:
-        torch.save({"trained": trained.state_dict(), "averaged": averaged.state_dict(),
-                    "step": step}, stage2.with_suffix(".tmp"))
-        stage2.with_suffix(".tmp").replace(stage2)
+        save_checkpoint({"trained": trained.state_dict(), "averaged": averaged.state_dict(),
+                         "step": step}, stage2)
 
     if start < denoiser_steps:
         train_denoiser(vae, trained, averaged, tokenizer, denoiser_steps, start, rng,
