@@ -65,6 +65,7 @@ from core.jobs import JobRequest
 from core.objectstore import ObjectStore
 from core.settings import Settings, ensure_secrets, load_settings
 from infra import servers
+from infra.ports import free_port
 from quality.controlnet import SCENE_CONTROLNET_DIR, layout_map
 from quality.evaluator import png_pixels
 from quality.placement import png
@@ -300,7 +301,7 @@ def control_costs(model: str, repeats: int) -> dict[str, Any]:
 def s3_settings(state_dir: Path) -> Settings:
     return ensure_secrets(dataclasses.replace(
         load_settings({}, read_secrets=False), state_dir=str(state_dir), s3_bucket="bench-addons",
-        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port()))
+        s3_endpoint=f"127.0.0.1:{free_port()}", s3_master_port=free_port()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from core.jobstore import connect
 from core.objectstore import ObjectStore
 from core.settings import ensure_secrets, load_settings
 from infra import servers
+from infra.ports import free_port
 
 ITEM_BYTES = 32_896  # an SD-1.5 latent (4x64x64 fp16) as safetensors, see bench/results/storage.json
 KS = (5, 10, 15, 20, 25)
@@ -45,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="t2i-evict-") as tmp:
         base = Path(tmp)
-        redis_port = servers.free_port()
+        redis_port = free_port()
         config = ensure_secrets(dataclasses.replace(
             load_settings({}, read_secrets=False), state_dir=tmp, s3_bucket="evict-bench",
-            s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port()))
+            s3_endpoint=f"127.0.0.1:{free_port()}", s3_master_port=free_port()))
         started = []
         try:
             for service in (servers.redis(redis_port, base / "redis"), servers.s3(config, base / "s3")):

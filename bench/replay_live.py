@@ -40,7 +40,8 @@ from core.errors import InvalidRequest, SettingError
 from core.settings import Settings, ensure_secrets, load_settings
 from core.stepcache import OFF, StepCache
 from core.trace import DEFAULT_TRACE, TraceRequest, read_trace
-from infra import servers, stack
+from infra import stack
+from infra.ports import free_port
 from producer.client import Client
 from quality.evaluator import Evaluator, png_pixels, to_tensor
 from quality.reroll import feature_distance, pixel_distance, ratio, resamples
@@ -53,9 +54,9 @@ def arm_settings(base: Settings, state_dir: Path, cache_on: bool,
     return ensure_secrets(dataclasses.replace(
         base, cache_enabled=cache_on, state_dir=str(state_dir),
         step_cache=step_cache or base.step_cache,
-        redis_url=f"redis://127.0.0.1:{servers.free_port()}/0",
-        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
-        api_port=servers.free_port(), flower_port=servers.free_port(), chroma_path="",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        s3_endpoint=f"127.0.0.1:{free_port()}", s3_master_port=free_port(),
+        api_port=free_port(), flower_port=free_port(), chroma_path="",
         chroma_url="", torch_threads=1))
 
 

@@ -15,8 +15,10 @@ Here each runs apart, and:
 so the S3 API, with its access keys, is the one way to the data. The JWT keys are made
 anew at each start and passed in the environment (readable by this user only).
 
-Run by infra.servers.s3 as ``python -m infra.seaweed SPEC.json``; it stops all four when
-it is stopped, and exits when any of them does.
+Run by infra.servers.s3 as ``python -m infra.seaweed SPEC.json``; it picks the internal
+ports, stops all four when it is stopped, and exits when any of them does, except while
+starting: a component that exits then most likely lost a port to another process between
+the pick and its bind, so all four start again on other ports (up to ``STARTS`` times).
 """
 
 from __future__ import annotations
@@ -28,11 +30,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from subprocess import Popen
+
+from infra.ports import free_port
 
 COMPONENTS = ("master", "volume", "filer", "s3", "client")
 # A documentation address (RFC 5737): no local process has it, so the master's HTTP admin
 # API answers nobody on this machine.
 NO_LOCAL_ADDRESS = "192.0.2.1"
+INTERNAL_PORTS = ("master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc")
+STARTUP_S = 20.0   # an exit later than this is a failure, not a lost port
+STARTS = 3
 
 
 def _tls_environment(tls: Path) -> dict[str, str]:
@@ -43,9 +51,15 @@ def _tls_environment(tls: Path) -> dict[str, str]:
     return environment
 
 
-def commands(spec: dict) -> dict[str, tuple[list[str], dict[str, str]]]:
+def pick_ports(spec: dict) -> dict[str, int]:
+    """The configured ports (master, s3) with fresh internal ones beside them."""
+    avoid = {*spec["avoid"], *spec["ports"].values()}
+    return {**spec["ports"], **{name: free_port(avoid) for name in INTERNAL_PORTS}}
+
+
+def commands(spec: dict, ports: dict[str, int]) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Each component's argv and the environment it adds (beyond the JWT keys inherited)."""
-    data, ports, host = Path(spec["dir"]), spec["ports"], "127.0.0.1"
+    data, host = Path(spec["dir"]), "127.0.0.1"
     master = f"{host}:{ports['master']}.{ports['master_grpc']}"
     filer = f"{host}:{ports['filer']}.{ports['filer_grpc']}"
     common = [spec["weed"], f"-logdir={data}"]
@@ -68,14 +82,21 @@ def commands(spec: dict) -> dict[str, tuple[list[str], dict[str, str]]]:
     }
 
 
+def _stop(children: dict[str, Popen]) -> None:
+    for child in reversed(children.values()):
+        child.terminate()
+        try:
+            child.wait(3)
+        except subprocess.TimeoutExpired:  # the filer's graceful stop waits on its own
+            child.kill()                   # metadata subscription; its store is a journal
+            child.wait()
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     tls = _tls_environment(Path(spec["tls"]))
     for name in ("master", "volume", "filer"):
         (Path(spec["dir"]) / name).mkdir(parents=True, exist_ok=True, mode=0o700)
-    # In this process's group: a stop of the group reaches all of them at once.
-    children = {name: subprocess.Popen(argv_, env={**os.environ, **tls, **extra})
-                for name, (argv_, extra) in commands(spec).items()}
     stopping = False
 
     def stop(*_: object) -> None:
@@ -84,19 +105,27 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while not stopping and all(child.poll() is None for child in children.values()):
-        time.sleep(0.2)
-    for name, child in reversed(children.items()):
-        if child.poll() is not None and not stopping:
-            print(f"seaweed: {name} exited with {child.returncode}; stopping the rest",
-                  file=sys.stderr, flush=True)
-        child.terminate()
-        try:
-            child.wait(3)
-        except subprocess.TimeoutExpired:  # the filer's graceful stop waits on its own
-            child.kill()                   # metadata subscription; its store is a journal
-            child.wait()
-    return 0 if stopping else 1
+    for start in range(1, STARTS + 1):
+        ports = pick_ports(spec)
+        (Path(spec["dir"]) / "ports.json").write_text(json.dumps(ports))
+        started = time.monotonic()
+        # In this process's group: a stop of the group reaches all of them at once.
+        children = {name: subprocess.Popen(argv_, env={**os.environ, **tls, **extra})
+                    for name, (argv_, extra) in commands(spec, ports).items()}
+        while not stopping and all(child.poll() is None for child in children.values()):
+            time.sleep(0.2)
+        exited = {name: child.returncode for name, child in children.items()
+                  if child.poll() is not None}
+        _stop(children)
+        if stopping:
+            return 0
+        print(f"seaweed: {', '.join(f'{name} exited with {code}' for name, code in exited.items())};"
+              " stopping the rest", file=sys.stderr, flush=True)
+        if time.monotonic() - started > STARTUP_S or start == STARTS:
+            return 1
+        print(f"seaweed: starting again on other ports ({start + 1} of {STARTS})",
+              file=sys.stderr, flush=True)
+    return 1
 
 
 if __name__ == "__main__":

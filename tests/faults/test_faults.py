@@ -29,6 +29,7 @@ from core.jobs import JobRecord, JobState, parse_request
 from core.objectstore import ObjectStore
 from core.settings import Settings, api_key_tenants
 from infra import servers
+from infra.ports import free_port
 from producer.client import Client
 from workers.app import make_app
 from workers.builtin_models import cache_embedder
@@ -79,12 +80,12 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
           settings: Settings) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("faults")
     config = dataclasses.replace(
-        settings, redis_url=f"redis://127.0.0.1:{servers.free_port()}/0",
-        s3_endpoint=f"127.0.0.1:{servers.free_port()}", s3_master_port=servers.free_port(),
-        s3_bucket="t2i-faults", chroma_url=f"http://127.0.0.1:{servers.free_port()}",
+        settings, redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        s3_endpoint=f"127.0.0.1:{free_port()}", s3_master_port=free_port(),
+        s3_bucket="t2i-faults", chroma_url=f"http://127.0.0.1:{free_port()}",
         state_dir=str(base / "state"), predictor_enabled=False, max_deliveries=2,
         gpu_batch=request.param, torch_threads=1, worker_lease_s=6.0,
-        store_outage_s=90.0, visibility_timeout_s=300, api_port=servers.free_port(),
+        store_outage_s=90.0, visibility_timeout_s=300, api_port=free_port(),
         sweep_grace_s=2.0, redis_outage_s=120.0, reconcile_interval_s=5.0,
         reconcile_quiet_s=20.0, sweep_interval_s=3600.0)
     running = Stack(config, base)

@@ -98,7 +98,7 @@ def test_index_persists_across_clients(tmp_path):
 
 def test_unreachable_server_raises_vector_index_unavailable():
     from core.errors import VectorIndexUnavailable
-    from infra.servers import free_port
+    from infra.ports import free_port
 
     with pytest.raises(VectorIndexUnavailable, match="Chroma"):
         VectorIndex.open(None, f"http://127.0.0.1:{free_port()}", "e")

@@ -17,7 +17,7 @@ from core.errors import (
 from core.jobs import JobRecord, JobRequest, JobState
 from core.jobstore import WEBHOOK_OUTBOX, JobStore, connect
 from core.objectstore import ObjectStore
-from infra import servers
+from infra.ports import free_port
 from workers.webhooks import WebhookOutbox
 
 REQUEST = JobRequest(prompt="a cat", negative_prompt="", steps=10, guidance=7.5, seed=1,
@@ -139,7 +139,7 @@ def test_a_tenants_jobs_list_newest_first_by_page_and_forget_expired_records(red
 
 
 def test_redis_down_raises_broker_unavailable():
-    dead = JobStore(connect(f"redis://127.0.0.1:{servers.free_port()}/0"), ttl_s=60)
+    dead = JobStore(connect(f"redis://127.0.0.1:{free_port()}/0"), ttl_s=60)
     with pytest.raises(BrokerUnavailable, match="Redis unreachable"):
         dead.get("anything")
 
@@ -202,6 +202,6 @@ def test_wrong_secret_is_refused(s3_server):
 
 
 def test_store_down_raises_object_store_unavailable():
-    dead = ObjectStore(f"127.0.0.1:{servers.free_port()}", "k", "secret-key", "bucket")
+    dead = ObjectStore(f"127.0.0.1:{free_port()}", "k", "secret-key", "bucket")
     with pytest.raises(ObjectStoreUnavailable, match="unreachable"):
         dead.put("x", b"y")

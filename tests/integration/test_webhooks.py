@@ -23,7 +23,7 @@ from core.webhooks import (
     parse_allowlist,
     parse_target,
 )
-from infra import servers
+from infra.ports import free_port
 from workers.webhooks import Delivery, WebhookOutbox, deliver, http_send
 
 REQUEST = JobRequest("a hooked fox", "", 4, 7.5, 1, 64, 64)
@@ -117,7 +117,7 @@ def test_the_post_goes_to_the_checked_address_and_the_name_is_not_looked_up_agai
 
 def test_outcomes_do_not_tell_a_closed_port_from_a_redis_server(jobs, redis_url) -> None:
     """The webhook field is no port scanner: whatever fails to answer HTTP reads the same."""
-    closed = servers.free_port()
+    closed = free_port()
     redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     outbox, views = WebhookOutbox(connect(redis_url)), []
     for job_id, port in (("to-closed", closed), ("to-redis", redis_port)):
@@ -227,7 +227,7 @@ def test_a_job_gets_the_events_it_asked_for_and_progress_never_piles_up(
 
 
 def test_a_failed_progress_post_is_not_retried(jobs, redis_url) -> None:
-    closed = servers.free_port()
+    closed = free_port()
     jobs.create(JobRecord(id="progressing", state=JobState.GENERATING, request=REQUEST,
                           model="tiny", submitted_at=time.time(), tenant="acme",
                           webhook_url=f"http://127.0.0.1:{closed}/", webhook_events="progress"))
