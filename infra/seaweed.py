@@ -30,7 +30,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from subprocess import Popen
 
 from infra.ports import free_port
 
@@ -82,7 +81,7 @@ def commands(spec: dict, ports: dict[str, int]) -> dict[str, tuple[list[str], di
     }
 
 
-def _stop(children: dict[str, Popen]) -> None:
+def _stop(children: dict[str, subprocess.Popen]) -> None:
     for child in reversed(children.values()):
         child.terminate()
         try:
