@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core.addons import parse_controlnets
+from core.affinity import MODES as AFFINITY_MODES
 from core.errors import SettingError
 from core.stepcache import StepCache
 from core.webhooks import parse_allowlist
@@ -250,6 +251,12 @@ class Settings:
     lora_cache_mb: int = _setting("T2I_LORA_CACHE_MB", 512,
                                   "LoRA weights a GPU worker keeps resident (MiB; least "
                                   "recently used out first)", check=_positive)
+    lora_affinity: str = _setting("T2I_LORA_AFFINITY", "free",
+                                  "where triage sends a LoRA job (core.affinity): free (to a "
+                                  "GPU worker holding its LoRAs while it has a free slot), "
+                                  "queue (also up to a batch waiting there when every worker "
+                                  "is busy: for slow LoRA loads), off (the shared queue)",
+                                  check=_one_of(*AFFINITY_MODES))
     lora_max_bytes: int = _setting("T2I_LORA_MAX_BYTES", 128 * 2**20,
                                    "largest LoRA file an upload may be (bytes)",
                                    check=_positive)

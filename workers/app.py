@@ -33,11 +33,13 @@ WEBHOOK_SWEEP_TASK = "webhooks.sweep"
 
 
 def enqueue(celery: Celery, task_name: str, job_id: str, countdown: float | None = None,
-            **kwargs: object) -> None:
+            queue: str | None = None, **kwargs: object) -> None:
     """Send ``task_name`` for ``job_id`` to its queue (the queue is named like the task's
-    route in celeryconfig.task_routes), at once or after ``countdown`` seconds. Messages
-    carry ids and keys only."""
+    route in celeryconfig.task_routes, unless ``queue`` names another), at once or after
+    ``countdown`` seconds. Messages carry ids and keys only."""
+    options = {"queue": queue} if queue else {}
     try:
-        celery.send_task(task_name, args=[job_id], kwargs=kwargs, countdown=countdown)
+        celery.send_task(task_name, args=[job_id], kwargs=kwargs, countdown=countdown,
+                         **options)
     except OperationalError as exc:
         raise BrokerUnavailable(f"cannot enqueue {task_name} for job {job_id}: {exc}") from exc

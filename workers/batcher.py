@@ -66,6 +66,9 @@ class BatchingEngine:
     def latent_shape(self, request: JobRequest) -> tuple[int, int, int, int]:
         return self.engine.latent_shape(request)
 
+    def resident_adapters(self) -> list[str]:
+        return self.engine.resident_adapters()
+
     def generate(self, request: JobRequest, on_step: StepCallback,
                  capture_steps: frozenset[int] = frozenset(), alone: bool = False,
                  on_join: JoinCallback = None) -> Generation:

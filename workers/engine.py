@@ -188,6 +188,10 @@ class Engine:
     def latent_channels(self) -> int:
         return self.pipe.unet.config.in_channels
 
+    def resident_adapters(self) -> list[str]:
+        """Content digests of the LoRAs held in memory (core.affinity)."""
+        return self.adapters.resident() if self.adapters else []
+
     def latent_shape(self, request: JobRequest) -> tuple[int, int, int, int]:
         factor = self.pipe.vae_scale_factor
         return (1, self.latent_channels, request.height // factor, request.width // factor)

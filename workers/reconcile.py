@@ -15,6 +15,11 @@ the GPU messages that no live lease names (``restore_orphans``, rule in core.rec
 That is how a batching worker (one process, many jobs) gets its jobs back in about
 T2I_WORKER_LEASE_S, where a prefork worker's dead pool process gets Celery's at once.
 
+A GPU worker also has a queue of its own (workers.queues.affinity_queue: LoRA jobs triage
+sent to it, core.affinity); its messages count as held while the worker's lease lives,
+and the reconciler deletes the queue once the lease lapsed, so its jobs go back to the
+shared queues as stranded ones.
+
 It reads kombu's Redis transport as it stores messages (a list per queue, the ``unacked``
 hash of delivered ones and their ``unacked_index`` of delivery times); with another broker
 it does nothing.
@@ -31,16 +36,19 @@ from dataclasses import dataclass, field, replace
 
 import redis
 
+from core.affinity import WorkerView
 from core.errors import BrokerUnavailable, JobNotFound
 from core.jobstore import JobStore, redis_errors
 from core.reconcile import GiveUp, Requeue, Wait, orphaned, stranded_action
-from workers.queues import GPU_QUEUES
+from workers.queues import AFFINITY_PREFIX, affinity_queue, is_gpu_queue
 
 log = logging.getLogger(__name__)
 
 UNACKED_KEY = "unacked"          # kombu's Redis transport: delivered, not yet acknowledged
 UNACKED_INDEX_KEY = "unacked_index"  # kombu's: delivery tag -> when it was delivered
 LEASES_KEY = "t2i:worker-leases"     # the nodes that keep a lease
+WORKER_KEY_PREFIX = "t2i:worker-adapters:"  # + node: what a GPU worker holds, for triage
+WORKER_KEY_TTL_S = 24 * 3600         # only a live lease makes it count; this bounds a leak
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")  # kombu's priority lists
 
 
@@ -58,7 +66,9 @@ def _job_id(raw: str) -> str | None:
 
 
 def broker_job_ids(client: redis.Redis, queues: Iterable[str]) -> set[str]:
-    """Ids of the jobs that the Redis broker holds a message for in ``queues``."""
+    """Ids of the jobs that the Redis broker holds a message for in ``queues`` or in the
+    own queue of a worker whose lease lives."""
+    queues = [*queues, *(affinity_queue(node) for node in live_nodes(client))]
     with redis_errors():
         pipe = client.pipeline(transaction=False)
         for queue in queues:
@@ -107,36 +117,87 @@ def keep_lease(client: redis.Redis, node: str, held: Callable[[], Iterable[str]]
         stop.wait(lease_s / 3)
 
 
-def claimed_tags(client: redis.Redis) -> set[str]:
-    """The delivery tags that live leases name; nodes whose lease lapsed are forgotten."""
+def _leases(client: redis.Redis) -> dict[str, str | None]:
+    """Each node that kept a lease -> its lease (None once it lapsed)."""
     with redis_errors():
         nodes = sorted(client.smembers(LEASES_KEY))
-        if not nodes:
-            return set()
-        leases = client.mget([_lease_key(node) for node in nodes])
-        lapsed = [node for node, lease in zip(nodes, leases, strict=True) if lease is None]
-        if lapsed:
-            client.srem(LEASES_KEY, *lapsed)
-    return {tag for lease in leases if lease for tag in json.loads(lease)}
+        return dict(zip(nodes, client.mget([_lease_key(node) for node in nodes]), strict=True)
+                    ) if nodes else {}
 
 
-def gpu_deliveries(client: redis.Redis) -> dict[str, tuple[float, str | None]]:
-    """The GPU queues' delivered, unacknowledged messages: delivery tag -> (when delivered,
-    job id)."""
+def live_nodes(client: redis.Redis) -> list[str]:
+    return [node for node, lease in _leases(client).items() if lease is not None]
+
+
+def _forget(client: redis.Redis, nodes: Iterable[str]) -> None:
+    """Drop what dead workers left: their names, their own queues, what they held."""
+    nodes = list(nodes)
+    if not nodes:
+        return
+    with redis_errors():
+        client.srem(LEASES_KEY, *nodes)
+        client.delete(*(affinity_queue(node) + suffix for node in nodes
+                        for suffix in _PRIORITY_SUFFIXES),
+                      *(WORKER_KEY_PREFIX + node for node in nodes))
+
+
+def claimed_tags(client: redis.Redis) -> set[str]:
+    """The delivery tags that live leases name; nodes whose lease lapsed are forgotten,
+    with their own queues (their jobs are then stranded, and re-sent to the shared ones)."""
+    leases = _leases(client)
+    _forget(client, [node for node, lease in leases.items() if lease is None])
+    return {tag for lease in leases.values() if lease for tag in json.loads(lease)}
+
+
+def publish_worker(client: redis.Redis, node: str, resident: Iterable[str], capacity: int,
+                   busy: int) -> None:
+    """Say which LoRAs (content digests) GPU worker ``node`` holds, how many jobs it runs
+    at once and how many it runs now (core.affinity)."""
+    with redis_errors():
+        client.set(WORKER_KEY_PREFIX + node, json.dumps(
+            {"resident": sorted(resident), "capacity": capacity, "busy": busy}),
+            ex=WORKER_KEY_TTL_S)
+
+
+def worker_views(client: redis.Redis) -> list[WorkerView]:
+    """The GPU workers with a live lease that said what they hold; a worker's load is the
+    jobs it runs plus those waiting in its own queue."""
+    nodes = live_nodes(client)
+    if not nodes:
+        return []
+    with redis_errors():
+        pipe = client.pipeline(transaction=False)
+        pipe.mget([WORKER_KEY_PREFIX + node for node in nodes])
+        for node in nodes:
+            pipe.llen(affinity_queue(node))
+        published, *waiting = pipe.execute()
+    views = []
+    for node, said, queued in zip(nodes, published, waiting, strict=True):
+        if said is None:
+            continue
+        view = json.loads(said)
+        views.append(WorkerView(node, frozenset(view["resident"]), int(view["capacity"]),
+                                int(view["busy"]) + int(queued)))
+    return views
+
+
+def gpu_deliveries(client: redis.Redis) -> dict[str, tuple[float, str | None, str]]:
+    """The GPU queues' (shared and workers' own) delivered, unacknowledged messages:
+    delivery tag -> (when delivered, job id, queue)."""
     with redis_errors():
         pipe = client.pipeline(transaction=False)
         pipe.hgetall(UNACKED_KEY)
         pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
         entries, index = pipe.execute()
     delivered_at = dict(index)
-    found: dict[str, tuple[float, str | None]] = {}
+    found: dict[str, tuple[float, str | None, str]] = {}
     for tag, entry in entries.items():
         try:
             payload, _exchange, routing_key = json.loads(entry)
         except (ValueError, TypeError):
             continue
-        if routing_key in GPU_QUEUES and tag in delivered_at:
-            found[tag] = (float(delivered_at[tag]), _job_id(json.dumps(payload)))
+        if is_gpu_queue(routing_key) and tag in delivered_at:
+            found[tag] = (float(delivered_at[tag]), _job_id(json.dumps(payload)), routing_key)
     return found
 
 
@@ -146,9 +207,9 @@ def restore_orphans(client: redis.Redis, restore: Callable[[str], None],
     """Hand back (``restore``, by delivery tag) the GPU messages whose worker died whole
     (core.reconcile.orphaned), judged on two looks ``second_look`` apart (at least one lease
     renewal, so leases lost with Redis are renewed first). Returns tag -> job id."""
-    def look() -> tuple[set[str], dict[str, tuple[float, str | None]]]:
+    def look() -> tuple[set[str], dict[str, tuple[float, str | None, str]]]:
         deliveries = gpu_deliveries(client)
-        when = {tag: at for tag, (at, _) in deliveries.items()}
+        when = {tag: at for tag, (at, _, _) in deliveries.items()}
         return orphaned(when, claimed_tags(client), now(), lease_s), deliveries
 
     suspects, _ = look()
@@ -162,6 +223,11 @@ def restore_orphans(client: redis.Redis, restore: Callable[[str], None],
         restored[tag] = job_id = deliveries[tag][1]
         log.warning("job %s: no live worker holds its message %s (its worker died whole); "
                     "handed back to its queue", job_id, tag)
+    # One handed back to a dead worker's own queue would wait there for nobody: that
+    # queue goes, and the job, stranded, back to the shared queues.
+    live = set(live_nodes(client))
+    _forget(client, {queue.removeprefix(AFFINITY_PREFIX) for tag in restored
+                     if (queue := deliveries[tag][2]).startswith(AFFINITY_PREFIX)} - live)
     return restored
 
 

@@ -8,12 +8,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from cachemgr.catalog import Catalog
 from cachemgr.identical import IdenticalRequests
 from cachemgr.ktable import KTable
 from core.addons import targets_key
 from core.errors import T2IError
+from core.jobs import JobRequest
 from core.jobstore import JobStore, MetricsStore, connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, load_settings
@@ -187,6 +189,27 @@ def router():
 
 
 @functools.cache
+def worker_preference() -> Callable[[JobRequest], str | None]:
+    """Which GPU worker a job goes to directly (core.affinity): only LoRA jobs, only with
+    T2I_LORA_AFFINITY and GPU workers that keep leases (the reconciler can hand back what a
+    dead one's own queue held only then)."""
+    from core.affinity import preferred_worker
+    from workers.reconcile import worker_views
+
+    config = settings()
+    if not (config.lora_affinity != "off" and config.worker_lease_s
+            and config.broker.startswith(("redis://", "rediss://"))):
+        return lambda request: None
+
+    def prefer(request: JobRequest) -> str | None:
+        if not request.loras:
+            return None
+        return preferred_worker([lora.digest for lora in request.loras],
+                                worker_views(broker_client()), config.lora_affinity)
+
+    return prefer
+
+
 def reliability():
     from workers.generation import Reliability
 

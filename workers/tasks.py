@@ -6,13 +6,14 @@ else fails the job with its reason, so the worker moves on and the poller learns
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,7 +41,7 @@ from workers.app import (
     app,
     enqueue,
 )
-from workers.queues import FULL, JOB_QUEUES, RESUME, TRIAGE
+from workers.queues import FULL, JOB_QUEUES, RESUME, TRIAGE, affinity_queue
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,15 @@ def load_models_in_pool_process(**_: Any) -> None:
             runtime.router()
     except T2IError:
         log.exception("preloading failed; jobs will report the error")
+
+
+@signals.celeryd_after_setup.connect
+def consume_own_queue(sender: str, instance: Any, **_: Any) -> None:
+    """A GPU worker also takes jobs from a queue of its own, named after its node (Celery's
+    way to add a queue after -Q): LoRA jobs triage sends it for the LoRAs it holds."""
+    queues = instance.app.amqp.queues
+    if set(queues.consume_from or ()) & {FULL, RESUME}:
+        queues.select_add(affinity_queue(sender))
 
 
 @signals.worker_ready.connect
@@ -138,6 +148,40 @@ def _worker_name(task: Task) -> str:
     return f"{task.request.hostname or '?'} pid {os.getpid()}"
 
 
+class _Occupancy:
+    """The generation jobs this process runs now; told to triage with the LoRAs it holds
+    (workers.reconcile.publish_worker) as each starts and ends."""
+
+    def __init__(self) -> None:
+        self._lock, self._busy = threading.Lock(), 0
+
+    @contextlib.contextmanager
+    def running(self, node: str) -> Iterator[None]:
+        self._tell(node, +1)
+        try:
+            yield
+        finally:
+            self._tell(node, -1)
+
+    def _tell(self, node: str, change: int) -> None:
+        from workers.reconcile import publish_worker
+
+        with self._lock:
+            self._busy += change
+            busy = self._busy
+        config = runtime.settings()
+        if config.lora_affinity == "off":
+            return
+        try:
+            publish_worker(runtime.broker_client(), node, runtime.engine().resident_adapters(),
+                           config.gpu_batch, busy)
+        except Exception as exc:  # noqa: BLE001 - triage then knows less; the job goes on
+            log.warning("what this worker holds not published: %s", exc)
+
+
+_occupancy = _Occupancy()
+
+
 def _retried_in_place(task: Task, what: str, work: Callable[[], T]) -> T:
     """Run ``work``, retrying a transient failure here, in the same task, with backoff: up
     to ``max_retries`` times, or for Redis (which holds the job itself) for as long as
@@ -184,25 +228,27 @@ def triage_route(self: Task, job_id: str) -> dict[str, Any]:
     return _guarded(self, job_id, "triage", lambda: triage_job(
         job_id, runtime.job_store(), RequestLimits.from_settings(runtime.settings()),
         runtime.router(), functools.partial(enqueue, app), runtime.clock,
-        runtime.object_store()))
+        runtime.object_store(), runtime.worker_preference()))
 
 
 @app.task(name=FULL_TASK, bind=True, max_retries=MAX_RETRIES)
 def gen_full(self: Task, job_id: str) -> dict[str, Any]:
     from workers.generation import generate_full
 
-    return _guarded(self, job_id, "generation", lambda: generate_full(
-        job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
-        _worker_name(self), runtime.clock, runtime.cache_config(), runtime.reliability()))
+    with _occupancy.running(self.request.hostname or "?"):
+        return _guarded(self, job_id, "generation", lambda: generate_full(
+            job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
+            _worker_name(self), runtime.clock, runtime.cache_config(), runtime.reliability()))
 
 
 @app.task(name=RESUME_TASK, bind=True, max_retries=MAX_RETRIES)
 def gen_resume(self: Task, job_id: str) -> dict[str, Any]:
     from workers.generation import generate_resume
 
-    return _guarded(self, job_id, "generation", lambda: generate_resume(
-        job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
-        _worker_name(self), runtime.clock, runtime.cache_config(), runtime.reliability()))
+    with _occupancy.running(self.request.hostname or "?"):
+        return _guarded(self, job_id, "generation", lambda: generate_resume(
+            job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
+            _worker_name(self), runtime.clock, runtime.cache_config(), runtime.reliability()))
 
 
 @app.task(name=REGISTER_TASK, bind=True, max_retries=MAX_RETRIES)

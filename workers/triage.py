@@ -27,13 +27,14 @@ from core.errors import (
     ObjectMissing,
     VectorIndexUnavailable,
 )
-from core.jobs import JobRecord, JobState, RequestLimits, image_key, parse_request
+from core.jobs import JobRecord, JobRequest, JobState, RequestLimits, image_key, parse_request
 from core.jobstore import JobStore
 from core.objectstore import ObjectStore
 from core.plan import FULL_CACHE_OFF, CachePlan, Reason, Route, Segment
 from core.stepcache import OFF
 from workers.app import FULL_TASK, RESUME_TASK
 from workers.embedder import Embedder
+from workers.queues import affinity_queue
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +169,13 @@ def serve_exact(job_id: str, plan: CachePlan, jobs: JobStore, objects: ObjectSto
 
 def triage_job(job_id: str, jobs: JobStore, limits: RequestLimits, decide: Decide,
                enqueue: Callable[..., None], now: Callable[[], float],
-               objects: ObjectStore) -> dict[str, Any]:
+               objects: ObjectStore,
+               prefer: Callable[[JobRequest], str | None] = lambda request: None
+               ) -> dict[str, Any]:
     """Validate, decide the route, record it, enqueue the generation (or serve the exact
     path; or, following an identical job in flight, wait for its worker to send this one
-    back here). Safe to redeliver."""
+    back here). A GPU worker that ``prefer`` names (one holding the job's LoRAs,
+    core.affinity) gets the job in its own queue. Safe to redeliver."""
     record = jobs.get(job_id)
     if record.state.terminal or record.state is JobState.GENERATING:
         log.info("job %s: triage skipped, job already %s", job_id, record.state)
@@ -197,18 +201,25 @@ def triage_job(job_id: str, jobs: JobStore, limits: RequestLimits, decide: Decid
                 return serve_exact(job_id, triaged.plan, jobs, objects, now)
             except ObjectMissing:  # deleted since triage saw it: generate after all
                 triaged = decide(record)
+        worker = prefer(record.request) if triaged.task else None
+        placed = {"affinity": worker} if worker else {}
         jobs.update(job_id, lambda r: r.transition(
             JobState.QUEUED, route=triaged.task, plan=triaged.plan, triage_finished_at=now(),
-            extra={**r.extra, **triaged.timings}))
+            extra={**r.extra, **triaged.timings, **placed}))
     except InvalidTransition:
         log.info("job %s: cancelled during triage", job_id)
         return {"job_id": job_id, "skipped": "cancelled"}
     if not triaged.task:
         log.info("job %s: waits for identical job %s in flight", job_id, triaged.plan.entry)
         return {"job_id": job_id, "follows": triaged.plan.entry}
-    enqueue(triaged.task, job_id)
-    log.info("job %s: routed to %s (%s)", job_id, triaged.task, triaged.plan.reason)
-    return {"job_id": job_id, "route": triaged.task, "reason": str(triaged.plan.reason)}
+    if worker:
+        enqueue(triaged.task, job_id, queue=affinity_queue(worker))
+    else:
+        enqueue(triaged.task, job_id)
+    log.info("job %s: routed to %s (%s)%s", job_id, triaged.task, triaged.plan.reason,
+             f" at {worker}, which holds its LoRAs" if worker else "")
+    return {"job_id": job_id, "route": triaged.task, "reason": str(triaged.plan.reason),
+            **({"worker": worker} if worker else {})}
 
 
 def register_entry(entry: str, partition: str, sizes: dict[int, int], jobs: JobStore,

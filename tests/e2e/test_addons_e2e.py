@@ -1,6 +1,8 @@
 """LoRAs through the whole stack: upload over the API (checked), a job naming one makes the
 image the engine makes with that file, bad uses are refused before anything is enqueued,
-tenants never see or use each other's adapters, and the CLI manages them over the API."""
+tenants never see or use each other's adapters, the CLI manages them over the API, and
+with two GPU workers LoRA jobs go to the one holding their LoRA while it has a free slot
+(core.affinity)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from safetensors.torch import save as save_safetensors
 
 from bench.addons import random_lora
 from cachemgr.catalog import Catalog
-from conftest import OTHER_KEY, TENANT_KEY, finished, job_count
+from conftest import OTHER_KEY, TENANT_KEY, finished, job_count, running
 from core.addons import targets_key
-from core.jobs import JobRequest
-from core.jobstore import connect
+from core.jobs import JobRequest, JobState
+from core.jobstore import JobStore, connect
 from core.objectstore import ObjectStore
 from core.settings import Settings
+from infra import servers
 from producer.cli import main as cli
 from tests.engine.shared import signed_pixels
 from workers.builtin_models import build_tiny_pipeline
@@ -141,3 +144,50 @@ def test_a_lora_job_resumes_the_base_models_latent_up_to_where_its_lora_starts(s
     assert styled["cache"]["route"] == "resume" and styled["cache"]["k"] == lora_from
     assert styled["cache"]["reason"] in ("adapter cap", "hit")
     assert styled["unet_calls"] == 10 - lora_from
+
+
+def test_lora_jobs_go_to_the_worker_holding_their_lora_while_it_has_a_free_slot(
+        stack, api, objects, base_dir):
+    jobs, broker = JobStore.from_settings(stack), connect(stack.broker)
+    with running(servers.gpu_worker("gpu-second", stack), log_dir=base_dir / "logs"):
+        uploaded = api.put("/v1/loras/affine", content=lora(7),
+                           headers={"Content-Type": "application/octet-stream"})
+        assert uploaded.status_code == 201, uploaded.text
+        digest = uploaded.json()["digest"]
+
+        def submit(prompt: str, **fields: object) -> str:
+            body = {"prompt": prompt, "seed": 5, "steps": 8, "width": 64, "height": 64,
+                    "guidance": 5.25, "loras": [{"name": "affine"}], **fields}
+            return api.post("/v1/jobs", json=body).json()["id"]
+
+        first = finished(api, submit("a kite over a wheat field"))
+        assert first["state"] == "succeeded", first["error"]
+        holder = jobs.get(first["id"]).worker.split()[0]   # "<node> pid <n>"
+        said, deadline = f"t2i:worker-adapters:{holder}", time.monotonic() + 30
+        while digest not in json.loads(broker.get(said) or '{"resident": []}')["resident"]:
+            assert time.monotonic() < deadline, f"{holder} never said it holds the LoRA"
+            time.sleep(0.1)
+
+        for prompt in ("a kite over a frozen lake", "a kite above a harbour at noon"):
+            view = finished(api, submit(prompt))
+            record = jobs.get(view["id"])
+            assert view["state"] == "succeeded", view["error"]
+            assert record.extra.get("affinity") == holder
+            assert record.worker.startswith(holder + " ")
+
+        # The holder busy with a long job (its one slot taken): the next goes to the shared
+        # queue, where the other worker takes it rather than it waiting for the holder.
+        long_id = submit("a kite in a thunderstorm", steps=150, width=256, height=256)
+        deadline = time.monotonic() + 60
+        while jobs.get(long_id).state is not JobState.GENERATING:
+            assert time.monotonic() < deadline, "the long job never started"
+            time.sleep(0.05)
+        assert jobs.get(long_id).worker.startswith(holder + " ")
+        spilled = finished(api, submit("a kite tangled in a tree"))
+        record = jobs.get(spilled["id"])
+        assert spilled["state"] == "succeeded", spilled["error"]
+        assert jobs.get(long_id).state is JobState.GENERATING or \
+            jobs.get(long_id).finished_at > record.triage_finished_at, "the holder was idle"
+        assert "affinity" not in record.extra
+        assert not record.worker.startswith(holder + " ")
+        assert finished(api, long_id)["state"] == "succeeded"

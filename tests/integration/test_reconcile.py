@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from core.affinity import WorkerView
 from core.jobs import JobRecord, JobRequest, JobState
 from core.jobstore import JobStore, connect
 from core.settings import Settings
@@ -21,9 +22,11 @@ from workers.reconcile import (
     broker_job_ids,
     claimed_tags,
     gpu_deliveries,
+    publish_worker,
     reconcile,
     renew_lease,
     restore_orphans,
+    worker_views,
 )
 
 REQUEST = JobRequest("a lost lighthouse", "", 5, 7.5, 1, 64, 64)
@@ -156,3 +159,47 @@ def test_a_lapsed_lease_names_nothing_and_its_node_is_forgotten(broker):
     time.sleep(0.3)
     assert claimed_tags(client) == {"tag-b"}
     assert client.smembers("t2i:worker-leases") == {"gpu-b@host"}
+
+
+def test_a_workers_own_queue_holds_its_jobs_while_its_lease_lives(broker):
+    """Jobs triage sent to a GPU worker's own queue (core.affinity) are held while its lease
+    lives; once it lapsed they are not (so the reconciler re-sends them to the shared
+    queues) and its queue and what it said it holds are dropped."""
+    app, client = broker
+    app.send_task("gen.full", args=["sent-to-a"], queue="gen.at.gpu-a@host")
+    app.send_task("gen.full", args=["shared"])
+    renew_lease(client, "gpu-a@host", set(), lease_s=30)
+    renew_lease(client, "gpu-b@host", set(), lease_s=30)
+    publish_worker(client, "gpu-a@host", ["lora-1", "lora-2"], capacity=4, busy=1)
+    assert broker_job_ids(client, ["gen.full"]) == {"sent-to-a", "shared"}
+    # b said nothing yet: triage knows nothing it holds; a's load counts its waiting job
+    assert worker_views(client) == [WorkerView("gpu-a@host", frozenset({"lora-1", "lora-2"}),
+                                               4, 2)]
+    client.delete("t2i:worker-lease:gpu-a@host")  # a died: its lease lapses
+    assert worker_views(client) == []
+    assert broker_job_ids(client, ["gen.full"]) == {"shared"}
+    assert claimed_tags(client) == set()
+    assert client.smembers("t2i:worker-leases") == {"gpu-b@host"}
+    assert not client.exists("gen.at.gpu-a@host", "t2i:worker-adapters:gpu-a@host")
+    assert client.llen("gen.full") == 1
+
+
+def test_a_message_handed_back_for_a_dead_worker_does_not_wait_in_its_own_queue(broker):
+    """A worker that died whole held a message from its own queue: handing it back would
+    put it where nobody takes it, so that queue goes and its job is left to the
+    reconciler's re-send (to the shared queue of its route)."""
+    app, client = broker
+    app.send_task("gen.full", args=["held-by-dead"], queue="gen.at.gpu-dead@host")
+    renew_lease(client, "gpu-dead@host", set(), lease_s=30)
+    died = subprocess.run([sys.executable, "-c", DIE_HOLDING, app.conf.broker_url,
+                           "gen.at.gpu-dead@host"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    tag = died.stdout.split()[0]
+    assert gpu_deliveries(client)[tag][1:] == ("held-by-dead", "gen.at.gpu-dead@host")
+    client.delete("t2i:worker-lease:gpu-dead@host")
+    with app.connection_for_write() as writer:
+        restored = restore_orphans(client, writer.default_channel.qos.restore_by_tag,
+                                   lambda: time.time() + 30, 30, lambda: None)
+    assert restored == {tag: "held-by-dead"}
+    assert not client.exists("gen.at.gpu-dead@host") and gpu_deliveries(client) == {}
+    assert broker_job_ids(client, ["gen.full"]) == set()  # stranded: the reconciler re-sends

@@ -208,6 +208,20 @@ def test_triage_routes_once_and_a_redelivery_resends_without_deciding_again(cloc
     assert again["resent"] and sent == ["gen.full", "gen.full"] and decided == ["job-1"]
 
 
+def test_triage_sends_a_job_to_the_worker_it_prefers_in_that_workers_own_queue(clock):
+    """The record keeps the shared route (what a re-send after a lost message uses) and
+    names the worker chosen (core.affinity)."""
+    jobs, sent = InMemoryJobStore(), []
+    job(jobs)
+    outcome = triage_job("job-1", jobs, RequestLimits(), planned,
+                         lambda task, job_id, **options: sent.append((task, options)), clock,
+                         InMemoryObjectStore(), prefer=lambda request: "gpu-a@host")
+    assert sent == [("gen.full", {"queue": "gen.at.gpu-a@host"})]
+    assert outcome["worker"] == "gpu-a@host"
+    record = jobs.get("job-1")
+    assert record.route == "gen.full" and record.extra["affinity"] == "gpu-a@host"
+
+
 def test_triage_skips_a_job_a_gpu_worker_already_holds_or_that_finished(clock):
     for state in (JobState.GENERATING, JobState.SUCCEEDED, JobState.CANCELLED):
         jobs, sent = InMemoryJobStore(), []
