@@ -108,18 +108,18 @@ def simulate(jobs: list[Job], args: argparse.Namespace, cold_s: float,
     for job in [*jobs, None]:
         until = job.arrival if job is not None else float("inf")
         while finishing and finishing[0][0] <= until:
-            now, number, node = heapq.heappop(finishing)
-            worker = by_node[node]
+            now, number, finished_on = heapq.heappop(finishing)
+            worker = by_node[finished_on]
             worker.running -= 1
             worker.told = frozenset(worker.resident)  # and as it ends
             done.append(running.pop(number))
             dispatch(worker, now)
         if job is None:
             break
-        node = preferred_worker([job.lora], [w.view() for w in workers], mode) \
+        chosen = preferred_worker([job.lora], [w.view() for w in workers], mode) \
             if job.lora else None
-        (by_node[node].own if node else shared).append(job)
-        for worker in ([by_node[node]] if node else workers):
+        (by_node[chosen].own if chosen else shared).append(job)
+        for worker in ([by_node[chosen]] if chosen else workers):
             dispatch(worker, job.arrival)
     latency = np.array([job.finish - job.arrival for job in done])
     with_lora = [job for job in done if job.lora is not None]
