@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                              [{"ratio": run["latency_mean_s"] / off["latency_mean_s"]}
                               for run, off in zip(arms[mode], arms["off"], strict=True)])["ratio"]
                             for mode in MODES if mode != "off"}})
-    result = {"command": "python -m bench.affinity " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "simulated": True,
+    result = {"command": " ".join(["python -m bench.affinity",
+                                   *(argv if argv is not None else sys.argv[1:])]),
+              "simulated": True,
         "machine": platform.node(), **{k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows}
     out = Path(args.out)
@@ -204,13 +205,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for offset, mode in zip((-0.27, 0, 0.27), MODES, strict=True):
         axes[0].bar(xs + offset, [row[mode]["cold_loads_per_lora_job"]["mean"] for row in rows],
                     0.27, label=f"T2I_LORA_AFFINITY={mode}")
-        axes[1].bar(xs + offset, [row[mode]["latency_mean_s"]["mean"] for row in rows], 0.27,
-                    label=mode)
-    for axis, label in zip(axes, ("LoRA loads per LoRA job", "mean latency (s)"), strict=True):
-        axis.set_xticks(xs, [f"LoRA load {row['cold_s']:g} s" for row in rows])
+    for offset, mode in zip((-0.2, 0.2), MODES[1:], strict=True):
+        ratios = [row[f"{mode}_latency_over_off"] for row in rows]
+        means = np.array([ratio["mean"] for ratio in ratios])
+        spans = np.array([[m - r["min"] for m, r in zip(means, ratios, strict=True)],
+                          [r["max"] - m for m, r in zip(means, ratios, strict=True)]])
+        axes[1].bar(xs + offset, means, 0.4, yerr=spans, capsize=3, label=mode,
+                    color=f"C{MODES.index(mode)}")
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    for axis, label in zip(axes, ("LoRA loads per LoRA job",
+                                  "mean latency over off (min-max of traces)"), strict=True):
+        axis.set_xticks(xs, [f"{row['cold_s']:g} s" for row in rows])
+        axis.set_xlabel("time to load a LoRA (fetch and parse)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3, axis="y")
-    axes[0].legend()
+    axes[0].set_ylim(0, 0.8)
+    axes[0].legend(fontsize=7, loc="upper right")
     figure.suptitle(f"simulated: {result['workers']} workers x batch {result['batch']}, "
                     f"{result['adapters']} LoRAs (Zipf {result['zipf']}), {result['resident']} "
                     f"resident each, load {result['load']}, {result['jobs']} jobs x "
