@@ -163,16 +163,17 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(simulate([Job(job.arrival, job.lora) for job in jobs], args,
                                          cold_s, mode))
                     bar.update()
+            ratios = {f"{mode}_latency_over_off": _spread(
+                [{"ratio": run["latency_mean_s"] / off["latency_mean_s"]}
+                 for run, off in zip(arms[mode], arms["off"], strict=True)])["ratio"]
+                for mode in MODES if mode != "off"}
             rows.append({"cold_s": cold_s, **{mode: _spread(runs) for mode, runs in arms.items()},
-                         **{f"{mode}_latency_over_off": _spread(
-                             [{"ratio": run["latency_mean_s"] / off["latency_mean_s"]}
-                              for run, off in zip(arms[mode], arms["off"], strict=True)])["ratio"]
-                            for mode in MODES if mode != "off"}})
+                         **ratios})
     result = {"command": " ".join(["python -m bench.affinity",
                                    *(argv if argv is not None else sys.argv[1:])]),
-              "simulated": True,
-        "machine": platform.node(), **{k: v for k, v in vars(args).items() if k != "out"},
-        "rows": rows}
+              "simulated": True, "machine": platform.node(),
+              **{name: value for name, value in vars(args).items() if name != "out"},
+              "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

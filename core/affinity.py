@@ -6,8 +6,9 @@ T2I_LORA_FROM of its steps if the load is not done. Triage sends a LoRA job to a
 that already holds its LoRAs (T2I_LORA_AFFINITY):
 
 - ``free``: only while that worker has a free slot (its jobs in hand and waiting in its own
-  queue fewer than its batch capacity), so no job ever waits for a holder while another
-  worker could start it;
+  queue fewer than its batch capacity, as the workers last told), so a job does not wait
+  for a holder while another worker could start it (up to what those counts miss: jobs
+  routed by triage processes deciding at the same moment);
 - ``queue``: also, when no worker has a free slot (the job waits anyway), up to one batch
   waiting in the holder's own queue: fewer loads where they are slow, a little pooling lost
   where they are hidden (bench.affinity measures both);

@@ -25,6 +25,7 @@ from core.errors import StackError, T2IError
 from core.jobstore import connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, require_secret, to_environ
+from core.webhooks import parse_allowlist
 from infra import seaweed
 from infra.ports import LOOPBACK
 from infra.tls import ensure_certificates, write_private
@@ -185,10 +186,12 @@ def s3(config: Settings, data_dir: Path) -> Service:
 
 
 def _configured_ports(config: Settings) -> set[int]:
-    ports = {config.redis_port, config.s3_port, config.s3_master_port, config.api_port,
-             config.flower_port}
-    chroma_port = urlsplit(config.chroma_url).port if config.chroma_url else None
-    return ports | ({chroma_port} if chroma_port else set())
+    """The loopback ports config names: servers, the broker, webhook receivers."""
+    urls = (config.redis_url, config.broker, config.chroma_url)
+    ports = {config.s3_port, config.s3_master_port, config.api_port, config.flower_port,
+             *(urlsplit(url).port for url in urls if url),
+             *(rule.port for rule in parse_allowlist(config.webhook_allow))}
+    return {port for port in ports if port}
 
 
 def chroma(port: int, data_dir: Path) -> Service:

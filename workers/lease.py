@@ -1,6 +1,8 @@
 """A GPU worker's lease, the Celery side: what the worker holds, renewed in Redis
 (workers.reconcile.keep_lease), so that if the worker dies whole the reconciler hands its
-messages back within about T2I_WORKER_LEASE_S rather than the visibility timeout.
+messages back within about T2I_WORKER_LEASE_S rather than the visibility timeout. And,
+for adapter affinity (core.affinity), what the worker tells triage: the LoRAs it holds and
+the jobs it runs; its own queue handed over to the shared ones when it stops.
 
 A message is held from its receipt until its task ends (body done, internal error,
 revoked) and while Celery still keeps its request. Celery's ``state.requests`` alone is not
@@ -12,17 +14,22 @@ while the lease is the parent's.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import bootsteps, signals
 from celery.worker import state
 
+from core.errors import T2IError
 from workers import runtime
-from workers.app import app
+from workers.app import app, enqueue
 from workers.queues import GPU_QUEUES
+
+log = logging.getLogger(__name__)
 
 
 def keeps_lease() -> bool:
@@ -97,12 +104,67 @@ def release_revoked(request: Any = None, **_: Any) -> None:
 
 @signals.worker_ready.connect
 def keep_gpu_worker_lease(sender: Any = None, **_: Any) -> None:
-    from workers.reconcile import keep_lease
+    from workers.reconcile import keep_lease, unsay_worker
 
     if keeps_lease():
+        client = runtime.broker_client()
+        try:
+            unsay_worker(client, sender.hostname)
+        except T2IError as exc:
+            log.warning("what an earlier %s held not dropped: %s", sender.hostname, exc)
         threading.Thread(target=keep_lease, name="lease", daemon=True, args=(
-            runtime.broker_client(), sender.hostname, holdings.tags,
-            runtime.settings().worker_lease_s, threading.Event())).start()
+            client, sender.hostname, holdings.tags, runtime.settings().worker_lease_s,
+            threading.Event())).start()
+
+
+@signals.worker_shutdown.connect
+def hand_over_own_queue(sender: Any = None, **_: Any) -> None:
+    """A worker stopping (its consumer already closed) sends the jobs still waiting in its
+    own queue to the shared ones, rather than leave them to the reconciler's sweep."""
+    from workers.reconcile import take_own_queue
+
+    if not keeps_lease():
+        return
+    try:
+        for task, job_id in take_own_queue(runtime.broker_client(), sender.hostname):
+            enqueue(app, task, job_id)
+            log.info("job %s: handed over to the shared queue as %s stops", job_id,
+                     sender.hostname)
+    except T2IError as exc:
+        log.warning("own queue not handed over (the reconciler will): %s", exc)
+
+
+class Occupancy:
+    """The generation jobs this process runs; told to triage (workers.reconcile.
+    publish_worker) with the LoRAs the engine holds as each starts and ends."""
+
+    def __init__(self) -> None:
+        self._lock, self._busy = threading.Lock(), 0
+
+    @contextlib.contextmanager
+    def running(self, node: str) -> Iterator[None]:
+        self._tell(node, +1)
+        try:
+            yield
+        finally:
+            self._tell(node, -1)
+
+    def _tell(self, node: str, change: int) -> None:
+        from workers.reconcile import publish_worker
+
+        with self._lock:   # counts are written in the order they change
+            self._busy += change
+            engine = runtime.loaded_engine()
+            if runtime.settings().lora_affinity == "off" or not keeps_lease() or engine is None:
+                return
+            try:
+                publish_worker(runtime.broker_client(), node, engine.resident_adapters(),
+                               runtime.settings().gpu_batch, self._busy)
+            except T2IError as exc:  # triage then knows less; the job goes on
+                log.warning("what this worker holds not published: %s", exc)
+
+
+occupancy = Occupancy()
 
 
 class MessagesStayWithTheirJobs(bootsteps.StartStopStep):

@@ -16,9 +16,10 @@ That is how a batching worker (one process, many jobs) gets its jobs back in abo
 T2I_WORKER_LEASE_S, where a prefork worker's dead pool process gets Celery's at once.
 
 A GPU worker also has a queue of its own (workers.queues.affinity_queue: LoRA jobs triage
-sent to it, core.affinity); its messages count as held while the worker's lease lives,
-and the reconciler deletes the queue once the lease lapsed, so its jobs go back to the
-shared queues as stranded ones.
+sent to it, core.affinity). Its messages count as held; once the worker's lease has lapsed
+on two looks a renewal apart, the reconciler takes that queue whole and re-sends its jobs
+to the shared queues (``sweep_own_queues``); a worker that stops gracefully hands its own
+queue over itself (``take_own_queue``).
 
 It reads kombu's Redis transport as it stores messages (a list per queue, the ``unacked``
 hash of delivered ones and their ``unacked_index`` of delivery times); with another broker
@@ -33,6 +34,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import redis
 
@@ -49,7 +51,18 @@ UNACKED_INDEX_KEY = "unacked_index"  # kombu's: delivery tag -> when it was deli
 LEASES_KEY = "t2i:worker-leases"     # the nodes that keep a lease
 WORKER_KEY_PREFIX = "t2i:worker-adapters:"  # + node: what a GPU worker holds, for triage
 WORKER_KEY_TTL_S = 24 * 3600         # only a live lease makes it count; this bounds a leak
+OWN_QUEUES_KEY = "t2i:own-queues"    # nodes whose own queue may hold messages
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")  # kombu's priority lists
+
+
+def _task(raw: str) -> tuple[str, str] | None:
+    """The task name and job id a kombu message carries."""
+    try:
+        task = str(json.loads(raw)["headers"]["task"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    job_id = _job_id(raw)
+    return (task, job_id) if job_id else None
 
 
 def _job_id(raw: str) -> str | None:
@@ -66,10 +79,10 @@ def _job_id(raw: str) -> str | None:
 
 
 def broker_job_ids(client: redis.Redis, queues: Iterable[str]) -> set[str]:
-    """Ids of the jobs that the Redis broker holds a message for in ``queues`` or in the
-    own queue of a worker whose lease lives."""
-    queues = [*queues, *(affinity_queue(node) for node in live_nodes(client))]
+    """Ids of the jobs that the Redis broker holds a message for in ``queues`` or in a GPU
+    worker's own queue (until ``sweep_own_queues`` moves them)."""
     with redis_errors():
+        queues = [*queues, *(affinity_queue(node) for node in client.smembers(OWN_QUEUES_KEY))]
         pipe = client.pipeline(transaction=False)
         for queue in queues:
             for suffix in _PRIORITY_SUFFIXES:
@@ -129,24 +142,65 @@ def live_nodes(client: redis.Redis) -> list[str]:
     return [node for node, lease in _leases(client).items() if lease is not None]
 
 
-def _forget(client: redis.Redis, nodes: Iterable[str]) -> None:
-    """Drop what dead workers left: their names, their own queues, what they held."""
-    nodes = list(nodes)
-    if not nodes:
-        return
-    with redis_errors():
-        client.srem(LEASES_KEY, *nodes)
-        client.delete(*(affinity_queue(node) + suffix for node in nodes
-                        for suffix in _PRIORITY_SUFFIXES),
-                      *(WORKER_KEY_PREFIX + node for node in nodes))
-
-
 def claimed_tags(client: redis.Redis) -> set[str]:
-    """The delivery tags that live leases name; nodes whose lease lapsed are forgotten,
-    with their own queues (their jobs are then stranded, and re-sent to the shared ones)."""
+    """The delivery tags that live leases name; nodes whose lease lapsed are forgotten."""
     leases = _leases(client)
-    _forget(client, [node for node, lease in leases.items() if lease is None])
+    lapsed = [node for node, lease in leases.items() if lease is None]
+    if lapsed:
+        with redis_errors():
+            client.srem(LEASES_KEY, *lapsed)
     return {tag for lease in leases.values() if lease for tag in json.loads(lease)}
+
+
+def using_own_queue(client: redis.Redis, node: str) -> None:
+    """Note, before sending it a message, that ``node``'s own queue is in use."""
+    with redis_errors():
+        client.sadd(OWN_QUEUES_KEY, node)
+
+
+def take_own_queue(client: redis.Redis, node: str) -> list[tuple[str, str]]:
+    """Empty ``node``'s own queue at once (a message is taken either by its worker or here,
+    never both): the (task, job id) of each message in it."""
+    keys = [affinity_queue(node) + suffix for suffix in _PRIORITY_SUFFIXES]
+    with redis_errors():
+        pipe = client.pipeline(transaction=True)
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        pipe.delete(*keys)
+        pipe.srem(OWN_QUEUES_KEY, node)
+        *listed, _, _ = pipe.execute()
+    return [sent for raws in listed for raw in reversed(raws) if (sent := _task(raw))]
+
+
+def sweep_own_queues(client: redis.Redis, send: Callable[[str, str], None],
+                     second_look: Callable[[], None]) -> dict[str, str]:
+    """Re-send (``send(task, job id)``, to the shared queues) the jobs waiting in the own
+    queue of each worker whose lease lapsed on two looks ``second_look`` apart (a renewal,
+    so a worker that only lost its lease with Redis keeps its queue). Returns job -> node."""
+    def lapsed() -> set[str]:
+        with redis_errors():
+            nodes = sorted(client.smembers(OWN_QUEUES_KEY))
+            leases = client.mget([_lease_key(node) for node in nodes]) if nodes else []
+        return {node for node, lease in zip(nodes, leases, strict=True) if lease is None}
+
+    suspects = lapsed()
+    if not suspects:
+        return {}
+    second_look()
+    moved: dict[str, str] = {}
+    for node in sorted(suspects & lapsed()):
+        for task, job_id in take_own_queue(client, node):
+            send(task, job_id)
+            moved[job_id] = node
+            log.warning("job %s: waited in the own queue of %s, whose lease lapsed; re-sent "
+                        "to the shared queue", job_id, node)
+    return moved
+
+
+def unsay_worker(client: redis.Redis, node: str) -> None:
+    """Drop what an earlier process of ``node`` said it held (a restart under one name)."""
+    with redis_errors():
+        client.delete(WORKER_KEY_PREFIX + node)
 
 
 def publish_worker(client: redis.Redis, node: str, resident: Iterable[str], capacity: int,
@@ -160,8 +214,9 @@ def publish_worker(client: redis.Redis, node: str, resident: Iterable[str], capa
 
 
 def worker_views(client: redis.Redis) -> list[WorkerView]:
-    """The GPU workers with a live lease that said what they hold; a worker's load is the
-    jobs it runs plus those waiting in its own queue."""
+    """The GPU workers with a live lease, what each said it holds; a worker's load is the
+    jobs it runs plus those waiting in its own queue. One that said nothing yet (just
+    started) holds nothing and counts as free."""
     nodes = live_nodes(client)
     if not nodes:
         return []
@@ -173,9 +228,8 @@ def worker_views(client: redis.Redis) -> list[WorkerView]:
         published, *waiting = pipe.execute()
     views = []
     for node, said, queued in zip(nodes, published, waiting, strict=True):
-        if said is None:
-            continue
-        view = json.loads(said)
+        view: dict[str, Any] = json.loads(said) if said else {"resident": [], "capacity": 1,
+                                                               "busy": 0}
         views.append(WorkerView(node, frozenset(view["resident"]), int(view["capacity"]),
                                 int(view["busy"]) + int(queued)))
     return views
@@ -223,11 +277,10 @@ def restore_orphans(client: redis.Redis, restore: Callable[[str], None],
         restored[tag] = job_id = deliveries[tag][1]
         log.warning("job %s: no live worker holds its message %s (its worker died whole); "
                     "handed back to its queue", job_id, tag)
-    # One handed back to a dead worker's own queue would wait there for nobody: that
-    # queue goes, and the job, stranded, back to the shared queues.
-    live = set(live_nodes(client))
-    _forget(client, {queue.removeprefix(AFFINITY_PREFIX) for tag in restored
-                     if (queue := deliveries[tag][2]).startswith(AFFINITY_PREFIX)} - live)
+    # one handed back to a dead worker's own queue waits there for sweep_own_queues
+    for node in {queue.removeprefix(AFFINITY_PREFIX) for tag in restored
+                 if (queue := deliveries[tag][2]).startswith(AFFINITY_PREFIX)}:
+        using_own_queue(client, node)
     return restored
 
 

@@ -109,6 +109,11 @@ def engine():
         return _load_engine()
 
 
+def loaded_engine():
+    """The engine if this process has loaded it, else None (never starts a load)."""
+    return _load_engine() if _load_engine.cache_info().currsize else None
+
+
 @functools.cache
 def _load_engine():
     from workers.controlnet import ControlConfig
@@ -194,7 +199,7 @@ def worker_preference() -> Callable[[JobRequest], str | None]:
     T2I_LORA_AFFINITY and GPU workers that keep leases (the reconciler can hand back what a
     dead one's own queue held only then)."""
     from core.affinity import preferred_worker
-    from workers.reconcile import worker_views
+    from workers.reconcile import using_own_queue, worker_views
 
     config = settings()
     if not (config.lora_affinity != "off" and config.worker_lease_s
@@ -204,8 +209,11 @@ def worker_preference() -> Callable[[JobRequest], str | None]:
     def prefer(request: JobRequest) -> str | None:
         if not request.loras:
             return None
-        return preferred_worker([lora.digest for lora in request.loras],
+        node = preferred_worker([lora.digest for lora in request.loras],
                                 worker_views(broker_client()), config.lora_affinity)
+        if node:
+            using_own_queue(broker_client(), node)
+        return node
 
     return prefer
 

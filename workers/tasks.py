@@ -6,14 +6,13 @@ else fails the job with its reason, so the worker moves on and the poller learns
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +40,7 @@ from workers.app import (
     app,
     enqueue,
 )
+from workers.lease import occupancy
 from workers.queues import FULL, JOB_QUEUES, RESUME, TRIAGE, affinity_queue
 
 log = logging.getLogger(__name__)
@@ -148,40 +148,6 @@ def _worker_name(task: Task) -> str:
     return f"{task.request.hostname or '?'} pid {os.getpid()}"
 
 
-class _Occupancy:
-    """The generation jobs this process runs now; told to triage with the LoRAs it holds
-    (workers.reconcile.publish_worker) as each starts and ends."""
-
-    def __init__(self) -> None:
-        self._lock, self._busy = threading.Lock(), 0
-
-    @contextlib.contextmanager
-    def running(self, node: str) -> Iterator[None]:
-        self._tell(node, +1)
-        try:
-            yield
-        finally:
-            self._tell(node, -1)
-
-    def _tell(self, node: str, change: int) -> None:
-        from workers.reconcile import publish_worker
-
-        with self._lock:
-            self._busy += change
-            busy = self._busy
-        config = runtime.settings()
-        if config.lora_affinity == "off":
-            return
-        try:
-            publish_worker(runtime.broker_client(), node, runtime.engine().resident_adapters(),
-                           config.gpu_batch, busy)
-        except Exception as exc:  # noqa: BLE001 - triage then knows less; the job goes on
-            log.warning("what this worker holds not published: %s", exc)
-
-
-_occupancy = _Occupancy()
-
-
 def _retried_in_place(task: Task, what: str, work: Callable[[], T]) -> T:
     """Run ``work``, retrying a transient failure here, in the same task, with backoff: up
     to ``max_retries`` times, or for Redis (which holds the job itself) for as long as
@@ -235,7 +201,7 @@ def triage_route(self: Task, job_id: str) -> dict[str, Any]:
 def gen_full(self: Task, job_id: str) -> dict[str, Any]:
     from workers.generation import generate_full
 
-    with _occupancy.running(self.request.hostname or "?"):
+    with occupancy.running(self.request.hostname or "?"):
         return _guarded(self, job_id, "generation", lambda: generate_full(
             job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
             _worker_name(self), runtime.clock, runtime.cache_config(), runtime.reliability()))
@@ -245,7 +211,7 @@ def gen_full(self: Task, job_id: str) -> dict[str, Any]:
 def gen_resume(self: Task, job_id: str) -> dict[str, Any]:
     from workers.generation import generate_resume
 
-    with _occupancy.running(self.request.hostname or "?"):
+    with occupancy.running(self.request.hostname or "?"):
         return _guarded(self, job_id, "generation", lambda: generate_resume(
             job_id, runtime.job_store(), runtime.object_store(), runtime.engine(),
             _worker_name(self), runtime.clock, runtime.cache_config(), runtime.reliability()))
@@ -301,24 +267,28 @@ def cache_train_predictor() -> dict[str, Any]:
 def jobs_reconcile() -> dict[str, Any]:
     from dataclasses import asdict
 
-    from workers.reconcile import broker_job_ids, reconcile, restore_orphans
+    from workers.reconcile import broker_job_ids, reconcile, restore_orphans, sweep_own_queues
 
     config = runtime.settings()
     if not config.broker.startswith(("redis://", "rediss://")):
         return {"ran": False, "why": "the reconciler reads the Redis broker only"}
     broker = runtime.broker_client()
     restored: dict[str, str | None] = {}
+    moved: dict[str, str] = {}
     if config.worker_lease_s:
+        a_renewal = functools.partial(time.sleep, config.worker_lease_s / 3 + 1.0)
         with app.connection_for_write() as connection:
             restored = restore_orphans(
                 broker, lambda tag: connection.default_channel.qos.restore_by_tag(tag),
-                runtime.clock, config.worker_lease_s,
-                second_look=lambda: time.sleep(config.worker_lease_s / 3 + 1.0))
+                runtime.clock, config.worker_lease_s, second_look=a_renewal)
+        moved = sweep_own_queues(broker, lambda task, job_id: enqueue(app, task, job_id),
+                                 second_look=a_renewal)
     report = reconcile(runtime.job_store(), lambda: broker_job_ids(broker, JOB_QUEUES),
                        lambda task, job_id: enqueue(app, task, job_id), runtime.clock,
                        config.reconcile_quiet_s, TRIAGE_TASK, config.max_deliveries,
                        second_look=lambda: time.sleep(1.0))
-    return {"ran": True, "restored": sorted(filter(None, restored.values())), **asdict(report)}
+    return {"ran": True, "restored": sorted(filter(None, restored.values())),
+            "moved": sorted(moved), **asdict(report)}
 
 
 @app.task(name=WEBHOOK_TASK)

@@ -26,6 +26,9 @@ from workers.reconcile import (
     reconcile,
     renew_lease,
     restore_orphans,
+    sweep_own_queues,
+    take_own_queue,
+    using_own_queue,
     worker_views,
 )
 
@@ -161,36 +164,60 @@ def test_a_lapsed_lease_names_nothing_and_its_node_is_forgotten(broker):
     assert client.smembers("t2i:worker-leases") == {"gpu-b@host"}
 
 
-def test_a_workers_own_queue_holds_its_jobs_while_its_lease_lives(broker):
-    """Jobs triage sent to a GPU worker's own queue (core.affinity) are held while its lease
-    lives; once it lapsed they are not (so the reconciler re-sends them to the shared
-    queues) and its queue and what it said it holds are dropped."""
+def test_a_workers_own_queue_holds_its_jobs_until_a_lapsed_lease_sends_them_back(broker):
+    """Jobs triage sent to a GPU worker's own queue (core.affinity) are held there; once the
+    worker's lease lapsed on both looks, the sweep takes the queue whole and re-sends them,
+    oldest first, to the shared queue of their task."""
     app, client = broker
-    app.send_task("gen.full", args=["sent-to-a"], queue="gen.at.gpu-a@host")
+    for job_id in ("first-to-a", "second-to-a"):
+        using_own_queue(client, "gpu-a@host")
+        app.send_task("gen.resume" if job_id == "first-to-a" else "gen.full", args=[job_id],
+                      queue="gen.at.gpu-a@host")
     app.send_task("gen.full", args=["shared"])
     renew_lease(client, "gpu-a@host", set(), lease_s=30)
     renew_lease(client, "gpu-b@host", set(), lease_s=30)
     publish_worker(client, "gpu-a@host", ["lora-1", "lora-2"], capacity=4, busy=1)
-    assert broker_job_ids(client, ["gen.full"]) == {"sent-to-a", "shared"}
-    # b said nothing yet: triage knows nothing it holds; a's load counts its waiting job
-    assert worker_views(client) == [WorkerView("gpu-a@host", frozenset({"lora-1", "lora-2"}),
-                                               4, 2)]
+    assert broker_job_ids(client, ["gen.full"]) == {"first-to-a", "second-to-a", "shared"}
+    # a's load counts the jobs in its own queue; b said nothing yet: free, holding nothing
+    assert worker_views(client) == [
+        WorkerView("gpu-a@host", frozenset({"lora-1", "lora-2"}), 4, 3),
+        WorkerView("gpu-b@host", frozenset(), 1, 0)]
+    assert sweep_own_queues(client, lambda *sent: pytest.fail("a lives"), lambda: None) == {}
+
     client.delete("t2i:worker-lease:gpu-a@host")  # a died: its lease lapses
-    assert worker_views(client) == []
+    assert [view.node for view in worker_views(client)] == ["gpu-b@host"]
+    assert broker_job_ids(client, ["gen.full"]) == {"first-to-a", "second-to-a", "shared"}
+    sent: list[tuple[str, str]] = []
+    moved = sweep_own_queues(client, lambda task, job_id: sent.append((task, job_id)),
+                             lambda: None)
+    assert moved == {"first-to-a": "gpu-a@host", "second-to-a": "gpu-a@host"}
+    assert sent == [("gen.resume", "first-to-a"), ("gen.full", "second-to-a")]
+    assert not client.exists("gen.at.gpu-a@host")
     assert broker_job_ids(client, ["gen.full"]) == {"shared"}
-    assert claimed_tags(client) == set()
-    assert client.smembers("t2i:worker-leases") == {"gpu-b@host"}
-    assert not client.exists("gen.at.gpu-a@host", "t2i:worker-adapters:gpu-a@host")
-    assert client.llen("gen.full") == 1
 
 
-def test_a_message_handed_back_for_a_dead_worker_does_not_wait_in_its_own_queue(broker):
-    """A worker that died whole held a message from its own queue: handing it back would
-    put it where nobody takes it, so that queue goes and its job is left to the
-    reconciler's re-send (to the shared queue of its route)."""
+def test_a_worker_that_renews_between_the_looks_keeps_its_own_queue(broker):
+    """A lease lost with Redis (its TTL ran out while Redis was down) is renewed within a
+    third of its time: the sweep's second look sees it, and moves nothing."""
     app, client = broker
+    using_own_queue(client, "gpu-a@host")
+    app.send_task("gen.full", args=["kept"], queue="gen.at.gpu-a@host")
+    looks: list[str] = []
+    moved = sweep_own_queues(client, lambda *sent: pytest.fail("a renewed"), lambda: (
+        looks.append("2"), renew_lease(client, "gpu-a@host", set(), lease_s=30)))
+    assert moved == {} and looks == ["2"] and client.llen("gen.at.gpu-a@host") == 1
+    assert take_own_queue(client, "gpu-a@host") == [("gen.full", "kept")]  # a stopping
+    assert not client.exists("gen.at.gpu-a@host") and broker_job_ids(client, []) == set()
+
+
+def test_a_message_handed_back_for_a_dead_worker_goes_on_to_the_shared_queue(broker):
+    """A worker that died whole held a message from its own queue: it is handed back there,
+    and the sweep then re-sends its job to the shared queue."""
+    app, client = broker
+    using_own_queue(client, "gpu-dead@host")
     app.send_task("gen.full", args=["held-by-dead"], queue="gen.at.gpu-dead@host")
     renew_lease(client, "gpu-dead@host", set(), lease_s=30)
+    client.delete("t2i:own-queues")  # swept already; the hand-back must note it again
     died = subprocess.run([sys.executable, "-c", DIE_HOLDING, app.conf.broker_url,
                            "gen.at.gpu-dead@host"],
                           capture_output=True, text=True, timeout=60, check=True)
@@ -200,6 +227,8 @@ def test_a_message_handed_back_for_a_dead_worker_does_not_wait_in_its_own_queue(
     with app.connection_for_write() as writer:
         restored = restore_orphans(client, writer.default_channel.qos.restore_by_tag,
                                    lambda: time.time() + 30, 30, lambda: None)
-    assert restored == {tag: "held-by-dead"}
-    assert not client.exists("gen.at.gpu-dead@host") and gpu_deliveries(client) == {}
-    assert broker_job_ids(client, ["gen.full"]) == set()  # stranded: the reconciler re-sends
+    assert restored == {tag: "held-by-dead"} and client.llen("gen.at.gpu-dead@host") == 1
+    assert "held-by-dead" in broker_job_ids(client, [])
+    sent: list[tuple[str, str]] = []
+    sweep_own_queues(client, lambda task, job_id: sent.append((task, job_id)), lambda: None)
+    assert sent == [("gen.full", "held-by-dead")] and gpu_deliveries(client) == {}

@@ -31,6 +31,14 @@ def test_internal_ports_avoid_the_configured_ones(monkeypatch) -> None:
     assert all(base + 12 <= port < base + 24 for port in internal), internal
 
 
+def test_the_ports_to_avoid_are_every_loopback_port_the_config_names(settings) -> None:
+    from conftest import SILENT_WEBHOOK_PORT, WEBHOOK_PORT
+
+    named = servers._configured_ports(settings)
+    assert {settings.redis_port, settings.s3_port, settings.s3_master_port, settings.api_port,
+            settings.flower_port, WEBHOOK_PORT, SILENT_WEBHOOK_PORT} <= named
+
+
 def _failing_volume(tmp_path: Path, times: int) -> Path:
     """A ``weed`` whose volume server exits at its first ``times`` starts, as one that lost
     its port does; every other start is the real ``weed``."""
