@@ -195,9 +195,9 @@ def router():
 
 @functools.cache
 def worker_preference() -> Callable[[JobRequest], str | None]:
-    """Which GPU worker a job goes to directly (core.affinity): only LoRA jobs, only with
-    T2I_LORA_AFFINITY and GPU workers that keep leases (the reconciler can hand back what a
-    dead one's own queue held only then)."""
+    """Which GPU worker a job goes to directly (core.affinity): only LoRA jobs, unless
+    T2I_LORA_AFFINITY=off, and only where GPU workers keep leases (the reconciler can send
+    on what a dead one's own queue held only then)."""
     from core.affinity import preferred_worker
     from workers.reconcile import using_own_queue, worker_views
 
