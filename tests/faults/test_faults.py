@@ -23,16 +23,21 @@ import httpx
 import pytest
 
 from bench import load
+from bench.addons import random_lora
 from cachemgr.vectors import VectorIndex
+from core.addons import targets_key
 from core.errors import BrokerUnavailable
 from core.jobs import JobRecord, JobState, parse_request
+from core.jobstore import connect
 from core.objectstore import ObjectStore
 from core.settings import Settings, api_key_tenants
 from infra import servers
 from infra.ports import free_port
 from producer.client import Client
 from workers.app import make_app
-from workers.builtin_models import cache_embedder
+from workers.builtin_models import build_tiny_pipeline, cache_embedder
+from workers.lora import lora_targets
+from workers.reconcile import renew_lease
 
 pytestmark = pytest.mark.faults
 
@@ -57,6 +62,7 @@ class Stack:
             "chroma": lambda: servers.chroma(chroma_port, self.base / "chroma"),
             "triage": lambda: servers.cpu_worker("triage-faults", self.config),
             "gpu": lambda: servers.gpu_worker("gpu-faults", self.config),
+            "holder": lambda: servers.gpu_worker("gpu-holder", self.config),
             "api": lambda: servers.api(self.config),
             "beat": lambda: servers.beat(self.config, self.base / "beat"),
         }[name]()
@@ -196,6 +202,55 @@ def test_whole_worker_killed_its_jobs_come_back_once_its_lease_lapses(stack, cli
     assert [view["state"] for view in views] == ["succeeded"] * 2, views
     assert client.jobs.get(job_ids[0]).deliveries == 2
     assert time.monotonic() - killed_at < stack.config.visibility_timeout_s / 3
+
+
+def test_jobs_waiting_in_a_dead_workers_own_queue_go_on_to_the_shared_queue(stack, client):
+    """Affinity (core.affinity): triage sends a LoRA job to the worker that holds the LoRA, in
+    that worker's own queue; the worker hangs (takes nothing, though its lease is renewed
+    until the job is routed there) and is then killed. Once its lease has lapsed on two
+    looks, the reconciler sends the job to the shared queue, where the other worker runs
+    it: no job waits for a dead worker."""
+    broker = connect(stack.config.broker)
+    wait_until(lambda: client.objects.exists(targets_key(stack.config.model)),
+               what="a GPU worker to publish the layers a LoRA may adapt")
+    digest = client.upload_lora("faults-style", random_lora(
+        lora_targets(build_tiny_pipeline().unet), rank=4, seed=3, std=0.5))["digest"]
+    lora = [{"name": "faults-style"}]
+    routed = threading.Event()
+    stack.stop("gpu")
+    stack.start("holder")
+    try:
+        first = client.submit("fault test: a kite over the sea", steps=8, seed=1, loras=lora)
+        assert finished(client, first)["state"] == "succeeded"
+        holder = client.jobs.get(first).worker.split()[0]
+        wait_until(lambda: digest in (broker.get(f"t2i:worker-adapters:{holder}") or ""),
+                   what="the holder to say it holds the LoRA")
+        group = stack.processes["holder"].pid
+        os.killpg(group, signal.SIGSTOP)
+
+        def renew_until_routed() -> None:  # as its lease thread would, were it not frozen
+            while not routed.is_set():
+                renew_lease(broker, holder, set(), stack.config.worker_lease_s)
+                routed.wait(1.0)
+
+        threading.Thread(target=renew_until_routed, daemon=True).start()
+        time.sleep(3)  # its last blocking pop (1 s) times out on the server, taking nothing
+        waiting = client.submit("fault test: a kite in the rain", steps=8, seed=2, loras=lora)
+        wait_until(lambda: client.jobs.get(waiting).route, what="triage")
+        routed.set()
+        assert client.jobs.get(waiting).extra.get("affinity") == holder
+        assert broker.llen(f"gen.at.{holder}") == 1
+        os.killpg(group, signal.SIGKILL)
+        stack.processes.pop("holder").wait()
+    finally:
+        routed.set()
+        with contextlib.suppress(KeyError, ProcessLookupError):
+            os.killpg(stack.processes.pop("holder").pid, signal.SIGKILL)
+        stack.start("gpu")
+    view = finished(client, waiting)
+    assert view["state"] == "succeeded", view
+    assert client.jobs.get(waiting).worker.split()[0] != holder
+    assert not broker.exists(f"gen.at.{holder}")
 
 
 def test_poison_job_fails_after_bounded_deliveries_and_the_queue_moves_on(stack, client):
