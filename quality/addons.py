@@ -71,12 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--froms", default="0,0.1,0.2,0.3,0.4,0.5",
                         help="fractions of the steps run before the LoRA acts")
     parser.add_argument("--scale", type=float, default=1.0, help="LoRA scale")
-    parser.add_argument("--evaluator", default=str(evaluation.DEFAULT_EVALUATOR),
-                        help="weights from python -m quality.evaluator")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    evaluation.add_scoring_options(parser)
     parser.add_argument("--seed", type=int, default=11, help="draws the prompts")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     parser.add_argument("--out", default="bench/results/lora-profile-scene",

@@ -37,6 +37,19 @@ HEADS = {"bg": len(COLOUR_NAMES),
              ("size", len(SIZE_NAMES)))}}
 
 
+def add_scoring_options(parser: argparse.ArgumentParser, size: bool = True) -> None:
+    """The options of every command that generates scene images and scores them with the
+    evaluator: weights, sampling, image side (unless the command fixes it), resamples."""
+    parser.add_argument("--evaluator", default=str(DEFAULT_EVALUATOR),
+                        help="weights from python -m quality.evaluator")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    if size:
+        parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+
+
+
 def targets(scene: Scene) -> dict[str, int]:
     """Class index per head; colour and size of an empty position are not scored (-100)."""
     out = {"bg": COLOUR_NAMES.index(scene.background)}

@@ -61,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--prompts", type=int, default=200, help="scene prompts")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     parser.add_argument("--scale", type=float, default=1.0, help="ControlNet scale")
-    parser.add_argument("--evaluator", default=str(evaluation.DEFAULT_EVALUATOR),
-                        help="weights from python -m quality.evaluator")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    evaluation.add_scoring_options(parser, size=False)
     parser.add_argument("--seed", type=int, default=13, help="draws the prompts and layouts")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     parser.add_argument("--out", default="bench/results/controlnet-placement-scene",

@@ -245,12 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="scene", help="a T2I_MODEL value (default: the "
                         "committed scene model)")
     parser.add_argument("--scheduler", default="ddim", choices=["ddim", "euler"])
-    parser.add_argument("--evaluator", default=str(evaluation.DEFAULT_EVALUATOR),
-                        help="weights from python -m quality.evaluator")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    evaluation.add_scoring_options(parser)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch's default); the scene model is so small "

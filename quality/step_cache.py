@@ -132,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="T2I_STEP_CACHE values to profile (off is the baseline)")
     parser.add_argument("--ks", default="5,10,15,20", help="Ks B resumes from (of --steps)")
     parser.add_argument("--model", default="scene", help="a T2I_MODEL value")
-    parser.add_argument("--evaluator", default=str(evaluation.DEFAULT_EVALUATOR),
-                        help="weights from python -m quality.evaluator")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    evaluation.add_scoring_options(parser)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     parser.add_argument("--out", default="bench/results/step-cache-profile-scene",
