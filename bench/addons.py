@@ -339,12 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-addons-") as temp:
         config = s3_settings(Path(temp))
-        s3 = servers.start(servers.s3(config, Path(temp) / "s3"), Path(temp) / "s3.log")
-        try:
-            servers.wait_ready(servers.s3(config, Path(temp) / "s3"), s3, Path(temp) / "s3.log")
+        with servers.running(servers.s3(config, Path(temp) / "s3"), log_dir=Path(temp)):
             result = measure(args, ObjectStore.from_settings(config))
-        finally:
-            servers.stop_pid(s3.pid)
     result["command"] = "python -m bench.addons " + " ".join(
         argv if argv is not None else sys.argv[1:])
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -50,12 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ensure_secrets(dataclasses.replace(
             load_settings({}, read_secrets=False), state_dir=tmp, s3_bucket="evict-bench",
             s3_endpoint=f"127.0.0.1:{free_port()}", s3_master_port=free_port()))
-        started = []
-        try:
-            for service in (servers.redis(redis_port, base / "redis"), servers.s3(config, base / "s3")):
-                process = servers.start(service, base / f"{service.name}.log")
-                started.append(process)
-                servers.wait_ready(service, process, base / f"{service.name}.log")
+        with servers.running(servers.redis(redis_port, base / "redis"),
+                             servers.s3(config, base / "s3"), log_dir=base):
             catalog = Catalog(connect(f"redis://127.0.0.1:{redis_port}/0"))
             objects = ObjectStore.from_settings(config)
             vectors = VectorIndex.open(base / "chroma", "", "bench")
@@ -76,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
             select_victims(LCBFU(), [i.stats() for i in snapshot], 0, items // 2, now=1e9)
             t2 = time.perf_counter()
             report = Evictor(catalog, objects, vectors, LCBFU(), budget).run(now=1e9)
-        finally:
-            for process in reversed(started):
-                servers.stop_pid(process.pid)
 
     result = {
         "command": "python -m bench.eviction " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -6,6 +6,7 @@ exercise exactly what ``t2i-stack up`` runs. Everything binds 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -92,6 +93,19 @@ def wait_ready(service: Service, process: subprocess.Popen, log_path: Path) -> N
         time.sleep(0.1)
     raise StackError(f"{service.name} not ready after {service.ready_timeout_s:.0f}s; "
                      f"log {log_path}:\n{tail(log_path)}")
+
+
+@contextlib.contextmanager
+def running(*services: Service, log_dir: Path) -> Iterator[None]:
+    """Start each service (logging to ``log_dir``/NAME.log) and wait until it serves; stop
+    them all, in reverse, on exit."""
+    with contextlib.ExitStack() as started:
+        for service in services:
+            log_path = log_dir / f"{service.name}.log"
+            process = start(service, log_path)
+            started.callback(stop_pid, process.pid)
+            wait_ready(service, process, log_path)
+        yield
 
 
 def tail(log_path: Path, lines: int = 20) -> str:

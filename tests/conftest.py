@@ -19,6 +19,7 @@ from core.jobstore import KEY_PREFIX, connect
 from core.settings import Settings, ensure_secrets, load_settings
 from infra import servers
 from infra.ports import free_port
+from infra.servers import running
 
 # Two tenants of the HTTP API (test keys, not secrets).
 TENANT, TENANT_KEY = "acme", "acme-test-key-0123456789"
@@ -27,18 +28,6 @@ OTHER, OTHER_KEY = "globex", "globex-test-key-0123456789"
 # receiver listens on one, a receiver that never answers on the other; every other internal
 # address stays refused.
 WEBHOOK_PORT, SILENT_WEBHOOK_PORT = free_port(), free_port()
-
-
-@contextlib.contextmanager
-def running(*services: servers.Service, log_dir: Path) -> Iterator[None]:
-    """Start each service and wait until it serves; stop them all (in reverse) on exit."""
-    with contextlib.ExitStack() as started:
-        for service in services:
-            log_path = log_dir / f"{service.name}.log"
-            process = servers.start(service, log_path)
-            started.callback(servers.stop_pid, process.pid)
-            servers.wait_ready(service, process, log_path)
-        yield
 
 
 @contextlib.contextmanager

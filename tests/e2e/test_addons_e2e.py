@@ -18,13 +18,14 @@ from safetensors.torch import save as save_safetensors
 
 from bench.addons import random_lora
 from cachemgr.catalog import Catalog
-from conftest import OTHER_KEY, TENANT_KEY, finished, job_count, running
+from conftest import OTHER_KEY, TENANT_KEY, finished, job_count
 from core.addons import targets_key
 from core.jobs import JobRequest, JobState
 from core.jobstore import JobStore, connect
 from core.objectstore import ObjectStore
 from core.settings import Settings
 from infra import servers
+from infra.servers import running
 from producer.cli import main as cli
 from tests.engine.shared import signed_pixels
 from workers.builtin_models import build_tiny_pipeline

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import running
 from infra import servers
+from infra.servers import running
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import running
 from infra import servers
+from infra.servers import running
 from producer.client import Client
 
 pytestmark = pytest.mark.e2e

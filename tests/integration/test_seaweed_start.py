@@ -66,13 +66,8 @@ def _started(settings: Settings, tmp_path: Path, weed: Path) -> Iterator[ObjectS
     service = servers.s3(config, tmp_path / "s3")
     spec_path = tmp_path / "s3" / "seaweed.json"
     spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), "weed": str(weed)}))
-    log = tmp_path / "s3.log"
-    process = servers.start(service, log)
-    try:
-        servers.wait_ready(service, process, log)
+    with servers.running(service, log_dir=tmp_path):
         yield ObjectStore.from_settings(config)
-    finally:
-        servers.stop_pid(process.pid)
 
 
 def test_a_component_lost_at_start_is_started_again_on_other_ports(settings, tmp_path) -> None:
