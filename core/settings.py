@@ -428,6 +428,16 @@ class Settings:
         return self.state_path / "chroma"
 
     @property
+    def redis_broker(self) -> bool:
+        """The broker is Redis, whose storage of messages the reconciler reads."""
+        return self.broker.startswith(("redis://", "rediss://"))
+
+    @property
+    def worker_leases(self) -> bool:
+        """GPU workers keep leases: T2I_WORKER_LEASE_S above 0, on a Redis broker."""
+        return bool(self.worker_lease_s) and self.redis_broker
+
+    @property
     def redis_port(self) -> int:
         return urlsplit(self.redis_url).port or 6379
 

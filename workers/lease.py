@@ -36,8 +36,7 @@ def keeps_lease() -> bool:
     """A GPU worker on a Redis broker keeps a lease unless T2I_WORKER_LEASE_S is 0."""
     config = runtime.settings()
     queues = set(app.amqp.queues.consume_from or ())
-    return bool(queues & set(GPU_QUEUES) and config.worker_lease_s
-                and config.broker.startswith(("redis://", "rediss://")))
+    return bool(queues & set(GPU_QUEUES)) and config.worker_leases
 
 
 class Holdings:

@@ -202,8 +202,7 @@ def worker_preference() -> Callable[[JobRequest], str | None]:
     from workers.reconcile import using_own_queue, worker_views
 
     config = settings()
-    if not (config.lora_affinity != "off" and config.worker_lease_s
-            and config.broker.startswith(("redis://", "rediss://"))):
+    if config.lora_affinity == "off" or not config.worker_leases:
         return lambda request: None
 
     def prefer(request: JobRequest) -> str | None:

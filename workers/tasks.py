@@ -270,12 +270,12 @@ def jobs_reconcile() -> dict[str, Any]:
     from workers.reconcile import broker_job_ids, reconcile, restore_orphans, sweep_own_queues
 
     config = runtime.settings()
-    if not config.broker.startswith(("redis://", "rediss://")):
+    if not config.redis_broker:
         return {"ran": False, "why": "the reconciler reads the Redis broker only"}
     broker = runtime.broker_client()
     restored: dict[str, str | None] = {}
     moved: dict[str, str] = {}
-    if config.worker_lease_s:
+    if config.worker_leases:
         a_renewal = functools.partial(time.sleep, config.worker_lease_s / 3 + 1.0)
         with app.connection_for_write() as connection:
             restored = restore_orphans(
